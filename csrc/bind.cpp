@@ -1,0 +1,36 @@
+// pybind11 module airtrace._C: the CPU (C++/OpenMP) kernels.
+#include "bind_ops.h"
+
+#ifdef AIRTRACE_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace airtrace;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "airtrace CPU kernels (C++/OpenMP)";
+#ifdef AIRTRACE_OPENMP
+  m.attr("openmp") = true;
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
+#else
+  m.attr("openmp") = false;
+  m.def("max_threads", []() { return 1; });
+  m.def("set_num_threads", [](int) {});
+#endif
+  bind::define_ops(
+      m,
+      [](const void* A, const void* G, DType dtype, const float* mask, const float* P_in, const float* P_out,
+         int64_t B, int64_t T, int64_t d_in, int64_t d_out, int64_t k_in, int64_t k_out, float* out, void*) {
+        project_factored_cpu(A, G, dtype, mask, P_in, P_out, B, T, d_in, d_out, k_in, k_out, out);
+      },
+      [](const void* X, DType dtype, int64_t B, int64_t p, int64_t ldx, int64_t row_offset, int64_t k,
+         uint32_t seed, RandomKind kind, float* out, void*) {
+        project_dense_cpu(X, dtype, B, p, ldx, row_offset, k, seed, kind, out);
+      },
+      [](const float* Q, const void* X, DType dtype, int64_t q, int64_t n, int64_t k, int64_t topk, bool normalize,
+         int64_t index_offset, float* values, int64_t* indices, void*) {
+        score_topk_cpu(Q, X, dtype, q, n, k, topk, normalize, index_offset, values, indices);
+      });
+}

@@ -1,0 +1,7 @@
+"""``python -m airtrace``: the command line."""
+
+import sys
+
+from airtrace.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Adapters from torch tensors to the compiled (C++/CUDA) and Triton kernels."""

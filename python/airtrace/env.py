@@ -1,0 +1,39 @@
+"""``python -m airtrace.env``: which backends can run here and, for each that cannot, why."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from airtrace import __version__
+from airtrace._dispatch import BACKENDS, unavailable_reason
+
+
+def _cuda_archs() -> str:
+    try:
+        from airtrace import _C_cuda
+    except ImportError:
+        return ""
+    return f" (compiled for sm {_C_cuda.cuda_archs})"
+
+
+def report() -> str:
+    """A short text table of the environment and backend availability."""
+    lines = [
+        f"airtrace {__version__}  python {platform.python_version()}  torch {torch.__version__}",
+        f"cpu threads: {torch.get_num_threads()}  cuda devices: {torch.cuda.device_count()}",
+    ]
+    for name in BACKENDS:
+        reason = unavailable_reason(name)
+        extra = _cuda_archs() if name == "cuda" else ""
+        lines.append(f"  backend {name:<7} {'available' if reason is None else 'unavailable: ' + reason}{extra}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

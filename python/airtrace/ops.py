@@ -1,0 +1,223 @@
+"""Public kernels: validate the arguments, then dispatch to a backend.
+
+Every op takes ``backend="auto" | "torch" | "cpu" | "cuda" | "triton"``
+($AIRTRACE_BACKEND overrides "auto"). All backends compute the same math; the
+"torch" backend is the float64-capable reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from airtrace import _dispatch
+from airtrace.ref.hash import KINDS
+from airtrace.ref.project import accumulation_dtype
+from airtrace.ref.score import merge_topk as _merge_topk
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_SEED = 2**32
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float32/bfloat16/float16/float64 tensor, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return first
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def project_factored(
+    A: torch.Tensor,
+    G: torch.Tensor,
+    P_in: torch.Tensor,
+    P_out: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Factored (LoGra) projection of per-sample linear-layer gradients.
+
+    ``out[b] = sum_t m[b,t] (G[b,t] P_out)^T (A[b,t] P_in)``, i.e. the per-sample
+    weight gradient ``sum_t G_bt (x) A_bt`` projected by ``P_out^T . P_in``
+    without ever forming it.
+
+    Args:
+        A: layer inputs (B, T, d_in), float32/bfloat16/float16 (float64: torch backend).
+        G: gradients w.r.t. layer outputs (B, T, d_out), same dtype as A.
+        P_in: (d_in, k_in) projection of the input side.
+        P_out: (d_out, k_out) projection of the output side.
+        mask: optional (B, T) token mask (bool or float); masked tokens contribute 0.
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Returns:
+        (B, k_out, k_in) float32 (float64 for float64 inputs).
+    """
+    _check_tensor("A", A, 3)
+    _check_tensor("G", G, 3)
+    _check_tensor("P_in", P_in, 2)
+    _check_tensor("P_out", P_out, 2)
+    if G.dtype != A.dtype:
+        raise ValueError(f"G must have A's dtype {A.dtype}, got {G.dtype}")
+    B, T, d_in = A.shape
+    if tuple(G.shape[:2]) != (B, T):
+        raise ValueError(f"G must be (B, T, d_out) with (B, T) = {(B, T)} from A, got shape {tuple(G.shape)}")
+    if P_in.shape[0] != d_in or P_in.shape[1] < 1:
+        raise ValueError(f"P_in must be (d_in={d_in}, k_in>=1), got shape {tuple(P_in.shape)}")
+    if P_out.shape[0] != G.shape[2] or P_out.shape[1] < 1:
+        raise ValueError(f"P_out must be (d_out={G.shape[2]}, k_out>=1), got shape {tuple(P_out.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a (B, T) = {(B, T)} tensor, got {shape}")
+    device = _check_same_device(A=A, G=G, P_in=P_in, P_out=P_out, mask=mask)
+    acc = accumulation_dtype(A.dtype)
+    if B == 0 or T == 0:
+        return torch.zeros(B, P_out.shape[1], P_in.shape[1], dtype=acc, device=device)
+    _, impl = _dispatch.resolve("project_factored", backend, device)
+    mask = None if mask is None else mask.to(acc).contiguous()
+    return impl(A.contiguous(), G.contiguous(), P_in.to(acc).contiguous(), P_out.to(acc).contiguous(), mask)
+
+
+def project_dense(
+    X: torch.Tensor | Sequence[torch.Tensor],
+    k: int,
+    seed: int,
+    kind: str = "rademacher",
+    *,
+    row_offset: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense random projection with an implicit, never-stored matrix.
+
+    ``out = X @ R[row_offset : row_offset + p]`` where ``R[r, c]`` is a
+    counter-based hash of (seed, r, c): +-1/sqrt(k) ("rademacher") or N(0, 1/k)
+    ("gaussian"); every backend generates the same entries. Row indices are
+    64-bit, so p may exceed 2^31.
+
+    Args:
+        X: (B, p) tensor, or a sequence of per-layer blocks (B, p_i) that act as
+            their concatenation along dim 1 (no copy is made).
+        k: projection dimension.
+        seed: 32-bit seed, 0 <= seed < 2^32.
+        kind: "rademacher" or "gaussian".
+        row_offset: first row of R used by X (for blocks of a larger vector).
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Returns:
+        (B, k) float32 (float64 for float64 inputs).
+    """
+    blocks = [X] if isinstance(X, torch.Tensor) else list(X)
+    if not blocks:
+        raise ValueError("X must be a tensor or a non-empty sequence of (B, p_i) tensors")
+    for i, block in enumerate(blocks):
+        _check_tensor("X" if len(blocks) == 1 else f"X[{i}]", block, 2)
+    B, dtype = blocks[0].shape[0], blocks[0].dtype
+    for i, block in enumerate(blocks):
+        if block.shape[0] != B or block.dtype != dtype:
+            raise ValueError(
+                f"X[{i}] must be (B={B}, p_i) with dtype {dtype}, got shape {tuple(block.shape)} dtype {block.dtype}"
+            )
+    k = _check_positive_int("k", k)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
+        raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
+    device = _check_same_device(**{f"X[{i}]": b for i, b in enumerate(blocks)})
+    out = torch.zeros(B, k, dtype=accumulation_dtype(dtype), device=device)
+    if B == 0:
+        return out
+    _, impl = _dispatch.resolve("project_dense", backend, device)
+    for block in blocks:
+        if block.shape[1] > 0:
+            impl(block if block.stride(1) == 1 else block.contiguous(), k, seed, kind, row_offset, out)
+        row_offset += block.shape[1]
+    return out
+
+
+def score_topk(
+    Q: torch.Tensor,
+    X: torch.Tensor,
+    topk: int,
+    normalize: bool = False,
+    *,
+    index_offset: int = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest inner products (or cosines) of each query with the rows of X, streamed.
+
+    ``s[i, j] = Q[i] . X[j]`` (divided by ``max(|Q_i|, 1e-12) max(|X_j|, 1e-12)``
+    when ``normalize``), computed tile by tile with a running top-k: memory is
+    O(q * topk + tile), never O(q * n).
+
+    Args:
+        Q: (q, k) queries.
+        X: (n, k) training features, float32/bfloat16/float16 (float64: torch backend).
+        topk: results per query; slots beyond n hold -inf and index -1.
+        normalize: score cosines instead of inner products.
+        index_offset: added to returned indices (global ids of a shard's rows).
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Returns:
+        values (q, topk) float32 (float64 for float64 inputs), sorted descending
+        (equal values by lower index), and indices (q, topk) int64.
+    """
+    _check_tensor("Q", Q, 2)
+    _check_tensor("X", X, 2)
+    if Q.shape[1] != X.shape[1]:
+        raise ValueError(f"Q (q, k) and X (n, k) must share k, got Q {tuple(Q.shape)} and X {tuple(X.shape)}")
+    if Q.shape[1] == 0:
+        raise ValueError("Q and X must have k >= 1 features")
+    topk = _check_positive_int("topk", topk)
+    if isinstance(index_offset, bool) or not isinstance(index_offset, int) or index_offset < 0:
+        raise ValueError(f"index_offset must be a non-negative int, got {index_offset!r}")
+    device = _check_same_device(Q=Q, X=X)
+    acc = accumulation_dtype(torch.promote_types(Q.dtype, X.dtype))
+    if Q.shape[0] == 0 or X.shape[0] == 0:
+        values = torch.full((Q.shape[0], topk), float("-inf"), dtype=acc, device=device)
+        return values, torch.full((Q.shape[0], topk), -1, dtype=torch.int64, device=device)
+    _, impl = _dispatch.resolve("score_topk", backend, device)
+    return impl(Q.to(acc).contiguous(), X.contiguous(), topk, bool(normalize), index_offset)
+
+
+def merge_topk(
+    values: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-shard ``score_topk`` results into one (q, topk) top-k.
+
+    Args:
+        values: per-shard (q, k_s) score tensors.
+        indices: matching per-shard (q, k_s) int64 global indices (-1 = empty slot).
+        topk: results per query to keep.
+
+    Returns:
+        values (q, topk) and indices (q, topk), sorted as in ``score_topk``.
+    """
+    topk = _check_positive_int("topk", topk)
+    if len(values) == 0 or len(values) != len(indices):
+        raise ValueError(f"values and indices must be equal-length non-empty sequences, got {len(values)} and {len(indices)}")
+    q = values[0].shape[0]
+    for i, (v, j) in enumerate(zip(values, indices)):
+        if v.dim() != 2 or v.shape != j.shape or v.shape[0] != q:
+            raise ValueError(f"values[{i}] and indices[{i}] must both be (q={q}, k_s), got {tuple(v.shape)} and {tuple(j.shape)}")
+    return _merge_topk(list(values), list(indices), topk)
+

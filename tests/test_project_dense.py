@@ -1,0 +1,146 @@
+"""project_dense: the implicit matrix is the same on every backend, value for value."""
+
+import math
+
+import pytest
+import torch
+
+from airtrace import ops, ref
+from airtrace.ref import hash as rhash
+from conftest import COMPILED_DTYPES, assert_close_to_reference
+
+M32 = 0xFFFFFFFF
+
+
+def mix32_int(x: int) -> int:
+    """lowbias32 on Python ints: the recipe written independently of the torch emulation."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def entry_int(seed: int, row: int, col: int, k: int) -> float:
+    skey = mix32_int(seed ^ 0x9E3779B9)
+    rkey = mix32_int(mix32_int(skey ^ (row >> 32)) ^ (row & M32))
+    ckey = mix32_int((col * 0x9E3779B9 + 0x632BE5AB) & M32)
+    return (-1.0 if mix32_int(rkey ^ ckey) >> 31 else 1.0) / math.sqrt(k)
+
+
+def test_reference_hash_matches_plain_integer_recipe():
+    rows = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**40 + 11]
+    got = ref.dense_entries(torch.tensor(rows), 6, seed=2**32 - 3)
+    want = torch.tensor([[entry_int(2**32 - 3, r, c, 6) for c in range(6)] for r in rows], dtype=torch.float64)
+    assert torch.equal(got, want)
+
+
+def test_mix32_is_a_bijection_on_a_sample():
+    x = torch.arange(0, 1 << 16, dtype=torch.int64) * 65537
+    assert torch.unique(rhash.mix32(x)).numel() == x.numel()
+
+
+def _identity_rows(p, dtype, device):
+    return torch.eye(p, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("row_offset", [0, 2**31 - 3, 2**32 + 5], ids=["0", "2^31-3", "2^32+5"])
+def test_entries_equal_reference_matrix(backend, device, kind, row_offset):
+    """Projecting identity rows returns the matrix itself: compare entries one by one."""
+    p, k = 6, 9
+    out = ops.project_dense(_identity_rows(p, torch.float32, device), k, seed=12345, kind=kind, row_offset=row_offset, backend=backend)
+    entries = ref.dense_entries(torch.arange(row_offset, row_offset + p), k, 12345, kind)
+    if kind == "rademacher":
+        assert torch.equal(out.cpu().double(), entries.float().double())
+    else:
+        torch.testing.assert_close(out.cpu().double(), entries, rtol=2e-6, atol=2e-7)
+
+
+def test_rows_past_2_32_are_not_aliased():
+    low = ref.dense_entries(torch.arange(5, 10), 64, 7)
+    high = ref.dense_entries(torch.arange(2**32 + 5, 2**32 + 10), 64, 7)
+    assert not torch.equal(low, high)
+
+
+@pytest.mark.parametrize("B,p,k", [(1, 1, 1), (3, 37, 5), (4, 130, 33), (2, 300, 64)], ids=str)
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_matches_float64_reference(backend, device, B, p, k, dtype, kind):
+    X = torch.randn(B, p, generator=torch.Generator().manual_seed(p)).to(dtype)
+    out = ops.project_dense(X.to(device), k, seed=99, kind=kind, row_offset=17, backend=backend)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, ref.project_dense(X.double(), k, 99, kind, row_offset=17), dtype)
+
+
+def test_blocks_equal_their_concatenation(backend, device):
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(3, p, generator=g).to(device) for p in (5, 1, 12, 7)]
+    split = ops.project_dense(blocks, 16, seed=4, backend=backend)
+    whole = ops.project_dense(torch.cat(blocks, dim=1), 16, seed=4, backend=backend)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_rows_are_read_in_place(backend, device):
+    X = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)).to(device)
+    view = X[:, 10:30]  # row stride 50, not contiguous
+    out = ops.project_dense(view, 8, seed=1, backend=backend)
+    torch.testing.assert_close(out, ops.project_dense(view.contiguous(), 8, seed=1, backend=backend))
+
+
+def test_different_seeds_give_different_matrices():
+    X = torch.eye(8)
+    assert not torch.equal(ops.project_dense(X, 8, seed=1), ops.project_dense(X, 8, seed=2))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_entries_have_mean_zero_and_variance_one_over_k(kind):
+    k = 256
+    entries = ref.dense_entries(torch.arange(4000), k, seed=11, kind=kind)  # 1,024,000 entries
+    assert abs(entries.mean().item()) < 5 / math.sqrt(entries.numel()) / math.sqrt(k)
+    assert entries.var().item() * k == pytest.approx(1.0, abs=0.01)
+    if kind == "gaussian":  # kurtosis of a normal is 3, of a Rademacher variable 1
+        z = entries * math.sqrt(k)
+        assert (z**4).mean().item() == pytest.approx(3.0, abs=0.05)
+
+
+def test_inner_products_preserved_within_jl_bounds():
+    """Johnson-Lindenstrauss: |<Px,Py> - <x,y>| <= eps |x||y| with eps ~ 4/sqrt(k) for all pairs."""
+    g = torch.Generator().manual_seed(0)
+    n, p, k = 40, 2000, 1024
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    X[1] = X[0] + 0.1 * X[1]  # a correlated pair
+    for kind in ("rademacher", "gaussian"):
+        Y = ops.project_dense(X, k, seed=21, kind=kind, backend="torch")
+        norms = X.norm(dim=1)
+        error = (Y @ Y.T - X @ X.T).abs() / torch.outer(norms, norms)
+        assert error.max().item() < 4 / math.sqrt(k)
+        assert error.mean().item() < 1.2 / math.sqrt(k)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=0), "k must be a positive int"),
+        (dict(seed=-1), r"seed must be an int in \[0, 2\^32\)"),
+        (dict(seed=2**32), r"seed must be an int in \[0, 2\^32\)"),
+        (dict(kind="uniform"), "kind must be one of"),
+        (dict(row_offset=-2), "row_offset must be a non-negative int"),
+    ],
+)
+def test_bad_arguments_name_the_problem(kwargs, message):
+    args = dict(X=torch.randn(2, 5), k=4, seed=0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        ops.project_dense(**args)
+
+
+def test_blocks_must_share_batch_and_dtype():
+    with pytest.raises(ValueError, match=r"X\[1\] must be \(B=2, p_i\)"):
+        ops.project_dense([torch.randn(2, 3), torch.randn(3, 3)], 4, seed=0)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        ops.project_dense([], 4, seed=0)
+
+
+def test_empty_batch_gives_zeros():
+    assert ops.project_dense(torch.randn(0, 10), 4, seed=0).shape == (0, 4)
