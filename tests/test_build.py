@@ -27,4 +27,4 @@ def test_cuda_extension_is_compiled_when_nvcc_is_present():
 
     for name in ("project_factored", "project_dense", "score_topk"):
         assert callable(getattr(_C_cuda, name))
-    assert set(_C_cuda.cuda_archs.split(";")) >= {"80", "90"}
+    assert set(_C_cuda.cuda_archs.split(",")) >= {"80", "90"}
