@@ -1,7 +1,8 @@
 """Pure-torch reference implementations (backend "torch"), float64-capable."""
 
 from airtrace.ref.hash import dense_entries
+from airtrace.ref.precondition import precondition_ekfac
 from airtrace.ref.project import project_dense, project_factored
 from airtrace.ref.score import merge_topk, score_topk
 
-__all__ = ["dense_entries", "merge_topk", "project_dense", "project_factored", "score_topk"]
+__all__ = ["dense_entries", "merge_topk", "precondition_ekfac", "project_dense", "project_factored", "score_topk"]
