@@ -32,5 +32,9 @@ PYBIND11_MODULE(_C, m) {
       [](const float* Q, const void* X, DType dtype, int64_t q, int64_t n, int64_t k, int64_t topk, bool normalize,
          int64_t index_offset, float* values, int64_t* indices, void*) {
         score_topk_cpu(Q, X, dtype, q, n, k, topk, normalize, index_offset, values, indices);
+      },
+      [](const void* G, DType dtype, const float* Q_G, const float* Q_A, const float* Lam, float damping, int64_t B,
+         int64_t k_out, int64_t k_in, float* out, void*) {
+        precondition_cpu(G, dtype, Q_G, Q_A, Lam, damping, B, k_out, k_in, out);
       });
 }

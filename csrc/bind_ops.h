@@ -4,9 +4,11 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 
+#include "airtrace/precondition.h"
 #include "airtrace/project_dense.h"
 #include "airtrace/project_factored.h"
 #include "airtrace/score_topk.h"
@@ -35,8 +37,9 @@ inline void require(bool ok, const char* message) {
 }
 
 // Each kernel argument is a callable with the header's signature plus a trailing void* stream.
-template <typename ProjectFactored, typename ProjectDense, typename ScoreTopk>
-void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense project_dense, ScoreTopk score_topk) {
+template <typename ProjectFactored, typename ProjectDense, typename ScoreTopk, typename Precondition>
+void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense project_dense, ScoreTopk score_topk,
+                Precondition precondition) {
   m.def(
       "project_factored",
       [project_factored](std::uintptr_t A, std::uintptr_t G, int dtype, std::uintptr_t mask, std::uintptr_t P_in,
@@ -75,6 +78,18 @@ void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense p
                    index_offset, ptr<float>(values), ptr<int64_t>(indices), ptr<void>(stream));
       },
       "top-k of Q (q,k) . X (n,k)^T per query, streamed; values (q,topk), indices (q,topk)");
+
+  m.def(
+      "precondition",
+      [precondition](std::uintptr_t G, int dtype, std::uintptr_t Q_G, std::uintptr_t Q_A, std::uintptr_t Lam,
+                     float damping, int64_t B, int64_t k_out, int64_t k_in, std::uintptr_t out, std::uintptr_t stream) {
+        require(B >= 0 && k_out >= 1 && k_in >= 1, "precondition: sizes must be B >= 0 and k_out, k_in >= 1");
+        require(std::isfinite(damping) && damping >= 0, "precondition: damping must be finite and >= 0");
+        py::gil_scoped_release release;
+        precondition(ptr<const void>(G), to_dtype(dtype), ptr<const float>(Q_G), ptr<const float>(Q_A),
+                     ptr<const float>(Lam), damping, B, k_out, k_in, ptr<float>(out), ptr<void>(stream));
+      },
+      "out (B,k_out,k_in) = Q_G [(Q_G^T G[b] Q_A) / (Lam + damping)] Q_A^T per sample, fused");
 }
 
 }  // namespace airtrace::bind

@@ -55,7 +55,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from airtrace.ref.precondition import precondition_ekfac
+from airtrace import ops
 from airtrace.ref.project import accumulation_dtype
 
 F64 = torch.float64
@@ -325,7 +325,10 @@ class EigenbasisInverse(LayerInverse):
     eigenvalues: torch.Tensor
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        return precondition_ekfac(features, self.eigvecs_G, self.eigvecs_A, self.eigenvalues, self.damping)
+        """Through ``airtrace.ops.precondition``: float64 features run on its float64 torch backend."""
+        device = features.device
+        Q_G, Q_A, Lam = (t.to(device) for t in (self.eigvecs_G, self.eigvecs_A, self.eigenvalues))
+        return ops.precondition(features, Q_G, Q_A, Lam, self.damping)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"eigvecs_G": self.eigvecs_G, "eigvecs_A": self.eigvecs_A, "eigenvalues": self.eigenvalues}

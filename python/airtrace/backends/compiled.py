@@ -32,7 +32,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 class CompiledBackend:
-    """The three ops on top of one extension module; ``stream`` gives the launch stream (0 on CPU)."""
+    """The ops on top of one extension module; ``stream`` gives the launch stream (0 on CPU)."""
 
     def __init__(self, name: str, module: ModuleType, stream: Callable[[torch.device], int]):
         self.name, self.module, self.stream = name, module, stream
@@ -71,3 +71,14 @@ class CompiledBackend:
             values.data_ptr(), indices.data_ptr(), self.stream(Q.device),
         )
         return values, indices
+
+    def precondition(self, G_hat, Q_G, Q_A, Lam, damping):
+        code = dtype_code(G_hat, "G_hat", self.name)
+        B, k_out, k_in = G_hat.shape
+        Q_G, Q_A, Lam = _fp32(Q_G), _fp32(Q_A), _fp32(Lam)
+        out = torch.empty(B, k_out, k_in, dtype=torch.float32, device=G_hat.device)
+        self.module.precondition(
+            G_hat.data_ptr(), code, Q_G.data_ptr(), Q_A.data_ptr(), Lam.data_ptr(), float(damping),
+            B, k_out, k_in, out.data_ptr(), self.stream(G_hat.device),
+        )
+        return out

@@ -7,3 +7,4 @@ _backend = CompiledBackend("cpu", _C, lambda device: 0)
 project_factored = _backend.project_factored
 project_dense = _backend.project_dense
 score_topk = _backend.score_topk
+precondition = _backend.precondition

@@ -14,3 +14,4 @@ _backend = CompiledBackend("cuda", _C_cuda, _current_stream)
 project_factored = _backend.project_factored
 project_dense = _backend.project_dense
 score_topk = _backend.score_topk
+precondition = _backend.precondition

@@ -1,7 +1,8 @@
 """Backend "triton": the Triton kernels shipped as ``airtrace.kernels``."""
 
+from airtrace.kernels.precondition import precondition
 from airtrace.kernels.project_dense import project_dense
 from airtrace.kernels.project_factored import project_factored
 from airtrace.kernels.score_topk import score_topk
 
-__all__ = ["project_dense", "project_factored", "score_topk"]
+__all__ = ["precondition", "project_dense", "project_factored", "score_topk"]

@@ -5,4 +5,14 @@ from airtrace.ref.precondition import precondition_ekfac
 from airtrace.ref.project import project_dense, project_factored
 from airtrace.ref.score import merge_topk, score_topk
 
-__all__ = ["dense_entries", "merge_topk", "precondition_ekfac", "project_dense", "project_factored", "score_topk"]
+precondition = precondition_ekfac  # the "torch" backend of ops.precondition
+
+__all__ = [
+    "dense_entries",
+    "merge_topk",
+    "precondition",
+    "precondition_ekfac",
+    "project_dense",
+    "project_factored",
+    "score_topk",
+]
