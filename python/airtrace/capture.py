@@ -34,6 +34,11 @@ Conventions:
   to the token sum of layers whose input is (B, T, d). Layers with (B, d) inputs
   and nn.Conv2d ignore it. Embedding tokens equal to ``padding_idx`` contribute 0,
   as in PyTorch's own gradient.
+- Token-level projections (``keep_tokens=True``, factored mode only): for K-FAC
+  factors, ``collect_tokens`` also returns every layer's projected tokens
+  ``a = A P_in`` (B, T, k_in) and ``g = m G P_out`` (B, T, k_out), with masked
+  tokens zeroed in both; T is the layer's token count (1 for (B, d) inputs, the
+  patch count for nn.Conv2d), concatenated over the calls of a module.
 - Precision: A and G are cast to their common dtype; features accumulate and
   are returned in float32 (float64 for float64 models, computed on the "torch"
   backend). Bias augmentation and nn.Conv2d's unfold make one temporary copy of
@@ -331,6 +336,8 @@ class GradientCapture:
         projections: per-layer (P_in, P_out) for the factored mode; None gives the
             flat per-example gradients (B, d_out * d_in).
         backend: ``project_factored`` backend; "auto" uses "torch" for float64.
+        keep_tokens: also keep the projected tokens a, g of every layer for
+            ``collect_tokens`` (K-FAC factors); needs ``projections``.
     """
 
     def __init__(
@@ -340,7 +347,10 @@ class GradientCapture:
         projections: Projections | None = None,
         *,
         backend: str = "auto",
+        keep_tokens: bool = False,
     ):
+        if keep_tokens and projections is None:
+            raise ValueError("keep_tokens=True needs projections: token-level a, g are projected tokens")
         modules = dict(model.named_modules())
         for spec in layers:
             if spec.name not in modules:
@@ -354,6 +364,8 @@ class GradientCapture:
         self._handles: list = []
         self._features: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+        self.keep_tokens = keep_tokens
+        self._tokens: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @staticmethod
     def _check_projection(spec: LayerSpec, projections: Projections) -> None:
@@ -402,6 +414,28 @@ class GradientCapture:
             if not torch.isfinite(features[spec.name]).all():
                 raise ValueError(f"layer {spec.name!r}: non-finite (NaN/Inf) values in its inputs or output gradients")
         return {spec.name: features[spec.name] for spec in self.layers}
+
+    def collect_tokens(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Projected tokens kept since the last ``collect_tokens`` (``keep_tokens=True``), then cleared.
+
+        Returns:
+            (activations, gradients): name -> a = A P_in (B, T, k_in) and
+            name -> g = m G P_out (B, T, k_out), masked tokens zero in both,
+            float32 (float64 for float64 models), in layer order; the calls of
+            a module are concatenated along T.
+
+        Raises:
+            ValueError: ``keep_tokens`` is off, or a layer was never reached by backward.
+        """
+        if not self.keep_tokens:
+            raise ValueError("collect_tokens() needs GradientCapture(..., keep_tokens=True)")
+        tokens, self._tokens = self._tokens, {}
+        missing = [spec.name for spec in self.layers if spec.name not in tokens]
+        if missing:
+            raise ValueError(f"layers {missing} captured no tokens: not called in the forward pass or no gradient")
+        acts = {spec.name: torch.cat([a for a, _ in tokens[spec.name]], dim=1) for spec in self.layers}
+        grads = {spec.name: torch.cat([g for _, g in tokens[spec.name]], dim=1) for spec in self.layers}
+        return acts, grads
 
     def _forward_hook(self, spec: LayerSpec):
         def hook(module, args, kwargs, output):
@@ -452,6 +486,9 @@ class GradientCapture:
         if self.projections is None:
             return torch.einsum("bto,bti->boi", _masked(G, mask), A.to(accumulation_dtype(dtype)))
         p_in, p_out = self.projections[spec.name]
+        if self.keep_tokens:
+            acc = accumulation_dtype(dtype)
+            self._keep(spec, A.to(acc) @ p_in.to(A.device, acc), G, p_out, mask)
         return ops.project_factored(A, G, p_in, p_out, mask, backend=self._backend(dtype))
 
     def _reduce_embedding(
@@ -468,8 +505,19 @@ class GradientCapture:
             return rows.transpose(1, 2)
         p_in, p_out = self.projections[spec.name]
         A = p_in.to(G.device)[ids].to(G.dtype)
+        if self.keep_tokens:
+            self._keep(spec, p_in.to(G.device, accumulation_dtype(G.dtype))[ids], G, p_out, mask)
         eye = torch.eye(p_in.shape[1], dtype=accumulation_dtype(G.dtype), device=G.device)
         return ops.project_factored(A, G, eye, p_out, mask, backend=self._backend(G.dtype))
+
+    def _keep(
+        self, spec: LayerSpec, a: torch.Tensor, G: torch.Tensor, p_out: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        """Keep projected tokens a (B, T, k_in) and m G P_out (B, T, k_out); masked tokens zeroed in both."""
+        g = _masked(G, mask) @ p_out.to(G.device, accumulation_dtype(G.dtype))
+        if mask is not None:
+            a = a * (mask != 0).to(a.dtype)[:, :, None]
+        self._tokens.setdefault(spec.name, []).append((a, g))
 
     def _backend(self, dtype: torch.dtype) -> str:
         return "torch" if self.backend == "auto" and dtype == torch.float64 else self.backend

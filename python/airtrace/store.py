@@ -6,6 +6,7 @@ A store is a directory::
     shard-00000.safetensors     tensor "features" (rows, width) + optional per-row extras
     shard-00000.ids.json        example ids of a shard, only when there are many
     ...
+    sidecar-<name>.safetensors  optional derived data (e.g. cached self-influence), see :meth:`Store.sidecar_path`
 
 Rows are training examples; a row of ``width = sum(block widths)`` columns is
 the concatenation of the per-layer blocks in ``layout`` (see :meth:`Store.split`).
@@ -66,6 +67,7 @@ SHARD_METADATA_KEY = "airtrace"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _IDS_RE = re.compile(r"^shard-(\d{5,})\.ids\.json$")
 _TMP_RE = re.compile(r"^(?:shard-\d{5,}\.(?:safetensors|ids\.json)|manifest\.json)\.\d+\.tmp$")
+_SIDECAR_RE = re.compile(r"^sidecar-[A-Za-z0-9_.\-]+\.safetensors(?:\.\d+\.tmp)?$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -867,6 +869,17 @@ class Store:
         """All example ids in row order (reads ids files when there are any)."""
         return [i for info in self.shards for i in _load_ids(self.path, info)]
 
+    def sidecar_path(self, name: str) -> str:
+        """Path of the sidecar file ``sidecar-<name>.safetensors`` in the store directory.
+
+        Sidecars hold data derived from the features (e.g. cached self-influence);
+        they are not part of the manifest, and ``StoreWriter(..., overwrite=True)``
+        deletes them with the store.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise StoreError(f"sidecar name must be letters, digits, '_', '.' or '-', got {name!r}")
+        return os.path.join(self.path, f"sidecar-{name}.safetensors")
+
     def check_fingerprint(self, fingerprint: str) -> None:
         """Raise :class:`StoreError` unless the store was written for ``fingerprint``."""
         if fingerprint != self.fingerprint:
@@ -1230,7 +1243,8 @@ class StoreWriter:
 
     def _remove_store_files(self) -> None:
         for name in sorted(os.listdir(self.path)):
-            if name == MANIFEST or _SHARD_RE.match(name) or _IDS_RE.match(name) or _TMP_RE.match(name):
+            if (name == MANIFEST or _SHARD_RE.match(name) or _IDS_RE.match(name) or _TMP_RE.match(name)
+                    or _SIDECAR_RE.match(name)):
                 os.unlink(os.path.join(self.path, name))
 
     def _committed_rows(self) -> int:

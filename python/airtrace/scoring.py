@@ -1,0 +1,376 @@
+"""Streamed query x train scoring over a feature store: top-k, groups, full matrix, self-influence.
+
+The store is read one shard at a time (see :meth:`airtrace.store.Store.iter_shards`);
+for every shard the per-query top-k comes from :func:`airtrace.ops.score_topk`
+and is merged into the running top-k with :func:`airtrace.ops.merge_topk`, so
+memory is O(q * (topk + rows_per_shard)) and never O(q * n). Group scores and
+the optional full score matrix are accumulated from the same per-shard
+(q, rows) blocks.
+
+Metrics, for a preconditioned query ``q̃ = H⁻¹ ĝ_q`` and a train feature ``ĝ_x``:
+
+- ``"inner"``: ``q̃ · ĝ_x`` (influence).
+- ``"cosine"``: ``q̃ · ĝ_x / (|q̃| |ĝ_x|)`` (norms clamped at 1e-12).
+- ``"relative"``: ``q̃ · ĝ_x / sqrt(ĝ_xᵀ H⁻¹ ĝ_x)`` (relative influence; the
+  self-influence is clamped at 0 and its root at 1e-12). Self-influence is
+  computed per train row while streaming and cached in a store sidecar keyed by
+  the store content and the curvature, so later calls skip the preconditioning.
+
+Precision: scores accumulate in float32 (float64 for float64 queries, on the
+"torch" backend), whatever the store dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from airtrace import ops
+from airtrace.curvature import Curvature
+from airtrace.ref.project import accumulation_dtype
+from airtrace.ref.score import NORM_EPS
+from airtrace.store import Store
+
+log = logging.getLogger("airtrace")
+
+METRICS = ("inner", "cosine", "relative")
+SELF_INFLUENCE = "self_influence"
+SCORES = "scores"
+METADATA_KEY = "airtrace.scores"
+
+Precondition = Callable[[torch.Tensor], torch.Tensor]
+"""(rows, width) features -> (rows, width) H⁻¹-preconditioned features."""
+
+
+@dataclass
+class Scores:
+    """Top-k training examples per query (and optional group scores).
+
+    Attributes:
+        values: (q, topk) scores, sorted descending; -inf in empty slots (topk > n).
+        indices: (q, topk) int64 global train row indices; -1 in empty slots.
+        ids: q lists of topk train example ids (None in empty slots).
+        query_ids: the q query ids, in order.
+        metric: "inner", "cosine" or "relative".
+        groups: (q, G) sum of the metric's scores over each group, or None.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    ids: list[list]
+    query_ids: list
+    metric: str
+    groups: torch.Tensor | None = None
+
+    def to_rows(self) -> list[dict]:
+        """One dict per (query, rank): ``query_id, rank`` (1-based), ``train_index, train_id, score``.
+
+        Empty slots (index -1) are left out.
+        """
+        rows = []
+        for qi, query_id in enumerate(self.query_ids):
+            for rank, (index, value) in enumerate(zip(self.indices[qi].tolist(), self.values[qi].tolist()), 1):
+                if index >= 0:
+                    rows.append({"query_id": query_id, "rank": rank, "train_index": index,
+                                 "train_id": self.ids[qi][rank - 1], "score": value})
+        return rows
+
+
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of METRICS, else a ValueError listing them."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return metric
+
+
+# --------------------------------------------------------------------------- self-influence
+
+
+def self_influence_rows(X: torch.Tensor, precondition: Precondition) -> torch.Tensor:
+    """``ĝ_xᵀ H⁻¹ ĝ_x`` per row: X (rows, width) -> (rows,) in the accumulation dtype of X."""
+    X = X.to(accumulation_dtype(X.dtype))
+    return (X * precondition(X).to(X.dtype)).sum(dim=1)
+
+
+def curvature_digest(curvature: Curvature) -> str:
+    """sha256 hex of a curvature's metadata and every tensor's bytes (float64, CPU)."""
+    digest = hashlib.sha256(json.dumps(curvature.metadata, sort_keys=True).encode())
+    for name, inverse in curvature.inverses.items():
+        for key, t in sorted(inverse.tensors().items()):
+            digest.update(f"{name}/{key}".encode())
+            digest.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def self_influence_key(store: Store, curvature: Curvature) -> str:
+    """Cache key of the self-influence of ``store`` under ``curvature`` (24 hex digits)."""
+    digest = hashlib.sha256(store.fingerprint.encode())
+    for info in store.shards:
+        digest.update(info.sha256.encode())
+    digest.update(curvature_digest(curvature).encode())
+    return digest.hexdigest()[:24]
+
+
+class SelfInfluence:
+    """Self-influence of every train row, read from the store sidecar or computed shard by shard.
+
+    Args:
+        store: the train feature store.
+        key: :func:`self_influence_key` of the store and curvature.
+        precondition: applies H⁻¹ to (rows, width) features.
+    """
+
+    def __init__(self, store: Store, key: str, precondition: Precondition):
+        self.store, self.precondition = store, precondition
+        self.path = store.sidecar_path(f"{SELF_INFLUENCE}-{key}")
+        self.cached = self._load()
+        self._computed: list[torch.Tensor] = []
+
+    def _load(self) -> torch.Tensor | None:
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                values = f.get_tensor(SELF_INFLUENCE)
+        except (SafetensorError, OSError) as exc:
+            log.warning("airtrace: ignoring unreadable self-influence cache %s (%s)", self.path, exc)
+            return None
+        if tuple(values.shape) != (len(self.store),):
+            log.warning("airtrace: ignoring self-influence cache %s of shape %s", self.path, tuple(values.shape))
+            return None
+        return values
+
+    def rows(self, row_offset: int, X: torch.Tensor) -> torch.Tensor:
+        """Self-influence (rows,) of the shard X (rows, width) starting at global row ``row_offset``."""
+        if self.cached is not None:
+            return self.cached[row_offset: row_offset + X.shape[0]].to(X.device, accumulation_dtype(X.dtype))
+        values = self_influence_rows(X, self.precondition)
+        self._computed.append(values.detach().to("cpu", torch.float64))
+        return values
+
+    def save(self) -> None:
+        """Write the computed values (all n rows) to the sidecar, atomically; a failure only warns."""
+        if self.cached is not None or sum(v.shape[0] for v in self._computed) != len(self.store):
+            return
+        values = torch.cat(self._computed)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            save_file({SELF_INFLUENCE: values}, tmp)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("airtrace: could not cache self-influence in %s (%s)", self.path, exc)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.cached = values
+
+
+def store_self_influence(store: Store, key: str, precondition: Precondition, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
+    """``ĝ_xᵀ H⁻¹ ĝ_x`` of every train row (n,) float64 on the CPU, streamed and cached in a sidecar.
+
+    Args:
+        store: the train feature store.
+        key: :func:`self_influence_key` of the store and curvature.
+        precondition: applies H⁻¹ to (rows, width) features.
+        device: where shards are preconditioned.
+        dtype: computation dtype (float32 or float64).
+        progress: show a progress bar.
+    """
+    cache = SelfInfluence(store, key, precondition)
+    if cache.cached is None:
+        with progress_bar(len(store), "self-influence", progress) as bar:
+            for chunk in store.iter_shards(device, dtype=dtype):
+                cache.rows(chunk.row_offset, chunk.features)
+                bar.update(chunk.features.shape[0])
+        cache.save()
+    return cache.cached.to(torch.float64)
+
+
+# --------------------------------------------------------------------------- groups and full matrix
+
+
+class GroupScores:
+    """Streamed sums of scores over groups of train rows.
+
+    Args:
+        groups: G sequences of global train row indices (a row may be in several groups).
+        n: train rows in the store.
+        q: queries.
+        dtype: score dtype.
+        device: where the (q, G) sums live.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[int]], n: int, q: int, dtype: torch.dtype,
+                 device: str | torch.device):
+        rows, owners = _group_members(groups, n)
+        order = torch.argsort(rows, stable=True)
+        self.rows, self.owners = rows[order].to(device), owners[order].to(device)
+        self.values = torch.zeros(q, len(groups), dtype=dtype, device=device)
+
+    def add(self, row_offset: int, S: torch.Tensor) -> None:
+        """Add a shard's scores S (q, rows) for global rows ``row_offset ..``."""
+        bounds = torch.tensor([row_offset, row_offset + S.shape[1]], device=self.rows.device)
+        lo, hi = torch.searchsorted(self.rows, bounds).tolist()
+        if hi > lo:
+            self.values.index_add_(1, self.owners[lo:hi], S[:, self.rows[lo:hi] - row_offset].to(self.values.dtype))
+
+
+def _group_members(groups: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row, group) pairs of ``groups``, checked to lie in [0, n)."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+        raise ValueError("groups must be a non-empty list of lists of train row indices")
+    rows, owners = [], []
+    for g, members in enumerate(groups):
+        members = torch.as_tensor(members, dtype=torch.int64).reshape(-1)
+        if members.numel() and (int(members.min()) < 0 or int(members.max()) >= n):
+            raise ValueError(f"groups[{g}] holds row indices outside [0, {n}) (the store has {n} rows)")
+        rows.append(members)
+        owners.append(torch.full_like(members, g))
+    return torch.cat(rows), torch.cat(owners)
+
+
+class FullMatrixWriter:
+    """Writes the (q, n) score matrix to one safetensors file (tensor "scores"), shard by shard.
+
+    The header is written first and the data section is filled column block by
+    column block through a memory map, so only one shard's (q, rows) block is
+    in memory; the file appears under ``path`` (atomic rename) only when
+    complete. The safetensors metadata ``airtrace.scores`` records the metric,
+    query ids and store.
+
+    Args:
+        path: output file.
+        q: queries (rows of the matrix).
+        n: train examples (columns).
+        dtype: torch.float32 or torch.float64.
+        metadata: JSON-serialisable description.
+    """
+
+    def __init__(self, path: str | os.PathLike, q: int, n: int, dtype: torch.dtype, metadata: dict):
+        self.path = os.fspath(path)
+        self.tmp = f"{self.path}.{os.getpid()}.tmp"
+        header, itemsize = _header(q, n, dtype, metadata)
+        with open(self.tmp, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + q * n * itemsize)
+        self.dtype = dtype
+        self.matrix = np.memmap(self.tmp, dtype=torch.empty(0, dtype=dtype).numpy().dtype, mode="r+",
+                                offset=len(header), shape=(q, n))
+
+    def write(self, row_offset: int, S: torch.Tensor) -> None:
+        """Store the block S (q, rows) as columns ``row_offset ..``."""
+        self.matrix[:, row_offset: row_offset + S.shape[1]] = S.detach().to("cpu", self.dtype).numpy()
+
+    def close(self) -> None:
+        """Flush and move the finished file into place."""
+        self.matrix.flush()
+        del self.matrix
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        self.matrix = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _header(q: int, n: int, dtype: torch.dtype, metadata: dict) -> tuple[bytes, int]:
+    """safetensors length prefix + header of one (q, n) tensor "scores" (F32 or F64), and its item size."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the full score matrix is float32 or float64, got {dtype}")
+    code, itemsize = ("F64", 8) if dtype == torch.float64 else ("F32", 4)
+    raw = {"__metadata__": {METADATA_KEY: json.dumps(metadata)},
+           SCORES: {"dtype": code, "shape": [q, n], "data_offsets": [0, q * n * itemsize]}}
+    text = json.dumps(raw, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, itemsize
+
+
+# --------------------------------------------------------------------------- streamed scoring
+
+
+def progress_bar(total: int | None, desc: str, progress: bool, initial: int = 0) -> tqdm:
+    """A tqdm bar counting examples (rate in examples/s, ETA when ``total`` is known), on stderr."""
+    return tqdm(initial=initial, total=total, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _relative_rows(X: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
+    """X (rows, width) divided row-wise by sqrt(max(si, 0)) clamped at 1e-12."""
+    return X.to(si.dtype) / si.clamp_min(0).sqrt().clamp_min(NORM_EPS)[:, None]
+
+
+def _block(Q: torch.Tensor, X: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Dense (q, rows) scores of one shard, as ``score_topk`` defines them."""
+    X = X.to(Q.dtype)
+    return _normalized(Q) @ _normalized(X).T if normalize else Q @ X.T
+
+
+def stream_scores(
+    Q: torch.Tensor,
+    store: Store,
+    *,
+    topk: int,
+    metric: str = "inner",
+    self_influence: SelfInfluence | None = None,
+    groups: GroupScores | None = None,
+    full_matrix: FullMatrixWriter | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of every query over the store, shard by shard.
+
+    Args:
+        Q: (q, width) preconditioned query features (float32, or float64 for exact work).
+        store: the train features, same layout.
+        topk: results per query.
+        metric: "inner", "cosine" or "relative" (needs ``self_influence``).
+        self_influence: per-row self-influence provider for "relative".
+        groups: accumulates group sums of the scores, if given.
+        full_matrix: receives every (q, rows) block, if given.
+        backend: ``score_topk`` backend ("auto" uses "torch" for float64 queries).
+        progress: show a progress bar (train examples scored, examples/s, ETA).
+
+    Returns:
+        values (q, topk) and indices (q, topk) int64, sorted descending.
+    """
+    check_metric(metric)
+    if metric == "relative" and self_influence is None:
+        raise ValueError("metric 'relative' needs the self-influence of the train rows")
+    acc = accumulation_dtype(Q.dtype)
+    backend = "torch" if backend == "auto" and acc == torch.float64 else backend
+    Q = Q.to(acc)
+    values = torch.full((Q.shape[0], topk), float("-inf"), dtype=acc, device=Q.device)
+    indices = torch.full((Q.shape[0], topk), -1, dtype=torch.int64, device=Q.device)
+    with progress_bar(len(store), f"score ({metric})", progress) as bar:
+        for chunk in store.iter_shards(Q.device):
+            X = chunk.features
+            if metric == "relative":
+                X = _relative_rows(X, self_influence.rows(chunk.row_offset, X.to(acc)))
+            v, i = ops.score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
+            values, indices = ops.merge_topk([values, v.to(acc)], [indices, i], topk)
+            if groups is not None or full_matrix is not None:
+                S = _block(Q, X, metric == "cosine")
+                if groups is not None:
+                    groups.add(chunk.row_offset, S)
+                if full_matrix is not None:
+                    full_matrix.write(chunk.row_offset, S)
+            bar.update(X.shape[0])
+    if self_influence is not None:
+        self_influence.save()
+    return values, indices
