@@ -16,7 +16,7 @@ import torch
 from airtrace import _dispatch
 from airtrace.ref.hash import KINDS
 from airtrace.ref.project import accumulation_dtype
-from airtrace.ref.score import merge_topk as _merge_topk
+from airtrace.ref.score import empty_topk, merge_topk as _merge_topk
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_SEED = 2**32
@@ -195,8 +195,7 @@ def score_topk(
     device = _check_same_device(Q=Q, X=X)
     acc = accumulation_dtype(torch.promote_types(Q.dtype, X.dtype))
     if Q.shape[0] == 0 or X.shape[0] == 0:
-        values = torch.full((Q.shape[0], topk), float("-inf"), dtype=acc, device=device)
-        return values, torch.full((Q.shape[0], topk), -1, dtype=torch.int64, device=device)
+        return empty_topk(Q.shape[0], topk, acc, device)
     _, impl = _dispatch.resolve("score_topk", backend, device)
     return impl(Q.to(acc).contiguous(), X.contiguous(), topk, bool(normalize), index_offset)
 

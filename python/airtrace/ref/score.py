@@ -13,7 +13,8 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def _empty_topk(q: int, topk: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_topk(q: int, topk: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, topk) of -inf values and -1 indices: the padding of an unfilled top-k."""
     values = torch.full((q, topk), float("-inf"), dtype=dtype, device=device)
     indices = torch.full((q, topk), -1, dtype=torch.int64, device=device)
     return values, indices
@@ -35,7 +36,7 @@ def merge_topk(
     v = torch.cat(values, dim=1)
     i = torch.cat(indices, dim=1)
     if v.shape[1] < topk:
-        pad_v, pad_i = _empty_topk(v.shape[0], topk - v.shape[1], v.dtype, v.device)
+        pad_v, pad_i = empty_topk(v.shape[0], topk - v.shape[1], v.dtype, v.device)
         v, i = torch.cat([v, pad_v], 1), torch.cat([i, pad_i], 1)
     v, i = _order(v, i)
     return v[:, :topk].contiguous(), i[:, :topk].contiguous()
@@ -57,7 +58,7 @@ def score_topk(
     Qa = Q.to(acc)
     if normalize:
         Qa = _normalized(Qa)
-    values, indices = _empty_topk(Q.shape[0], topk, acc, Q.device)
+    values, indices = empty_topk(Q.shape[0], topk, acc, Q.device)
     for start in range(0, X.shape[0], tile):
         Xt = X[start : start + tile].to(acc)
         if normalize:
