@@ -37,34 +37,24 @@ class UsageError(Exception):
     """A bad command line discovered after parsing (e.g. an unusable ``--model``)."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _bounded(parse, lowest, description: str):
+    """An argparse type: ``parse(text)`` that must be finite and ``> lowest``, else a usage error."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if not lowest < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text}")
+        return value
+
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
-    return value
+_positive_int = _bounded(int, 0, "a positive integer")
+_non_negative_int = _bounded(int, -1, "a non-negative integer")
+_positive_float = _bounded(float, 0.0, "a finite positive number")
 
 
 # --------------------------------------------------------------------------- env, selfcheck
