@@ -4,7 +4,7 @@
 // thread. Per item the unmasked token rows are projected with the GEMM micro-kernel,
 // AP = A_tile P_in and GP = G_tile P_out (kGroupTokens rows at a time; fp32 and bf16 rows are
 // read in place, fp16 rows converted to fp32 group by group), then acc += (m GP)^T AP.
-// A sample whose tiles straddle two threads is summed from per-thread partials afterwards.
+// A sample whose tiles straddle threads is summed from per-thread partials afterwards.
 #include "airtrace/project_factored.h"
 
 #include <algorithm>
@@ -22,20 +22,35 @@ constexpr int64_t kGroupTokens = 24;  // a multiple of every micro-kernel row co
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-// P (rows, cols) copied into a (rows, ld) row-major panel, zero beyond col `cols`.
-std::vector<float> pad_columns(const float* P, int64_t rows, int64_t cols, int64_t ld) {
-  std::vector<float> padded(rows * ld, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) std::copy(P + r * cols, P + (r + 1) * cols, padded.data() + r * ld);
-  return padded;
-}
+// A projection matrix P (rows, cols) as a micro-kernel panel with ld = cols rounded up to 16:
+// P itself when cols is a multiple of 16, else a zero-padded copy.
+class Panel {
+ public:
+  Panel(const float* P, int64_t rows, int64_t cols) : ld_(round_up(cols, cpu::kLanes)), data_(P) {
+    if (ld_ == cols) return;
+    padded_.assign(rows * ld_, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) std::copy(P + r * cols, P + (r + 1) * cols, padded_.data() + r * ld_);
+    data_ = padded_.data();
+  }
+  Panel(const Panel&) = delete;
+  Panel& operator=(const Panel&) = delete;
+
+  const float* data() const { return data_; }
+  int64_t ld() const { return ld_; }
+
+ private:
+  int64_t ld_;
+  const float* data_;
+  std::vector<float> padded_;
+};
 
 class FactoredProjection {
  public:
   FactoredProjection(const void* A, const void* G, DType dtype, const float* mask, const float* P_in,
                      const float* P_out, int64_t T, int64_t d_in, int64_t d_out, int64_t k_in, int64_t k_out)
       : A_(A), G_(G), dtype_(dtype), mask_(mask), T_(T), d_in_(d_in), d_out_(d_out), k_in_(k_in),
-        k_out_(k_out), ld_in_(round_up(k_in, cpu::kLanes)), ld_out_(round_up(k_out, cpu::kLanes)),
-        P_in_(pad_columns(P_in, d_in, k_in, ld_in_)), P_out_(pad_columns(P_out, d_out, k_out, ld_out_)) {}
+        k_out_(k_out), P_in_(P_in, d_in, k_in), P_out_(P_out, d_out, k_out), ld_in_(P_in_.ld()),
+        ld_out_(P_out_.ld()) {}
 
   int64_t acc_size() const { return k_out_ * ld_in_; }
 
@@ -67,8 +82,8 @@ class FactoredProjection {
   void add_tile(int64_t b, int64_t t0, int64_t t1, Scratch& s) const {
     const int64_t n = gather_tokens(b, t0, t1, s);
     if (n == 0) return;
-    project(A_, d_in_, P_in_, ld_in_, k_in_, n, s, s.ap.data());
-    project(G_, d_out_, P_out_, ld_out_, k_out_, n, s, s.gp.data());
+    project(A_, d_in_, P_in_, k_in_, n, s, s.ap.data());
+    project(G_, d_out_, P_out_, k_out_, n, s, s.gp.data());
     for (int64_t r = 0; r < k_out_; ++r) {
       float* dst = s.gpt.data() + r * n;
       for (int64_t i = 0; i < n; ++i) dst[i] = s.weight[i] * s.gp[i * ld_out_ + r];
@@ -97,8 +112,8 @@ class FactoredProjection {
 
   // dst (n, ld) = X[token[i]] . P for the n gathered tokens, X rows of `width` elements:
   // fp32 and bf16 rows are read in place, fp16 rows are converted to fp32 group by group.
-  void project(const void* X, int64_t width, const std::vector<float>& P, int64_t ld, int64_t k, int64_t n,
-               Scratch& s, float* dst) const {
+  void project(const void* X, int64_t width, const Panel& P, int64_t k, int64_t n, Scratch& s, float* dst) const {
+    const int64_t ld = P.ld();
     for (int64_t i0 = 0; i0 < n; i0 += kGroupTokens) {
       const int64_t m = std::min(kGroupTokens, n - i0);
       float* out = dst + i0 * ld;
@@ -125,8 +140,9 @@ class FactoredProjection {
   const void* G_;
   DType dtype_;
   const float* mask_;
-  int64_t T_, d_in_, d_out_, k_in_, k_out_, ld_in_, ld_out_;
-  std::vector<float> P_in_, P_out_;
+  int64_t T_, d_in_, d_out_, k_in_, k_out_;
+  Panel P_in_, P_out_;
+  int64_t ld_in_, ld_out_;
 };
 
 }  // namespace
