@@ -221,6 +221,7 @@ def test_resume_with_no_shards_and_complete_store(tmp_path):
     ref = write(tmp_path / "ref", feats, ids)
     w = StoreWriter(tmp_path / "run", FP, LAYOUT, "float32", 4, META)
     w.append(feats[:2], ids[:2])  # killed before the first shard
+    del w
     w = StoreWriter(tmp_path / "run", FP, LAYOUT, "float32", 4, META)
     assert w.rows_done == 0 and w.done_ids == []
     w.append(feats, ids)

@@ -7,6 +7,7 @@ A store is a directory::
     shard-00000.ids.json        example ids of a shard, only when there are many
     ...
     sidecar-<name>.safetensors  optional derived data (e.g. cached self-influence), see :meth:`Store.sidecar_path`
+    writer.lock                 only while a writer is open: its pid and host, see :class:`StoreLock`
 
 Rows are training examples; a row of ``width = sum(block widths)`` columns is
 the concatenation of the per-layer blocks in ``layout`` (see :meth:`Store.split`).
@@ -18,6 +19,9 @@ run loses at most the rows not yet flushed. Reopening a writer on an
 incomplete store verifies what is there and resumes; the finished directory is
 byte-identical to an uninterrupted run (shard bytes depend only on the rows,
 ids and shard index; the manifest's key order is fixed; there are no timestamps).
+One writer at a time: a writer holds ``writer.lock`` (flock(2), so the kernel
+drops it when the process dies) and a second writer gets :class:`StoreLockedError`;
+the file of a dead owner is taken over with a warning.
 
 Reading (:class:`Store`) validates the manifest on open, checks every shard's
 header against it whenever a shard is read, and checks sha256 in
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -41,8 +47,10 @@ import math
 import os
 import queue
 import re
+import socket
 import struct
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -54,6 +62,7 @@ log = logging.getLogger("airtrace")
 FORMAT_NAME = "airtrace-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = "writer.lock"
 FEATURES = "features"
 SHARD_FMT = "shard-{:05d}.safetensors"
 IDS_FMT = "shard-{:05d}.ids.json"
@@ -132,6 +141,24 @@ class StoreMismatchError(StoreError):
 
 class IncompleteStoreError(StoreError):
     """The store's writer never finished (no ``close()``)."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer (a live process, or another writer in this one) holds the store's lock.
+
+    Attributes:
+        lock_path: the lock file.
+        owner: what the lock file says about its owner (``pid``, ``host``), possibly empty.
+    """
+
+    def __init__(self, lock_path: str, owner: Mapping[str, Any]):
+        self.lock_path, self.owner = lock_path, dict(owner)
+        who = f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}"
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            who += " (this process: close the other StoreWriter first)"
+        super().__init__(f"{lock_path}: the store is locked by another writer, {who}. Concurrent writers are "
+                         "refused. Fix: wait for that process to finish (or stop it); a lock left by a dead "
+                         "process is recovered automatically.")
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -306,8 +333,14 @@ def _tmp_path(final: str) -> str:
     return f"{final}.{os.getpid()}.tmp"
 
 
-def _atomic_write(final: str, chunks: Sequence[bytes | memoryview]) -> tuple[int, str]:
-    """Write ``chunks`` to ``final`` via temp file + fsync + rename.
+def atomic_write(final: str, chunks: Sequence[bytes | memoryview]) -> tuple[int, str]:
+    """Write ``chunks`` to ``final`` via temp file + fsync + rename, so a crash leaves the old file or the new one.
+
+    The temp file ``<final>.<pid>.tmp`` is deleted when writing fails.
+
+    Args:
+        final: the file to (re)place.
+        chunks: its content, in order.
 
     Returns:
         (size in bytes, sha256 hex of the content).
@@ -330,6 +363,18 @@ def _atomic_write(final: str, chunks: Sequence[bytes | memoryview]) -> tuple[int
         raise
     _fsync_dir(os.path.dirname(final) or ".")
     return size, digest.hexdigest()
+
+
+def _parse_json(raw: bytes) -> Any:
+    """``json.loads`` of UTF-8 bytes; every way it can fail on hostile input becomes a ValueError.
+
+    Besides malformed JSON, that is invalid UTF-8, integers longer than Python's
+    digit limit, and nesting deeper than the recursion limit.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -429,9 +474,9 @@ def read_header(path: str, f=None) -> ShardHeader:
         raise bad(f"truncated: header claims {n} bytes but the file has only {size - 8} after the length prefix")
     raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad("not a safetensors file: the header is not valid UTF-8 JSON") from None
+        header = _parse_json(raw)
+    except ValueError as exc:
+        raise bad(f"not a safetensors file: the header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise bad("not a safetensors file: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -454,7 +499,7 @@ def _check_tensor_info(name: str, info: Any, data_len: int, bad) -> tuple[str, t
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise bad(f"not a safetensors file: entry {name!r} is not a tensor description")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if code not in _ST_ITEMSIZE:
+    if not isinstance(code, str) or code not in _ST_ITEMSIZE:
         raise bad(f"tensor {name!r} has unknown dtype {code!r}")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
         raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
@@ -576,8 +621,8 @@ def load_manifest(path: str) -> dict:
         raise ManifestError(f"{mpath}: {os.path.getsize(mpath)} bytes, larger than any valid manifest")
     try:
         with open(mpath, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            manifest = _parse_json(f.read())
+    except ValueError as exc:
         raise ManifestError(f"{mpath}: not valid JSON ({exc}); the file is corrupt or not a manifest") from None
     _validate_manifest(mpath, manifest)
     return manifest
@@ -620,11 +665,17 @@ def _validate_manifest(mpath: str, m: Any) -> None:
     if not isinstance(m["shards"], list):
         raise bad("shards must be a list")
     row = 0
+    seen: dict = {}
     for i, entry in enumerate(m["shards"]):
         _validate_shard_entry(bad, i, entry, row, m["rows_per_shard"], last=i == len(m["shards"]) - 1,
                               complete=m["complete"])
+        for j, example_id in enumerate(entry.get("ids", ())):
+            first = seen.setdefault(example_id, (i, j))
+            if first != (i, j):
+                raise bad(f"example id {example_id!r} repeats (shards[{first[0]}].ids[{first[1]}] and "
+                          f"shards[{i}].ids[{j}]); every example id must be unique")
         row = entry["row_end"]
-    if m["total_rows"] != row:
+    if not _is_int(m["total_rows"]) or m["total_rows"] != row:
         raise bad(f"total_rows is {m['total_rows']!r} but the shards hold {row} rows")
 
 
@@ -637,7 +688,7 @@ def _validate_shard_entry(bad, i: int, e: Any, row: int, rows_per_shard: int, la
             raise bad(f"{where} has no {key!r}")
     if e["file"] != SHARD_FMT.format(i):
         raise bad(f"{where}.file is {e['file']!r}, expected {SHARD_FMT.format(i)!r}")
-    if e["row_start"] != row:
+    if not _is_int(e["row_start"]) or e["row_start"] != row:
         raise bad(f"{where}.row_start is {e['row_start']!r}, expected {row}: row ranges must be contiguous")
     if not _is_int(e["row_end"]) or not row < e["row_end"] <= row + rows_per_shard:
         raise bad(f"{where}.row_end is {e['row_end']!r}, expected in ({row}, {row + rows_per_shard}]")
@@ -764,8 +815,8 @@ def _load_ids(root: str, info: ShardInfo) -> list:
     if hashlib.sha256(raw).hexdigest() != info.ids_sha256:
         raise ShardError([(path, "sha256 mismatch: the ids file changed since it was written")])
     try:
-        return normalize_ids(json.loads(raw.decode("utf-8")), info.rows)
-    except (UnicodeDecodeError, json.JSONDecodeError, StoreError) as exc:
+        return normalize_ids(_parse_json(raw), info.rows)
+    except ValueError as exc:
         raise ShardError([(path, f"invalid ids file: {exc}")]) from None
 
 
@@ -1105,6 +1156,110 @@ def _prefetched(load, items: Sequence, prefetch: int) -> Iterator:
         thread.join()
 
 
+# ----------------------------------------------------------------------------- lock
+
+
+class StoreLock:
+    """Exclusive write lock of a store directory: ``<dir>/writer.lock`` holding the owner's pid and host.
+
+    The lock is an flock(2) on the open file, so the kernel releases it when
+    the owner dies, even by SIGKILL; the file is then stale (it names a dead
+    owner) and the next :meth:`acquire` takes it over with a warning. Two
+    lock objects conflict even within one process. :meth:`release` deletes
+    the file, so a finished store holds no lock file.
+
+    Example::
+
+        with StoreLock(path):       # anything that writes files into the store directory
+            ...
+
+    Attributes:
+        path: the lock file.
+        recovered: the owner record of a stale lock taken over by :meth:`acquire`, else None.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = os.path.join(os.fspath(directory), LOCK)
+        self.recovered: dict | None = None
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> StoreLock:
+        """Take the lock, or raise :class:`StoreLockedError` naming the file and the owner pid.
+
+        Raises:
+            StoreLockedError: a live writer holds it.
+            StoreError: the lock file cannot be created (names the file).
+        """
+        if self._fd is not None:
+            raise StoreError(f"{self.path}: this lock is already held")
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create the store lock file ({exc.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = _read_lock_owner(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StoreLockedError(self.path, owner) from None
+                raise StoreError(f"{self.path}: cannot lock the store ({exc.strerror}); the file system must "
+                                 "support flock(2)") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its previous owner deleted it between our open and flock: lock the new file
+        previous = _read_lock_owner(fd)
+        if previous:
+            self.recovered = previous
+            log.warning("airtrace store: recovered the stale lock %s of pid %s on host %s, which is no longer "
+                        "running", self.path, previous.get("pid", "?"), previous.get("host", "?"))
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Delete the lock file and unlock; idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if _same_file(fd, self.path):
+                os.unlink(self.path)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st_fd, st_path = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st_fd.st_dev, st_fd.st_ino) == (st_path.st_dev, st_path.st_ino)
+
+
+def _read_lock_owner(fd: int) -> dict:
+    """The owner record of a lock file ({} when empty or unreadable)."""
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
 # ----------------------------------------------------------------------------- writer
 
 
@@ -1120,7 +1275,9 @@ class StoreWriter:
                 w.append(feats[keep], [ids[j] for j in keep])
 
     Leaving the ``with`` block by an exception does not finish the store, so
-    it can be resumed.
+    it can be resumed. The writer holds the store's :class:`StoreLock` from
+    ``__init__`` to :meth:`close` / :meth:`abort` (or until it is garbage
+    collected); a second writer on the same directory gets :class:`StoreLockedError`.
 
     Attributes:
         path: the store directory.
@@ -1149,6 +1306,7 @@ class StoreWriter:
             check_finite: reject NaN/Inf features.
 
         Raises:
+            StoreLockedError: another writer holds the store (names the lock file and its pid).
             StoreMismatchError: resuming with different settings.
             StoreError: ``path`` is a finished store, or not empty and not a store.
             ShardError: a committed shard is corrupt (and ``repair`` is False).
@@ -1177,9 +1335,16 @@ class StoreWriter:
         self._shards: list[ShardInfo] = []
         self._closed = False
         self.removed_files: list[str] = []
-        self._open(overwrite=overwrite, repair=repair)
-        self.rows_done = self._committed_rows()
-        self.done_ids = [i for info in self._shards for i in _load_ids(self.path, info)]
+        os.makedirs(self.path, exist_ok=True)
+        self._lock = StoreLock(self.path).acquire()
+        self._unlock = weakref.finalize(self, self._lock.release)
+        try:
+            self._open(overwrite=overwrite, repair=repair)
+            self.rows_done = self._committed_rows()
+            self.done_ids = [i for info in self._shards for i in _load_ids(self.path, info)]
+        except BaseException:
+            self._unlock()
+            raise
         self._seen = set(self.done_ids)
         self._buf = torch.empty(self.rows_per_shard, self.width, dtype=self.dtype)
         self._buf_extras = {n: torch.empty(self.rows_per_shard, *shape, dtype=dt)
@@ -1192,16 +1357,19 @@ class StoreWriter:
     # -- opening / resuming
 
     def _open(self, *, overwrite: bool, repair: bool) -> None:
-        os.makedirs(self.path, exist_ok=True)
         if overwrite:
             self._remove_store_files()
         self._remove_leftovers()
         if not os.path.exists(os.path.join(self.path, MANIFEST)):
-            foreign = [n for n in os.listdir(self.path) if not (_SHARD_RE.match(n) or _IDS_RE.match(n))]
+            names = sorted(n for n in os.listdir(self.path) if n != LOCK)
+            foreign = [n for n in names if not (_SHARD_RE.match(n) or _IDS_RE.match(n))]
             if foreign:
-                raise StoreError(f"{self.path}: not empty and not an airtrace store (holds {sorted(foreign)[:5]}). "
+                raise StoreError(f"{self.path}: not empty and not an airtrace store (holds {foreign[:5]}). "
                                  "Fix: choose an empty or new directory.")
-            self._remove_uncommitted(0)
+            if names:
+                raise StoreError(f"{self.path}: holds shard files ({names[:3]}...) but no {MANIFEST}, so they "
+                                 "cannot be resumed and are left alone. Fix: restore the manifest, or pass "
+                                 "overwrite=True to delete them and write the store again.")
             self._write_manifest(complete=False)
             return
         manifest = load_manifest(self.path)
@@ -1274,6 +1442,7 @@ class StoreWriter:
         features = self._check_features(features)
         n = features.shape[0]
         ids = list(range(self.rows_written, self.rows_written + n)) if ids is None else normalize_ids(ids, n)
+        self._check_finite(features, ids)
         extras = self._check_extras(extras, n)
         self._check_new_ids(ids)
         start = 0
@@ -1296,12 +1465,13 @@ class StoreWriter:
                              f"got shape {tuple(features.shape)}")
         if not features.is_floating_point():
             raise StoreError(f"features must be a float tensor, got {features.dtype}")
-        features = features.detach().to("cpu")
+        return features.detach().to("cpu")
+
+    def _check_finite(self, features: torch.Tensor, ids: list) -> None:
         if self.check_finite and features.numel() and not _all_finite(features):
             row = int((~torch.isfinite(features)).any(dim=1).nonzero()[0])
-            raise StoreError(f"features row {row} of this batch has NaN/Inf values; "
+            raise StoreError(f"features row {row} of this batch has NaN/Inf values (example id {ids[row]!r}); "
                              "nothing from this batch was written")
-        return features
 
     def _check_extras(self, extras: Mapping[str, Any], n: int) -> dict[str, torch.Tensor]:
         if set(extras) != set(self._extra_specs):
@@ -1341,29 +1511,43 @@ class StoreWriter:
         ids_file = ids_sha = None
         if rows > IDS_INLINE_MAX:
             ids_file = IDS_FMT.format(index)
-            _, ids_sha = _atomic_write(os.path.join(self.path, ids_file),
-                                       [json.dumps(ids, separators=(",", ":")).encode()])
+            _, ids_sha = atomic_write(os.path.join(self.path, ids_file),
+                                      [json.dumps(ids, separators=(",", ":")).encode()])
         tensors = {FEATURES: self._buf[:rows], **{n: t[:rows] for n, t in self._buf_extras.items()}}
         file = SHARD_FMT.format(index)
-        nbytes, sha = _atomic_write(os.path.join(self.path, file),
-                                    encode_shard(tensors, _shard_metadata(index, row_start)))
+        nbytes, sha = atomic_write(os.path.join(self.path, file),
+                                   encode_shard(tensors, _shard_metadata(index, row_start)))
         return ShardInfo(index, file, row_start, row_start + rows, nbytes, sha,
                          None if ids_file else ids, ids_file, ids_sha)
 
     def _write_manifest(self, *, complete: bool) -> None:
         manifest = _manifest_dict(self._config, self._shards, complete)
-        _atomic_write(os.path.join(self.path, MANIFEST), [dump_manifest(manifest)])
+        atomic_write(os.path.join(self.path, MANIFEST), [dump_manifest(manifest)])
 
     def close(self) -> Store:
-        """Write the last (partial) shard and the final manifest; idempotent.
+        """Write the last (partial) shard and the final manifest, and release the lock; idempotent.
+
+        The lock is released even when writing fails; the store then stays resumable.
 
         Returns:
             The finished :class:`Store`.
         """
         if not self._closed:
-            self._flush(complete=True)
             self._closed = True
+            try:
+                self._flush(complete=True)
+            finally:
+                self._unlock()
         return Store.open(self.path)
+
+    def abort(self) -> None:
+        """Stop writing without finishing the store: release the lock, drop the buffered rows.
+
+        The committed shards stay; a later writer with the same settings resumes after them.
+        """
+        self._closed = True
+        self._buf_ids = []
+        self._unlock()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -1371,6 +1555,8 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self.abort()
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -1404,14 +1590,19 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) ->
 __all__ = [
     "Block",
     "IncompleteStoreError",
+    "LOCK",
     "ManifestError",
     "ShardChunk",
     "ShardError",
     "ShardInfo",
     "Store",
     "StoreError",
+    "StoreLock",
+    "StoreLockedError",
     "StoreMismatchError",
     "StoreWriter",
+    "atomic_write",
+    "load_manifest",
     "model_fingerprint",
     "normalize_layout",
     "read_header",
