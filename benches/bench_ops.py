@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the airtrace kernels: project_factored, project_dense, score_topk.
+"""Benchmark of the airtrace kernels: project_factored, project_dense, score_topk, group_pool_scores.
 
 Every compiled backend that can run here ("cpu"; "cuda" and "triton" on a GPU) is
 timed against the pure-torch reference in the same run, plus the baselines the
@@ -29,7 +29,7 @@ import _common as C  # noqa: E402
 import airtrace  # noqa: E402
 from airtrace import ops  # noqa: E402
 
-SECTIONS = ("factored", "dense", "score", "memory")
+SECTIONS = ("factored", "dense", "score", "memory", "pool")
 COLUMNS = ("op", "shape", "dtype", "backend", "tensor_device", "median_ms", "repeats",
            "ratio_vs_ref", "ratio_vs_materialised", "x_gemm", "peak_extra_mib", "note")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,12 +50,13 @@ class Plan:
     score: list           # (n, q, k)
     memory_n: list        # growing n for the peak-memory table
     memory_qk: tuple      # (q, k) for the peak-memory table
+    pool: list            # (q, n, d, G, group size) for group_pool_scores
 
 
 def make_plan(device: str, quick: bool) -> Plan:
     if quick:
         return Plan(2, 1, 0.0, [(2, 16, 64, 8)], [(2, 8192, 64, "rademacher"), (2, 8192, 64, "gaussian")], 2**18,
-                    [(2000, 8, 64)], [2000, 10000], (16, 32))
+                    [(2000, 8, 64)], [2000, 10000], (16, 32), [(16, 2000, 64, 100, 20)])
     # 135M-LLM shapes: small batch/small k and large batch/large k at each (d, T) corner.
     factored = [(B, T, d, k) for d in (576, 1536) for T in (128, 512) for B, k in ((8, 16), (32, 64))]
     if device == "cpu":
@@ -64,13 +65,14 @@ def make_plan(device: str, quick: bool) -> Plan:
                     2**25,
                     [(10**5, 64, 1024), (10**5, 256, 1024), (10**5, 1024, 1024), (2 * 10**4, 256, 8192),
                      (10**6, 64, 1024)],
-                    [2 * 10**4, 10**5, 5 * 10**5], (256, 256))
+                    [2 * 10**4, 10**5, 5 * 10**5], (256, 256), [(256, 10**5, 384, 10**4, 100)])
     return Plan(10, 3, 1.0, factored,
                 [(8, 10**6, 1024, "rademacher"), (32, 10**7, 1024, "rademacher"), (8, 10**7, 8192, "rademacher"),
                  (32, 10**7, 8192, "rademacher"), (8, 10**7, 8192, "gaussian")],
                 2**25,
                 [(n, q, 1024) for n in (10**5, 10**6) for q in (64, 256, 1024)] + [(10**5, 256, 8192)],
-                [10**5, 10**6, 4 * 10**6], (256, 256))
+                [10**5, 10**6, 4 * 10**6], (256, 256),
+                [(256, 10**5, 384, 10**4, 100), (1024, 10**5, 384, 10**4, 100)])
 
 
 def sci(n: int) -> str:
@@ -197,6 +199,26 @@ class Bench:
                              x_gemm=t / t_gemm if t_gemm else None)
                 del X, Q
 
+    # ------------------------------------------------------------------ group_pool_scores
+    def pool(self):
+        for dname, dtype in DTYPES.items():
+            for q, n, d, G, size in self.plan.pool:
+                X = randn(n, d, dtype=dtype, device=self.device)
+                Q = randn(q, d, dtype=dtype, device=self.device, seed=SEED + 1)
+                gen = torch.Generator(device=self.device).manual_seed(SEED + 2)
+                members = torch.randint(0, n, (G * size,), generator=gen, device=self.device)
+                offsets = torch.arange(0, G * size + 1, size, device=self.device)
+                shape = f"q={q} n={sci(n)} d={d} G={sci(G)}x{size}"
+                t_ref, reps = self.time(lambda: ops.group_pool_scores(Q, X, offsets, members, backend="torch"), slow=True)
+                self.add("group_pool_scores", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
+                # the member dot products as one dense matmul: (q, d) @ (d, G * size)
+                t_gemm = self.gemm("group_pool_scores", shape, dname, q, G * size, d, dtype) if self.device == "cuda" else None
+                for be in self.backends:
+                    t, reps = self.time(lambda: ops.group_pool_scores(Q, X, offsets, members, backend=be))
+                    self.add("group_pool_scores", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
+                             x_gemm=t / t_gemm if t_gemm else None)
+                del X, Q, members
+
     # ------------------------------------------------------------------ score_topk peak memory
     def memory(self):
         q, k = self.plan.memory_qk
@@ -280,6 +302,7 @@ def targets(rows: list[dict], quick: bool) -> list[str]:
         lines += [
             _check("cpu project_factored  t_torch/t_cpu", items("project_factored", "cpu", "ratio_vs_ref", "cpu"), 1.5),
             _check("cpu score_topk        t_torch/t_cpu", items("score_topk", "cpu", "ratio_vs_ref", "cpu"), 1.5),
+            _check("cpu group_pool_scores t_torch/t_cpu", items("group_pool_scores", "cpu", "ratio_vs_ref", "cpu"), 2.0),
             _check("cpu project_dense     t_materialised/t_cpu",
                    items("project_dense", "cpu", "ratio_vs_materialised", "cpu"), 3.0),
             *_memory_check(rows, "cpu"),
@@ -354,7 +377,7 @@ def main(argv=None) -> int:
             getattr(bench, section)()
         rows += bench.rows
 
-    for op in ("project_factored", "project_dense", "score_topk", "score_topk_mem"):
+    for op in ("project_factored", "project_dense", "score_topk", "score_topk_mem", "group_pool_scores"):
         sel = [r for r in rows if r["op"] == op]
         if sel:
             C.print_table(sel, COLUMNS, title=op)

@@ -36,5 +36,9 @@ PYBIND11_MODULE(_C, m) {
       [](const void* G, DType dtype, const float* Q_G, const float* Q_A, const float* Lam, float damping, int64_t B,
          int64_t k_out, int64_t k_in, float* out, void*) {
         precondition_cpu(G, dtype, Q_G, Q_A, Lam, damping, B, k_out, k_in, out);
+      },
+      [](const float* Q, const void* X, DType dtype, int64_t q, int64_t d, const int64_t* offsets,
+         const int64_t* members, int64_t G, float* out, void*) {
+        group_pool_scores_cpu(Q, X, dtype, q, d, offsets, members, G, out);
       });
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "airtrace/group_pool_scores.h"
 #include "airtrace/precondition.h"
 #include "airtrace/project_dense.h"
 #include "airtrace/project_factored.h"
@@ -37,9 +38,10 @@ inline void require(bool ok, const char* message) {
 }
 
 // Each kernel argument is a callable with the header's signature plus a trailing void* stream.
-template <typename ProjectFactored, typename ProjectDense, typename ScoreTopk, typename Precondition>
+template <typename ProjectFactored, typename ProjectDense, typename ScoreTopk, typename Precondition,
+          typename GroupPoolScores>
 void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense project_dense, ScoreTopk score_topk,
-                Precondition precondition) {
+                Precondition precondition, GroupPoolScores group_pool_scores) {
   m.def(
       "project_factored",
       [project_factored](std::uintptr_t A, std::uintptr_t G, int dtype, std::uintptr_t mask, std::uintptr_t P_in,
@@ -90,6 +92,17 @@ void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense p
                      ptr<const float>(Lam), damping, B, k_out, k_in, ptr<float>(out), ptr<void>(stream));
       },
       "out (B,k_out,k_in) = Q_G [(Q_G^T G[b] Q_A) / (Lam + damping)] Q_A^T per sample, fused");
+
+  m.def(
+      "group_pool_scores",
+      [group_pool_scores](std::uintptr_t Q, std::uintptr_t X, int dtype, int64_t q, int64_t d, std::uintptr_t offsets,
+                          std::uintptr_t members, int64_t G, std::uintptr_t out, std::uintptr_t stream) {
+        require(q >= 0 && d >= 1 && G >= 0, "group_pool_scores: sizes must be q, G >= 0 and d >= 1");
+        py::gil_scoped_release release;
+        group_pool_scores(ptr<const float>(Q), ptr<const void>(X), to_dtype(dtype), q, d, ptr<const int64_t>(offsets),
+                          ptr<const int64_t>(members), G, ptr<float>(out), ptr<void>(stream));
+      },
+      "out (q,G) = sum_{i in S_g} softmax_{i in S_g}(|Q X_i|) Q X_i, groups S_g = members[offsets[g]:offsets[g+1]]");
 }
 
 }  // namespace airtrace::bind

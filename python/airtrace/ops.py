@@ -262,6 +262,88 @@ def precondition(
     return impl(G_hat.contiguous(), Q_G.to(acc).contiguous(), Q_A.to(acc).contiguous(), Lam.contiguous(), damping)
 
 
+def _check_groups(offsets, members, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate CSR groups over n rows; returns (offsets, members) as contiguous int64."""
+    for name, t in (("offsets", offsets), ("members", members)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer (int64) tensor, got {t.dtype}")
+    if offsets.numel() == 0:
+        raise ValueError("offsets must hold G + 1 >= 1 entries (0, end of group 0, ..., len(members)), got none")
+    offsets = offsets.to(torch.int64).contiguous()
+    members = members.to(torch.int64).contiguous()
+    nnz = members.numel()
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise ValueError(f"offsets[0] must be 0, got {first}")
+    if last != nnz:
+        raise ValueError(
+            f"offsets[-1] must equal len(members) = {nnz}, got {last} (offsets has G + 1 = {offsets.numel()} entries)"
+        )
+    decreasing = torch.nonzero(offsets.diff() < 0)
+    if decreasing.numel():
+        g = int(decreasing[0, 0])
+        raise ValueError(
+            f"offsets must be non-decreasing, got offsets[{g}] = {int(offsets[g])} > offsets[{g + 1}] = {int(offsets[g + 1])}"
+        )
+    if nnz:
+        lo, hi = int(members.min()), int(members.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"members must be row indices of train in [0, n={n}), got values from {lo} to {hi}")
+    return offsets, members
+
+
+def group_pool_scores(
+    queries: torch.Tensor,
+    train: torch.Tensor,
+    offsets: torch.Tensor,
+    members: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention-pooled scores of training groups (AirRep), in one pass.
+
+    ``f[x, g] = sum_{i in S_g} softmax_{i in S_g}(|s_i|) s_i`` with ``s_i = queries[x] . train[i]``
+    and ``S_g = members[offsets[g]:offsets[g + 1]]``; 0 for an empty group. Only the members'
+    dot products are computed, group by group, pooled with a max-subtracted (online) softmax,
+    so any magnitude of s is safe and the (q, n) score matrix is never formed.
+
+    Args:
+        queries: (q, d) query embeddings.
+        train: (n, d) training embeddings, float32/bfloat16/float16 (float64: torch backend,
+            which "auto" picks when either input is float64).
+        offsets: (G + 1,) integer CSR offsets: 0, non-decreasing, ending at len(members).
+        members: (nnz,) integer row indices into train; groups may overlap, repeat a row
+            (it then counts twice) or be empty.
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+
+    Returns:
+        (q, G) float32 (float64 when either input is float64); accumulation is fp32 on the
+        compiled backends.
+    """
+    _check_tensor("queries", queries, 2)
+    _check_tensor("train", train, 2)
+    if queries.shape[1] != train.shape[1]:
+        raise ValueError(
+            f"queries (q, d) and train (n, d) must share d, got queries {tuple(queries.shape)} and train {tuple(train.shape)}"
+        )
+    if queries.shape[1] == 0:
+        raise ValueError("queries and train must have d >= 1 features")
+    offsets, members = _check_groups(offsets, members, train.shape[0])
+    device = _check_same_device(queries=queries, train=train, offsets=offsets, members=members)
+    acc = accumulation_dtype(torch.promote_types(queries.dtype, train.dtype))
+    q, G = queries.shape[0], offsets.numel() - 1
+    if q == 0 or members.numel() == 0:
+        return torch.zeros(q, G, dtype=acc, device=device)
+    if backend == "auto" and acc == torch.float64:
+        backend = "torch"
+    _, impl = _dispatch.resolve("group_pool_scores", backend, device)
+    return impl(queries.to(acc).contiguous(), train.contiguous(), offsets, members)
+
+
 def merge_topk(
     values: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,9 @@ def _cases(scale: int) -> list[Case]:
     Xd = torch.randn(8, 50_000 * scale, generator=g)
     Q = torch.randn(64, 1024, generator=g)
     Xs = torch.randn(20_000 * scale, 1024, generator=g).bfloat16()
+    Qp, Xp, Gp = torch.randn(64, 384, generator=g), torch.randn(20_000 * scale, 384, generator=g), 2_000 * scale
+    members = torch.randint(0, Xp.shape[0], (Gp * 50,), generator=g)
+    offsets = torch.arange(0, Gp * 50 + 1, 50)
     return [
         Case(
             "project_factored",
@@ -76,6 +79,12 @@ def _cases(scale: int) -> list[Case]:
             f"q=64 n={Xs.shape[0]} k=1024 bf16 top10",
             lambda b: ops.score_topk(Q, Xs, 10, backend=b)[0],
             lambda: ref.score_topk(Q.double(), Xs.double(), 10)[0],
+        ),
+        Case(
+            "group_pool_scores",
+            f"q=64 n={Xp.shape[0]} d=384 G={Gp}x50 fp32",
+            lambda b: ops.group_pool_scores(Qp, Xp, offsets, members, backend=b),
+            lambda: ref.group_pool_scores(Qp.double(), Xp.double(), offsets, members),
         ),
     ]
 

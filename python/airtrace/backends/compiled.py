@@ -82,3 +82,15 @@ class CompiledBackend:
             B, k_out, k_in, out.data_ptr(), self.stream(G_hat.device),
         )
         return out
+
+    def group_pool_scores(self, queries, train, offsets, members):
+        code = dtype_code(train, "train", self.name)
+        queries = _fp32(queries)
+        q, d = queries.shape
+        G = offsets.shape[0] - 1
+        out = torch.empty(q, G, dtype=torch.float32, device=queries.device)
+        self.module.group_pool_scores(
+            queries.data_ptr(), train.data_ptr(), code, q, d, offsets.data_ptr(), members.data_ptr(), G,
+            out.data_ptr(), self.stream(queries.device),
+        )
+        return out

@@ -15,3 +15,4 @@ project_factored = _backend.project_factored
 project_dense = _backend.project_dense
 score_topk = _backend.score_topk
 precondition = _backend.precondition
+group_pool_scores = _backend.group_pool_scores

@@ -1,0 +1,212 @@
+"""group_pool_scores (AirRep attention pooling over groups) against float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from airtrace import ops, ref
+from conftest import COMPILED_DTYPES, assert_close_to_reference
+
+# (q, n, d, sizes of the random groups); every case also gets the special groups of _groups.
+SHAPES = [(1, 5, 1, [2]), (3, 40, 7, [5, 0, 17]), (5, 120, 33, [40, 1, 150, 9, 0, 33]), (70, 90, 65, [70, 3, 20])]
+LARGE_Q = (300, 200, 33, [150, 60, 7, 0, 90, 130])  # several query blocks on the CPU backend
+
+
+def _groups(n: int, sizes: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR groups: an empty group first and last, a singleton, a row repeated three times,
+    a copy of the first random group (overlap), and random groups (drawn with replacement)."""
+    g = torch.Generator().manual_seed(seed)
+    random_groups = [torch.randint(0, n, (size,), generator=g) for size in sizes]
+    groups = [
+        torch.tensor([], dtype=torch.int64),
+        torch.tensor([n - 1]),
+        torch.tensor([0, 0, 0]),
+        *random_groups,
+        random_groups[0].flip(0),
+        torch.tensor([], dtype=torch.int64),
+    ]
+    offsets = torch.tensor([0] + [len(x) for x in groups]).cumsum(0)
+    return offsets, torch.cat(groups)
+
+
+def _inputs(q, n, d, sizes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(q, d, generator=g).to(dtype)
+    X = torch.randn(n, d, generator=g).to(dtype)
+    return (Q, X, *_groups(n, sizes, seed))
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def _brute_force(Q: torch.Tensor, X: torch.Tensor, offsets: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """The formula, one query and one group at a time, in Python floats (float64)."""
+    out = torch.zeros(Q.shape[0], offsets.numel() - 1, dtype=torch.float64)
+    for x in range(Q.shape[0]):
+        for g in range(offsets.numel() - 1):
+            rows = members[offsets[g] : offsets[g + 1]].tolist()
+            s = [sum(float(a) * float(b) for a, b in zip(Q[x], X[i])) for i in rows]
+            if s:
+                peak = max(abs(v) for v in s)
+                w = [math.exp(abs(v) - peak) for v in s]
+                out[x, g] = sum(wi * v for wi, v in zip(w, s)) / sum(w)
+    return out
+
+
+@pytest.mark.parametrize("q,n,d,sizes", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+def test_matches_float64_reference(backend, device, q, n, d, sizes, dtype):
+    Q, X, offsets, members = _inputs(q, n, d, sizes, dtype)
+    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
+    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    assert out.dtype == torch.float32 and out.device.type == device.type
+    assert_close_to_reference(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+def test_many_queries_and_groups_spanning_tiles(backend, device, dtype):
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("too large for the Triton CPU interpreter; the small shapes cover the kernel")
+    q, n, d, sizes = LARGE_Q
+    Q, X, offsets, members = _inputs(q, n, d, sizes, dtype, seed=3)
+    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
+    assert_close_to_reference(ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend), expected, dtype)
+
+
+def test_many_small_groups(backend, device):
+    """Enough (group, query tile) pairs to fill a GPU without splitting groups across blocks."""
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("too many programs for the Triton CPU interpreter; the small shapes cover the kernel")
+    g = torch.Generator().manual_seed(4)
+    Q, X = torch.randn(70, 9, generator=g), torch.randn(50, 9, generator=g)
+    sizes = torch.randint(0, 4, (1500,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    members = torch.randint(0, 50, (int(offsets[-1]),), generator=g)
+    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
+    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    assert_close_to_reference(out, expected, torch.float32)
+
+
+def _exact_inputs(big: float, scale: float, dtype: torch.dtype, q=4, n=60, d=5, seed=1):
+    """float32 queries and `dtype` train rows whose scores s = scale * (big * a + b), a in {+-2, +-3},
+    |b| <= 36, are exact in fp32 accumulation, so only the pooling itself can err: |s| ~ 3 big
+    scale, with near-ties that give non-trivial weights (unless big swamps b)."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randint(-3, 4, (q, d), generator=g).double()
+    X = torch.randint(-3, 4, (n, d), generator=g).double()
+    Q[:, 0] = big * (2 * torch.randint(0, 2, (q,), generator=g) - 1)
+    X[:, 0] = torch.randint(2, 4, (n,), generator=g) * (2 * torch.randint(0, 2, (n,), generator=g) - 1)
+    offsets, members = _groups(n, [12, 30, 5], seed)
+    return (Q * scale).float(), X.to(dtype), offsets, members
+
+
+@pytest.mark.parametrize("big,scale", [(4096.0, 1.0), (4.0, 2.0**-20), (2.0**100, 1.0)], ids=["1e4", "1e-6", "1e30"])
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+def test_very_large_and_very_small_scores(backend, device, big, scale, dtype):
+    Q, X, offsets, members = _exact_inputs(big, scale, dtype)
+    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
+    assert torch.isfinite(expected).all()
+    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    assert torch.isfinite(out).all()
+    assert_close_to_reference(out, expected, torch.float32)  # exact scores: fp32 pooling error only
+
+
+def test_hand_computed_groups(backend, device):
+    Q, X = torch.tensor([[1.0]]), torch.tensor([[1.0], [2.0], [-3.0]])
+    offsets, members = torch.tensor([0, 2, 2, 4, 5, 8]), torch.tensor([0, 1, 2, 2, 2, 0, 1, 2])
+    e = math.e
+    expected = [
+        (e * 1 + e**2 * 2) / (e + e**2),  # {0, 1}
+        0.0,  # empty
+        -3.0,  # {2, 2}: a repeated row
+        -3.0,  # {2}
+        (e * 1 + e**2 * 2 - e**3 * 3) / (e + e**2 + e**3),  # {0, 1, 2}
+    ]
+    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    torch.testing.assert_close(out.cpu().double(), torch.tensor([expected], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy under the Triton interpreter
+def test_non_finite_scores_give_nan_for_their_group_only(backend, device):
+    Q, X = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [float("inf"), 1.0]])
+    offsets, members = torch.tensor([0, 2, 3, 4, 5]), torch.tensor([0, 1, 0, 2, 0])
+    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend).cpu()
+    assert torch.isnan(out[0, 0]) and torch.isnan(out[0, 2])
+    assert out[0, 1] == 1.0 and out[0, 3] == 1.0
+
+
+def test_reference_equals_brute_force_loop():
+    Q, X, offsets, members = _inputs(3, 12, 5, [4, 7], torch.float64, seed=5)
+    Q = Q * 3  # |s| up to ~30: far from uniform weights
+    expected = _brute_force(Q, X, offsets, members)
+    torch.testing.assert_close(ref.group_pool_scores(Q, X, offsets, members), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops.group_pool_scores(Q, X, offsets, members), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_tiles_do_not_change_the_result():
+    Q, X, offsets, members = _inputs(4, 50, 6, [30, 2, 11, 0, 25], torch.float64, seed=2)
+    whole = ref.group_pool_scores(Q, X, offsets, members)
+    torch.testing.assert_close(ref.group_pool_scores(Q, X, offsets, members, tile=7), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_float64_inputs_run_on_the_reference():
+    Q, X, offsets, members = _inputs(2, 10, 3, [4], torch.float64)
+    out = ops.group_pool_scores(Q, X, offsets, members)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref.group_pool_scores(Q, X, offsets, members))
+
+
+def test_compiled_backend_rejects_float64(backend):
+    if backend == "torch":
+        pytest.skip("the reference takes float64")
+    Q, X, offsets, members = _inputs(2, 10, 3, [4], torch.float64)
+    device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+    with pytest.raises(ValueError, match="train: backend .* supports float32"):
+        ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+
+
+def test_degenerate_sizes_give_zeros():
+    X = torch.randn(4, 3)
+    assert ops.group_pool_scores(torch.randn(0, 3), X, torch.tensor([0, 1]), torch.tensor([2])).shape == (0, 1)
+    assert ops.group_pool_scores(torch.randn(2, 3), X, torch.tensor([0]), torch.tensor([], dtype=torch.int64)).shape == (2, 0)
+    out = ops.group_pool_scores(torch.randn(2, 3), X, torch.tensor([0, 0, 0]), torch.tensor([], dtype=torch.int64))
+    assert torch.equal(out, torch.zeros(2, 2))
+
+
+Q3, X3 = torch.randn(2, 3), torch.randn(5, 3)
+
+
+@pytest.mark.parametrize(
+    "queries, train, offsets, members, message",
+    [
+        (Q3, X3, torch.tensor([0, 3, 2, 4]), torch.tensor([0, 1, 2, 3]),
+         r"offsets must be non-decreasing, got offsets\[1\] = 3 > offsets\[2\] = 2"),
+        (Q3, X3, torch.tensor([0, 2, 3]), torch.tensor([0, 1, 2, 3]),
+         r"offsets\[-1\] must equal len\(members\) = 4, got 3"),
+        (Q3, X3, torch.tensor([1, 4]), torch.tensor([0, 1, 2, 3]), r"offsets\[0\] must be 0, got 1"),
+        (Q3, X3, torch.tensor([], dtype=torch.int64), torch.tensor([0]), r"offsets must hold G \+ 1 >= 1 entries"),
+        (Q3, X3, torch.tensor([[0, 1]]), torch.tensor([0]), r"offsets must be 1-D, got shape \(1, 2\)"),
+        (Q3, X3, torch.tensor([0, 2]), torch.tensor([0, 5]),
+         r"members must be row indices of train in \[0, n=5\), got values from 0 to 5"),
+        (Q3, X3, torch.tensor([0, 2]), torch.tensor([-1, 2]), r"members must be row indices of train in \[0, n=5\)"),
+        (Q3, X3, torch.tensor([0, 2]), torch.tensor([0.0, 1.0]),
+         r"members must be an integer \(int64\) tensor, got torch.float32"),
+        (Q3, torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor([0]),
+         r"queries \(q, d\) and train \(n, d\) must share d, got queries \(2, 3\) and train \(5, 4\)"),
+        (torch.randn(3), X3, torch.tensor([0, 1]), torch.tensor([0]), r"queries must be 2-D, got shape \(3,\)"),
+        (Q3, torch.randn(5, 3, 1), torch.tensor([0, 1]), torch.tensor([0]), r"train must be 2-D, got shape \(5, 3, 1\)"),
+        (Q3, X3.int(), torch.tensor([0, 1]), torch.tensor([0]), r"train must be a float32/bfloat16/float16/float64 tensor"),
+    ],
+    ids=["not-monotone", "last-not-nnz", "first-not-0", "empty-offsets", "offsets-2d", "member-too-large",
+         "member-negative", "float-members", "dim-mismatch", "queries-1d", "train-3d", "int-train"],
+)
+def test_bad_input_names_the_argument(queries, train, offsets, members, message):
+    with pytest.raises(ValueError, match=message):
+        ops.group_pool_scores(queries, train, offsets, members)
+
+
+def test_non_tensor_offsets_are_rejected():
+    with pytest.raises(TypeError, match="offsets must be a torch.Tensor, got list"):
+        ops.group_pool_scores(Q3, X3, [0, 1], torch.tensor([0]))
