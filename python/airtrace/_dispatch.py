@@ -71,6 +71,7 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def available(backend: str) -> bool:
+    """Whether ``backend`` ("torch", "cpu", "cuda" or "triton") can run in this process."""
     return unavailable_reason(backend) is None
 
 
