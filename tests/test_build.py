@@ -25,6 +25,6 @@ def test_cuda_extension_is_compiled_when_nvcc_is_present():
     assert importlib.util.find_spec("airtrace._C_cuda") is not None, "nvcc is present but airtrace._C_cuda was not built"
     from airtrace import _C_cuda
 
-    for name in ("project_factored", "project_dense", "score_topk"):
+    for name in ("project_factored", "project_dense", "score_topk", "precondition", "group_pool_scores"):
         assert callable(getattr(_C_cuda, name))
     assert set(_C_cuda.cuda_archs.split(",")) >= {"80", "90"}
