@@ -55,9 +55,10 @@ import torch
 from torch import nn
 
 from airtrace import curvature as cv
-from airtrace import ops
+from airtrace import distributed, ops
 from airtrace.capture import GradientCapture, LayerSpec, make_projections, select_layers
 from airtrace.curvature import Curvature
+from airtrace.profiling import stage, timed_iter
 from airtrace.ref.hash import KINDS
 from airtrace.scoring import (
     FullMatrixWriter,
@@ -245,7 +246,7 @@ class Attributor:
 
     @classmethod
     def from_store(cls, model: nn.Module, store: Store | str | os.PathLike, *, loss_fn: LossFn,
-                   **kwargs) -> Attributor:
+                   **kwargs: Any) -> Attributor:
         """An Attributor with the layers and projection a store was featurized with.
 
         Args:
@@ -328,11 +329,12 @@ class Attributor:
         """One forward/backward of a batch under the capture; returns B."""
         batch = _to_device(batch, self.device)
         cap.set_mask(_attention_mask(batch))
-        losses = self.loss_fn(self.model, batch)
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
-        torch.autograd.grad(losses.sum(), self._grad_inputs, allow_unused=True)
+        with stage("capture"):
+            losses = self.loss_fn(self.model, batch)
+            if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
+            torch.autograd.grad(losses.sum(), self._grad_inputs, allow_unused=True)
         return losses.shape[0]
 
     def _assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -342,7 +344,8 @@ class Attributor:
         p = self.projection
         flat = list(blocks.values())
         backend = "torch" if self.backend == "auto" and flat[0].dtype == torch.float64 else self.backend
-        return ops.project_dense(flat, p["k"], p["seed"], p["kind"], backend=backend)
+        with stage("project"):
+            return ops.project_dense(flat, p["k"], p["seed"], p["kind"], backend=backend)
 
     def features(self, batch: Any) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned.
@@ -363,6 +366,9 @@ class Attributor:
 
         Batches whose ids are all in the store already are skipped without a
         forward pass; the finished store is byte-identical to an uninterrupted run.
+        Under an initialised process group (torchrun) the ranks split the
+        batches and rank 0 merges their sub-stores into the same store
+        (:func:`airtrace.distributed.featurize`).
 
         Args:
             batches: iterable of (ids, batch); ids unique across the dataset.
@@ -380,6 +386,16 @@ class Attributor:
         Raises:
             StoreMismatchError: resuming a store written with other settings or weights.
         """
+        if distributed.active():
+            return distributed.featurize(self, batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
+                                         overwrite=overwrite, progress=progress)
+        self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
+                             overwrite=overwrite, progress=progress)
+        return Store.open(path)
+
+    def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
+                        rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> None:
+        """The featurize loop of one process: features of ``batches`` appended to the store at ``path``."""
         writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
                              {"projection": self._record(), "curvature": None}, overwrite=overwrite)
         done = set(writer.done_ids)
@@ -388,9 +404,9 @@ class Attributor:
                 keep = [j for j, i in enumerate(ids) if i not in done]
                 if keep:
                     features = _checked_rows(self.features(batch), ids)
-                    writer.append(features[keep], [ids[j] for j in keep])
+                    with stage("store_write"):
+                        writer.append(features[keep], [ids[j] for j in keep])
                     bar.update(len(keep))
-        return Store.open(path)
 
     # -- fit
 
@@ -403,7 +419,10 @@ class Attributor:
         features (from ``store`` when given, else ``batches``); "kfac" one over
         ``batches`` (token-level projected a, g -> Kronecker factors); "ekfac" the
         K-FAC pass, then the eigenvalue correction over per-example features
-        (from ``store`` when given, else a second pass over ``batches``).
+        (from ``store`` when given, else a second pass over ``batches``). Under
+        an initialised process group the ranks split the batches and the store's
+        shards, the fitters' sums are added over ranks, every rank gets the same
+        curvature and rank 0 saves it.
 
         Args:
             batches: iterable of (ids, batch) training batches (ids are not used).
@@ -416,6 +435,9 @@ class Attributor:
             The fitted :class:`Curvature` (damping per layer in ``.damping``).
         """
         store = None if store is None else self._checked_store(store)
+        if store is not None and len(store) == 0:
+            raise StoreError(f"{store.path}: the store holds no rows (was the training set empty?); "
+                             "nothing to fit the curvature on")
         total = len(store) if total is None and store is not None else total
         method = self.curvature_method
         if method == "identity":
@@ -431,32 +453,42 @@ class Attributor:
                 fitter = cv.EKFACFitter(curvature, self.damping)
                 curvature = self._fit_features(fitter, batches, store, total, progress)
         if path is not None:
-            curvature.save(path)
+            with distributed.all_or_none("saving the curvature"):
+                if distributed.is_main():
+                    curvature.save(path)
         self.curvature = curvature
         return curvature
 
     def _fit_kfac(self, batches: Batches, total: int | None, progress: bool) -> Curvature:
         fitter = cv.KFACFitter(self.damping)
-        with self._capture(keep_tokens=True) as cap, progress_bar(total, "fit: K-FAC factors", progress) as bar:
-            for _, batch in _pairs(batches, "batches"):
+        with self._capture(keep_tokens=True) as cap, progress_bar(
+                distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
+            for _, batch in _pairs(distributed.rank_batches(batches), "batches"):
                 n = self._backward(batch, cap)
                 cap.collect()
-                fitter.update(*cap.collect_tokens())
+                with stage("fit_update"):
+                    fitter.update(*cap.collect_tokens())
                 bar.update(n)
+        distributed.reduce_fitter(fitter)
         return fitter.finalize()
 
     def _fit_features(self, fitter, batches: Batches | None, store: Store | None, total: int | None,
                       progress: bool) -> Curvature:
-        """Feed per-example features (store shards, else batches) to a fitter; finalize it."""
-        with progress_bar(total, f"fit: {self.curvature_method}", progress) as bar:
+        """Feed per-example features (store shards, else batches; this rank's part) to a fitter; finalize it."""
+        with progress_bar(distributed.share(total), f"fit: {self.curvature_method}",
+                          progress and distributed.is_main()) as bar:
             if store is not None:
-                for chunk in store.iter_shards(self.device):
-                    fitter.update(self._split(chunk.features))
+                for chunk in timed_iter(distributed.rank_shards(store).iter_shards(self.device)):
+                    with stage("fit_update"):
+                        fitter.update(self._split(chunk.features))
                     bar.update(chunk.features.shape[0])
             else:
-                for ids, batch in _pairs(batches, "batches"):
-                    fitter.update(self._split(_checked_rows(self.features(batch), ids)))
+                for ids, batch in _pairs(distributed.rank_batches(batches), "batches"):
+                    features = _checked_rows(self.features(batch), ids)
+                    with stage("fit_update"):
+                        fitter.update(self._split(features))
                     bar.update(len(ids))
+        distributed.reduce_fitter(fitter)
         return fitter.finalize()
 
     def load_curvature(self, path: str | os.PathLike) -> Curvature:
@@ -482,8 +514,9 @@ class Attributor:
 
     def _precondition(self, features: torch.Tensor) -> torch.Tensor:
         """H⁻¹ applied to (rows, width) features, block by block -> (rows, width)."""
-        pre = self._fitted().precondition(self._split(features))
-        return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
+        with stage("precondition"):
+            pre = self._fitted().precondition(self._split(features))
+            return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
 
     # -- score
 
@@ -522,7 +555,10 @@ class Attributor:
 
         Query features go through the same capture and projection as the store,
         then the fitted curvature: ``q̃ = H⁻¹ ĝ_q``. See :mod:`airtrace.scoring`
-        for the metrics. Memory is bounded by a shard, not by n × q.
+        for the metrics. Memory is bounded by a shard, not by n × q. Under an
+        initialised process group every rank scores a contiguous block of the
+        shards and the per-rank top-k (global indices) and group sums are
+        combined on every rank (:mod:`airtrace.distributed`).
 
         Args:
             query_batches: iterable of (ids, batch) queries.
@@ -530,7 +566,7 @@ class Attributor:
             topk: results per query.
             metric: "inner", "cosine" or "relative".
             full_matrix_path: also write the (q, n) score matrix (tensor "scores",
-                float32 / float64) to this safetensors file.
+                float32 / float64) to this safetensors file (single process only).
             groups: G lists of train row indices; adds (q, G) group sums of the scores.
             progress: show progress bars.
 
@@ -540,8 +576,12 @@ class Attributor:
 
         Raises:
             StoreError: the store belongs to another model (fingerprint) or projection.
+            ValueError: ``full_matrix_path`` under a process group of several ranks.
         """
         check_metric(metric)
+        if full_matrix_path is not None and distributed.active():
+            raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
+                             "shards); score with one process to write the full matrix")
         store = self._checked_store(store)
         curvature = self._fitted()
         query_ids, Q = self._queries(query_batches)
@@ -556,14 +596,18 @@ class Attributor:
                     "query_ids": query_ids, "curvature": curvature.method}
             full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
         try:
-            values, indices = stream_scores(Q, store, topk=topk, metric=metric, self_influence=influence,
-                                            groups=sums, full_matrix=full, backend=self.backend, progress=progress)
+            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric,
+                                            self_influence=influence, groups=sums, full_matrix=full,
+                                            backend=self.backend, progress=progress and distributed.is_main())
         except BaseException:
             if full is not None:
                 full.abort()
             raise
         if full is not None:
             full.close()
+        values, indices = distributed.merge_topk(values, indices, topk)
+        if sums is not None:
+            distributed.all_reduce_sum(sums.values)
         train_ids = store.ids
         ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
         return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu())

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from airtrace import ops
+from airtrace.profiling import stage
 from airtrace.ref.project import accumulation_dtype
 
 IGNORE_INDEX = -100
@@ -462,7 +463,8 @@ class GradientCapture:
                 )
             x, mask = saved
             saved.clear()
-            feats = self._reduce(spec, x, grad, mask).reshape(x.shape[0], -1)
+            with stage("project"):
+                feats = self._reduce(spec, x, grad, mask).reshape(x.shape[0], -1)
             prev = self._features.get(spec.name)
             self._features[spec.name] = feats if prev is None else prev + feats
 

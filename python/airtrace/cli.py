@@ -10,13 +10,17 @@ Commands:
 - ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
 - ``airtrace score --model M STORE [--curvature CURV]``: top-k training examples per query.
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
+- ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
+  really retrained models (see :mod:`airtrace.eval.cli`).
 
 ``--model`` names a factory ``package.module:function`` (importable, the current
 directory is searched too) called without arguments; it returns an
 :class:`airtrace.Task` or a tuple ``(model, loss_fn, train, queries)`` where
 ``train`` / ``queries`` are re-iterables of ``(ids, batch)`` pairs and
 ``loss_fn(model, batch)`` returns (B,) per-example losses (see
-:mod:`airtrace.attribute`).
+:mod:`airtrace.attribute`). ``featurize``, ``fit`` and ``score`` also run
+distributed (``torchrun --nproc-per-node N -m airtrace featurize ...``; see
+:mod:`airtrace.distributed`) and take ``--profile TRACE.json`` (see :mod:`airtrace.profiling`).
 
 Exit status: 0 on success, 2 on usage errors (bad flags, a bad ``--model``),
 1 on runtime errors (a corrupt or mismatched store, bad data), whose message
@@ -26,6 +30,9 @@ is printed without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import os
 import sys
@@ -120,6 +127,42 @@ def _demo_parser(sub) -> None:
 # --------------------------------------------------------------------------- featurize, fit, score
 
 
+def _scaled(command):
+    """A featurize / fit / score command run under torchrun's process group (when launched) and ``--profile``.
+
+    Under torchrun (WORLD_SIZE > 1) the ranks split the work (gloo on CPU, NCCL
+    on CUDA, each rank on ``cuda:LOCAL_RANK``); only rank 0 prints, shows
+    progress and writes ``--output``. ``--profile PATH`` writes a Chrome trace
+    of the command (rank r > 0 writes ``PATH`` with ``.rank<r>`` before its extension).
+    """
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from airtrace import distributed, profiling
+
+        if args.profile is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.profile))):
+            raise UsageError(f"--profile {args.profile}: its folder does not exist")
+        with distributed.process_group(args.device) as device:
+            args.device = str(device)
+            trace = args.profile
+            if trace is not None and not distributed.is_main():
+                stem, ext = os.path.splitext(trace)
+                trace = f"{stem}.rank{distributed.rank()}{ext}"
+            quiet = contextlib.nullcontext() if distributed.is_main() else contextlib.redirect_stdout(io.StringIO())
+            if not distributed.is_main():
+                args.quiet = True
+                if getattr(args, "output", None) is not None:
+                    args.output = None
+            try:
+                with profiling.profile(trace), quiet:
+                    return command(args)
+            except distributed.DistributedError as exc:  # another rank failed and printed its own error
+                print(f"airtrace {args.command} (rank {distributed.rank()}): error: {exc}", file=sys.stderr)
+                return 1
+
+    return run
+
+
 def _task(args: argparse.Namespace):
     from airtrace.attribute import load_task
 
@@ -210,8 +253,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.output is not None:
         result = {"metric": scores.metric, "curvature": attributor.curvature.method, "query_ids": scores.query_ids,
                   "topk": rows, "groups": None if scores.groups is None else scores.groups.tolist()}
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
+        from airtrace.store import atomic_write
+
+        atomic_write(os.path.abspath(args.output), [json.dumps(result, indent=1).encode()])  # all or nothing
         print(f"wrote {args.output}")
     return 0
 
@@ -272,6 +316,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"),
                         help="kernel backend (default auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="write a torch.profiler Chrome trace (named ranges per stage) to PATH")
 
 
 def _featurize_parser(sub) -> None:
@@ -292,7 +338,7 @@ def _featurize_parser(sub) -> None:
                    help="stored dtype (default bfloat16)")
     p.add_argument("--rows-per-shard", type=_positive_int, default=4096, help="rows per shard (default 4096)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.set_defaults(run=_cmd_featurize, parser=p)
+    p.set_defaults(run=_scaled(_cmd_featurize), parser=p)
 
 
 def _fit_parser(sub) -> None:
@@ -307,7 +353,7 @@ def _fit_parser(sub) -> None:
     damping.add_argument("--damping-factor", type=_positive_float, default=0.1,
                          help="λ = factor × mean eigenvalue per layer (default 0.1)")
     p.add_argument("--rank", type=_positive_int, default=32, help="eigenpairs per layer for lowrank (default 32)")
-    p.set_defaults(run=_cmd_fit, parser=p)
+    p.set_defaults(run=_scaled(_cmd_fit), parser=p)
 
 
 def _score_parser(sub) -> None:
@@ -321,7 +367,7 @@ def _score_parser(sub) -> None:
     p.add_argument("--full-matrix", metavar="PATH", help="also write the (q, n) score matrix (safetensors)")
     p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train row indices: group sums")
     p.add_argument("--output", metavar="JSON", help="write the results as JSON")
-    p.set_defaults(run=_cmd_score, parser=p)
+    p.set_defaults(run=_scaled(_cmd_score), parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     _featurize_parser(sub)
     _fit_parser(sub)
     _score_parser(sub)
+
+    from airtrace.eval.cli import add_parser as eval_parser
+
+    eval_parser(sub)
+
+    from airtrace.airrep.cli import add_parser as airrep_parser
+
+    airrep_parser(sub)
 
     inspect = sub.add_parser("inspect", help="summarise a store's manifest; --verify checks every shard")
     inspect.add_argument("store", metavar="STORE", help="store directory")

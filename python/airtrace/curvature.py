@@ -676,7 +676,8 @@ class _Accumulator:
 
     def _means(self) -> dict[str, list[torch.Tensor]]:
         if self.n_examples == 0:
-            raise ValueError("no examples seen: call update(...) with at least one non-empty batch before finalize()")
+            raise ValueError("no examples seen: call update(...) with at least one non-empty batch before finalize() "
+                             "(from Attributor.fit: its batches yielded no examples)")
         return {name: [total / self.n_examples for total in totals] for name, totals in self._sums.items()}
 
     def _feature_batch(self, features: Features) -> dict[str, torch.Tensor]:

@@ -35,8 +35,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from airtrace import ops
+from airtrace import distributed, ops
 from airtrace.curvature import Curvature
+from airtrace.profiling import stage, timed_iter
 from airtrace.ref.project import accumulation_dtype
 from airtrace.ref.score import NORM_EPS
 from airtrace.store import Store
@@ -159,18 +160,27 @@ class SelfInfluence:
         return values
 
     def save(self) -> None:
-        """Write the computed values (all n rows) to the sidecar, atomically; a failure only warns."""
-        if self.cached is not None or sum(v.shape[0] for v in self._computed) != len(self.store):
+        """Write the computed values (all n rows) to the sidecar, atomically; a failure only warns.
+
+        In a distributed run every rank calls it: the ranks' rows (contiguous
+        blocks of shards, see :func:`airtrace.distributed.rank_shards`) are
+        gathered in rank order and rank 0 writes the file.
+        """
+        if self.cached is not None:
             return
-        values = torch.cat(self._computed)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            save_file({SELF_INFLUENCE: values}, tmp)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("airtrace: could not cache self-influence in %s (%s)", self.path, exc)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        parts = [v for part in distributed.gather_objects(self._computed) for v in part]
+        if sum(v.shape[0] for v in parts) != len(self.store):
+            return
+        values = torch.cat(parts)
+        if distributed.is_main():
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            try:
+                save_file({SELF_INFLUENCE: values}, tmp)
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                log.warning("airtrace: could not cache self-influence in %s (%s)", self.path, exc)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         self.cached = values
 
 
@@ -188,8 +198,9 @@ def store_self_influence(store: Store, key: str, precondition: Precondition, *, 
     """
     cache = SelfInfluence(store, key, precondition)
     if cache.cached is None:
-        with progress_bar(len(store), "self-influence", progress) as bar:
-            for chunk in store.iter_shards(device, dtype=dtype):
+        part = distributed.rank_shards(store)
+        with progress_bar(len(part), "self-influence", progress and distributed.is_main()) as bar:
+            for chunk in timed_iter(part.iter_shards(device, dtype=dtype)):
                 cache.rows(chunk.row_offset, chunk.features)
                 bar.update(chunk.features.shape[0])
         cache.save()
@@ -352,24 +363,28 @@ def stream_scores(
     check_metric(metric)
     if metric == "relative" and self_influence is None:
         raise ValueError("metric 'relative' needs the self-influence of the train rows")
+    if not isinstance(Q, torch.Tensor) or Q.dim() != 2 or Q.shape[1] != store.width:
+        shape = tuple(Q.shape) if isinstance(Q, torch.Tensor) else type(Q).__name__
+        raise ValueError(f"Q must be (q, {store.width}) to match the rows of the store {store.path}, got {shape}")
     acc = accumulation_dtype(Q.dtype)
     backend = "torch" if backend == "auto" and acc == torch.float64 else backend
     Q = Q.to(acc)
     values = torch.full((Q.shape[0], topk), float("-inf"), dtype=acc, device=Q.device)
     indices = torch.full((Q.shape[0], topk), -1, dtype=torch.int64, device=Q.device)
     with progress_bar(len(store), f"score ({metric})", progress) as bar:
-        for chunk in store.iter_shards(Q.device):
+        for chunk in timed_iter(store.iter_shards(Q.device)):
             X = chunk.features
             if metric == "relative":
                 X = _relative_rows(X, self_influence.rows(chunk.row_offset, X.to(acc)))
-            v, i = ops.score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
-            values, indices = ops.merge_topk([values, v.to(acc)], [indices, i], topk)
-            if groups is not None or full_matrix is not None:
-                S = _block(Q, X, metric == "cosine")
-                if groups is not None:
-                    groups.add(chunk.row_offset, S)
-                if full_matrix is not None:
-                    full_matrix.write(chunk.row_offset, S)
+            with stage("score"):
+                v, i = ops.score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
+                values, indices = ops.merge_topk([values, v.to(acc)], [indices, i], topk)
+                if groups is not None or full_matrix is not None:
+                    S = _block(Q, X, metric == "cosine")
+                    if groups is not None:
+                        groups.add(chunk.row_offset, S)
+                    if full_matrix is not None:
+                        full_matrix.write(chunk.row_offset, S)
             bar.update(X.shape[0])
     if self_influence is not None:
         self_influence.save()

@@ -1,0 +1,371 @@
+"""torch.distributed scale-out of featurize, fit and score (gloo on CPU, NCCL on GPU).
+
+Launch any script that uses :class:`airtrace.Attributor` (or the CLI) with
+``torchrun --nproc-per-node N``; once a process group is initialised (see
+:func:`process_group`), the Attributor splits its work and every rank ends with
+the single-process result:
+
+- ``featurize``: rank r takes the r-th of N contiguous, equal blocks of the
+  training batches (by batch index; every rank sees the same batch order) and
+  writes its own sub-store ``<store>.parts/rank-<r>-of-<N>`` (resumable, like any
+  store). After all ranks finish, rank 0 streams the sub-stores in rank order
+  into the final store through one :class:`airtrace.store.StoreWriter`, so the
+  final store holds the same ids in the same order and is byte-identical to a
+  single-process run (same shard boundaries, files and manifest); then it
+  deletes ``<store>.parts``. Cost: one extra sequential read and write of the
+  features on rank 0.
+- ``fit``: the K-FAC token pass splits the batches, and the feature passes
+  (Fisher, low rank, EK-FAC corrections) split the store's shards (or the
+  batches); the fitters' float64 sums and example counts are gathered and added
+  in rank order, so every rank finalises the same factors (equal to the
+  single-process factors up to float64 summation order); rank 0 saves them.
+- ``score``: every rank computes the (small) preconditioned query matrix,
+  scores its contiguous block of shards with a running top-k over *global* row
+  indices, and the per-rank top-k are all-gathered and merged with
+  :func:`airtrace.ops.merge_topk` (ties by lower index, as in one process);
+  group sums are all-reduced.
+
+Only rank 0 writes shared files (final store, curvature) and, in the CLI,
+prints. A failure on one rank is reported on every rank (the ranks exchange an
+ok/error status instead of a bare barrier), so none waits for the collective
+timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import itertools
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sized
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from airtrace import ops
+from airtrace.profiling import stage
+from airtrace.store import Store, StoreError, StoreWriter
+
+if TYPE_CHECKING:
+    from airtrace.attribute import Attributor
+
+TIMEOUT = datetime.timedelta(minutes=30)
+PARTS_SUFFIX = ".parts"
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed; the message names the rank and its error."""
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another env:// launcher) with WORLD_SIZE > 1."""
+    return all(v in os.environ for v in LAUNCH_VARIABLES) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def active() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or no process group: the process that prints and writes shared files."""
+    return rank() == 0
+
+
+@contextlib.contextmanager
+def process_group(device: str | torch.device = "cpu") -> Iterator[torch.device]:
+    """Initialise the default process group from torchrun's environment for the block.
+
+    Uses NCCL when ``device`` is CUDA (each rank on ``cuda:LOCAL_RANK``) and gloo
+    otherwise. Does nothing (yields ``device``) when the process was not launched
+    with WORLD_SIZE > 1 or a group is already initialised.
+
+    Args:
+        device: the device the work runs on ("cpu", "cuda", "cuda:1", ...).
+
+    Yields:
+        The device this rank uses.
+    """
+    device = torch.device(device)
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
+    if not active():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def all_or_none(what: str) -> Iterator[None]:
+    """Run the block on every rank; if it raised anywhere, raise on every rank.
+
+    The rank that failed re-raises its own exception; the others raise
+    :class:`DistributedError` naming the failed rank and its message. Ends with
+    a synchronisation point (like a barrier) on success.
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        error = exc
+    if not active():
+        if error is not None:
+            raise error
+        return
+    status = None if error is None else f"{type(error).__name__}: {error}"
+    failures = [(r, msg) for r, msg in enumerate(gather_objects(status)) if msg]
+    if error is not None:
+        raise error
+    if failures:
+        r, msg = failures[0]
+        raise DistributedError(f"{what} failed on rank {r} of {world_size()}: {msg}")
+
+
+# --------------------------------------------------------------------------- splitting work
+
+
+def block(n: int, r: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """The r-th of ``world`` contiguous blocks of ``range(n)``: ``[n*r//world, n*(r+1)//world)``."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    return n * r // world, n * (r + 1) // world
+
+
+def rank_batches(batches: Iterable, what: str = "batches") -> Iterable:
+    """This rank's contiguous block of ``batches`` (all of them without a process group).
+
+    Every rank must see the same batches in the same order. A sized iterable
+    (list, DataLoader) is split by ``len``; another re-iterable is counted with
+    one extra pass.
+
+    Raises:
+        ValueError: ``batches`` is a one-shot iterator (ranks could not agree on a split).
+    """
+    if not active():
+        return batches
+    if not isinstance(batches, Sized):
+        if iter(batches) is batches:
+            raise ValueError(f"{what} is a one-shot iterator; a distributed run splits the batches by position, so "
+                             "pass a list or another re-iterable that yields the same batches on every rank")
+        n = sum(1 for _ in batches)
+    else:
+        n = len(batches)
+    lo, hi = block(n)
+    return itertools.islice(batches, lo, hi)
+
+
+def rank_shards(store: Store) -> Store:
+    """A view of ``store`` holding only this rank's contiguous block of shards (the store itself alone).
+
+    Row offsets of the streamed chunks stay global; ``len()`` of the view is its
+    own row count. The view shares the store's files and is read-only.
+    """
+    if not active():
+        return store
+    lo, hi = block(len(store.shards))
+    view = copy.copy(store)
+    view.shards = store.shards[lo:hi]
+    view.manifest = {**store.manifest, "total_rows": sum(info.rows for info in view.shards)}
+    return view
+
+
+def share(total: int | None) -> int | None:
+    """This rank's part of ``total`` examples under :func:`block` (for progress bars)."""
+    if total is None:
+        return None
+    lo, hi = block(total)
+    return hi - lo
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def reduce_fitter(fitter) -> None:
+    """Sum a curvature fitter's per-layer float64 sums and example counts over ranks, in place.
+
+    Works for every streaming fitter of :mod:`airtrace.curvature` (they keep
+    ``n_examples``, ``dims`` and per-layer lists of sums). The sums of all ranks
+    are gathered and added in rank order, so every rank holds the same bits.
+    A rank that saw no examples contributes nothing.
+    """
+    if not active():
+        return
+    states = gather_objects((fitter.n_examples, fitter.dims,
+                             {name: [t.detach().cpu() for t in terms] for name, terms in fitter._sums.items()}))
+    device = next((t.device for terms in fitter._sums.values() for t in terms), None)
+    total, dims, sums = 0, None, {}
+    for n, rank_dims, rank_sums in states:
+        total += n
+        dims = dims if rank_dims is None or dims is not None else rank_dims
+        for name, terms in rank_sums.items():
+            if name not in sums:
+                sums[name] = [t.clone() for t in terms]
+            else:
+                for acc, t in zip(sums[name], terms):
+                    acc += t
+    fitter.n_examples, fitter.dims = total, dims
+    fitter._sums = {name: [t.to(device or "cpu") for t in terms] for name, terms in sums.items()}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place (returns it)."""
+    if active():
+        buf = t.to(_comm_device())
+        dist.all_reduce(buf)
+        t.copy_(buf)
+    return t
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k from every rank's (q, topk) running top-k over global row indices.
+
+    Returns:
+        values (q, topk), indices (q, topk) int64 on the input's device, as
+        :func:`airtrace.ops.merge_topk` sorts them.
+    """
+    if not active():
+        return values, indices
+    device, comm = values.device, _comm_device()
+    parts_v = [torch.empty_like(values, device=comm) for _ in range(world_size())]
+    parts_i = [torch.empty_like(indices, device=comm) for _ in range(world_size())]
+    dist.all_gather(parts_v, values.contiguous().to(comm))
+    dist.all_gather(parts_i, indices.contiguous().to(comm))
+    v, i = ops.merge_topk(parts_v, parts_i, topk)
+    return v.to(device), i.to(device)
+
+
+# --------------------------------------------------------------------------- featurize
+
+
+def parts_dir(path: str | os.PathLike) -> str:
+    """Folder of the per-rank sub-stores of a distributed featurize into ``path``."""
+    return os.fspath(path).rstrip(os.sep) + PARTS_SUFFIX
+
+
+def rank_store_path(path: str | os.PathLike, r: int | None = None, world: int | None = None) -> str:
+    """Sub-store of rank ``r`` of ``world``: ``<path>.parts/rank-<r>-of-<world>``."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    return os.path.join(parts_dir(path), f"rank-{r:05d}-of-{world:05d}")
+
+
+def _complete(path: str) -> Store | None:
+    """The finished store at ``path``, or None (missing, unfinished or unreadable)."""
+    try:
+        return Store.open(path)
+    except StoreError:
+        return None
+
+
+def featurize(attributor: Attributor, batches: Iterable, path: str | os.PathLike, *, dtype: Any,
+              rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
+    """Distributed :meth:`airtrace.Attributor.featurize` (see the module docstring); called on every rank.
+
+    Returns:
+        The finished store, opened on every rank.
+
+    Raises:
+        DistributedError: another rank failed (its message is included).
+        StoreError: the final store is complete already and ``overwrite`` is False.
+    """
+    path = os.fspath(path)
+    if not overwrite and (done := _complete(path)) is not None:
+        raise StoreError(f"{path}: the store is already complete ({len(done)} rows). Fix: open it with Store.open, "
+                         "or pass overwrite=True to write it again.")
+    with all_or_none("featurize"):
+        part = rank_store_path(path)
+        if overwrite or _complete(part) is None:  # a finished part (merge interrupted) is kept as it is
+            attributor._write_features(rank_batches(batches), part, dtype=dtype, rows_per_shard=rows_per_shard,
+                                       total=share(total), overwrite=overwrite, progress=progress and is_main())
+    with all_or_none("merging the per-rank stores"):
+        if is_main():
+            merge_stores([rank_store_path(path, r) for r in range(world_size())], path, overwrite=overwrite,
+                         progress=progress)
+            shutil.rmtree(parts_dir(path))
+    return Store.open(path)
+
+
+def merge_stores(parts: list[str], path: str | os.PathLike, *, overwrite: bool = False,
+                 progress: bool = True) -> Store:
+    """Concatenate finished stores (same settings) into one store, in order; resumes an interrupted merge.
+
+    Rows are streamed one shard at a time (sha256 checked) and re-cut into the
+    target's shards, so the result is byte-identical to writing the same rows
+    with one writer.
+
+    Args:
+        parts: finished stores with equal fingerprint, layout, dtype, rows per shard and meta.
+        path: target store directory.
+        overwrite: replace an existing store at ``path``.
+        progress: show a progress bar.
+
+    Raises:
+        StoreError: no parts, an unfinished part, or parts with different settings (names them).
+    """
+    from airtrace.scoring import progress_bar
+
+    if not parts:
+        raise StoreError("merge_stores needs at least one store to merge")
+    stores = [Store.open(p) for p in parts]
+    first = stores[0]
+    keys = ("fingerprint", "layout", "dtype", "rows_per_shard", "extras", "meta")
+    for store in stores[1:]:
+        diffs = [k for k in keys if store.manifest[k] != first.manifest[k]]
+        if diffs:
+            raise StoreError(f"{store.path}: cannot merge with {first.path}, their {', '.join(diffs)} differ")
+    extras = {e["name"]: (e["dtype"], e["shape"]) for e in first.manifest["extras"]}
+    with StoreWriter(path, first.fingerprint, first.manifest["layout"], first.manifest["dtype"], first.rows_per_shard,
+                     first.meta, extras=extras, overwrite=overwrite) as writer:
+        skip = writer.rows_done
+        total = sum(len(s) for s in stores)
+        with progress_bar(total, "merge stores", progress, initial=skip) as bar:
+            for store in stores:
+                for item in store.iter_shards("cpu", extras=list(extras)):
+                    features, ids, more = item[1], item[2], item[3] if extras else {}
+                    rows = features.shape[0]
+                    if skip >= rows:
+                        skip -= rows
+                        continue
+                    with stage("store_write"):
+                        writer.append(features[skip:], ids[skip:], **{n: t[skip:] for n, t in more.items()})
+                    bar.update(rows - skip)
+                    skip = 0
+    return Store.open(path)
