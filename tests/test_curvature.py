@@ -326,6 +326,34 @@ def test_streaming_equals_one_shot(method):
         _close(x, one_shot.precondition(data.features)[name])
 
 
+def test_fitter_states_of_disjoint_parts_add_up_to_one_fit():
+    """load_states(part states) = one fitter over all the data (what the ranks of a distributed fit do)."""
+    data = model_data()
+    parts = [data.rows(0, 7), data.rows(7, 7), data.rows(7, 16)]
+
+    def fitters():
+        return cv.FisherFitter(), cv.LowRankFitter(RANK), cv.KFACFitter()
+
+    def feed(fs, d):
+        for f in fs[:2]:
+            if d.mask.shape[0]:
+                f.update(d.features)
+        if d.mask.shape[0]:
+            fs[2].update(d.activations, d.gradients, d.mask)
+
+    whole = fitters()
+    feed(whole, data)
+    per_part = [fitters() for _ in parts]
+    for fs, d in zip(per_part, parts):
+        feed(fs, d)
+    for i, reference in enumerate(whole):
+        merged = fitters()[i]
+        merged.load_states([fs[i].state() for fs in per_part])
+        assert merged.n_examples == reference.n_examples == 16
+        for name, x in merged.finalize().precondition(data.features).items():
+            _close(x, reference.finalize().precondition(data.features)[name])
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -48,7 +48,7 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,8 @@ FORMAT_VERSION = 1
 
 Dims = tuple[int, int]
 Features = Mapping[str, torch.Tensor]
+# (n_examples, dims, {layer: [float64 sums]}) of a streaming fitter, see _Accumulator.state.
+AccumulatorState = tuple[int, "dict[str, Dims] | None", "dict[str, list[torch.Tensor]]"]
 # take(key, shape) -> float64 tensor: reads one tensor of a layer from a file (None in shape = any size).
 TensorReader = Callable[[str, tuple], torch.Tensor]
 
@@ -656,6 +658,29 @@ class _Accumulator:
         self.n_examples = 0
         self.dims = None if dims is None else dict(dims)
         self._sums: dict[str, list[torch.Tensor]] = {}
+
+    def state(self) -> AccumulatorState:
+        """``(n_examples, dims, {layer: [float64 sums on the CPU]})``: all a fit has accumulated so far."""
+        return self.n_examples, self.dims, {name: [t.detach().cpu() for t in terms] for name, terms in self._sums.items()}
+
+    def load_states(self, states: Sequence[AccumulatorState]) -> None:
+        """Replace the accumulated sums by the sum of ``states`` (e.g. one per rank), added in order.
+
+        Adding in a fixed order gives every process the same bits. The sums stay
+        on the device of this fitter's own sums (CPU when it has none).
+        """
+        device = next((t.device for terms in self._sums.values() for t in terms), torch.device("cpu"))
+        total, dims, sums = 0, self.dims, {}
+        for n, state_dims, state_sums in states:
+            total += n
+            dims = state_dims if dims is None else dims
+            for name, terms in state_sums.items():
+                if name not in sums:
+                    sums[name] = [t.to(device, copy=True) for t in terms]
+                else:
+                    for acc, t in zip(sums[name], terms):
+                        acc += t.to(device)
+        self.n_examples, self.dims, self._sums = total, dims, sums
 
     def _register(self, dims: Mapping[str, Dims]) -> None:
         if self.dims is None:

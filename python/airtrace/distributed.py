@@ -221,28 +221,12 @@ def share(total: int | None) -> int | None:
 def reduce_fitter(fitter) -> None:
     """Sum a curvature fitter's per-layer float64 sums and example counts over ranks, in place.
 
-    Works for every streaming fitter of :mod:`airtrace.curvature` (they keep
-    ``n_examples``, ``dims`` and per-layer lists of sums). The sums of all ranks
-    are gathered and added in rank order, so every rank holds the same bits.
-    A rank that saw no examples contributes nothing.
+    Works for every streaming fitter of :mod:`airtrace.curvature`. The states of
+    all ranks are gathered and added in rank order, so every rank holds the same
+    bits; a rank that saw no examples contributes nothing.
     """
-    if not active():
-        return
-    states = gather_objects((fitter.n_examples, fitter.dims,
-                             {name: [t.detach().cpu() for t in terms] for name, terms in fitter._sums.items()}))
-    device = next((t.device for terms in fitter._sums.values() for t in terms), None)
-    total, dims, sums = 0, None, {}
-    for n, rank_dims, rank_sums in states:
-        total += n
-        dims = dims if rank_dims is None or dims is not None else rank_dims
-        for name, terms in rank_sums.items():
-            if name not in sums:
-                sums[name] = [t.clone() for t in terms]
-            else:
-                for acc, t in zip(sums[name], terms):
-                    acc += t
-    fitter.n_examples, fitter.dims = total, dims
-    fitter._sums = {name: [t.to(device or "cpu") for t in terms] for name, terms in sums.items()}
+    if active():
+        fitter.load_states(gather_objects(fitter.state()))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
