@@ -391,6 +391,29 @@ def test_featurize_resumes_after_an_interruption_to_an_identical_store(tmp_path)
     assert len(resumed) == len(setup.train) and resumed.dtype == torch.bfloat16
 
 
+def test_featurize_again_on_a_finished_store_returns_it_without_a_forward_pass(tmp_path):
+    setup = lm_setup()
+    batches = batched(setup, setup.train, "t")
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return lm_loss(model, batch)
+
+    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
+    kwargs = dict(dtype="bfloat16", rows_per_shard=4, progress=False)
+    first = at.featurize(batches, tmp_path / "s", **kwargs)
+    before = {name: (tmp_path / "s" / name).read_bytes() for name in os.listdir(first.path)}
+    calls.clear()
+    again = at.featurize(batches, tmp_path / "s", **kwargs)
+    assert calls == [] and again.ids == first.ids
+    assert {name: (tmp_path / "s" / name).read_bytes() for name in os.listdir(again.path)} == before
+    with pytest.raises(StoreError, match="dtype"):
+        at.featurize(batches, tmp_path / "s", **{**kwargs, "dtype": "float32"})
+    with pytest.raises(StoreError, match="lacks example id 'extra'"):
+        at.featurize(batches + [(["extra"], batches[0][1])], tmp_path / "s", **kwargs)
+
+
 def test_a_store_of_other_weights_or_projection_is_refused(stores):
     setup = mlp_setup()
     changed = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()

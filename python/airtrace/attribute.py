@@ -71,7 +71,7 @@ from airtrace.scoring import (
     store_self_influence,
     stream_scores,
 )
-from airtrace.store import Store, StoreError, StoreWriter, model_fingerprint, normalize_ids
+from airtrace.store import Store, StoreCompleteError, StoreError, StoreWriter, dtype_name, model_fingerprint, normalize_ids
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
 FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0}
@@ -385,13 +385,41 @@ class Attributor:
 
         Raises:
             StoreMismatchError: resuming a store written with other settings or weights.
+            StoreError: ``path`` is a finished store that lacks some of ``batches`` or has another dtype
+                or rows_per_shard (a finished store that holds them all is returned as it is).
         """
-        if distributed.active():
-            return distributed.featurize(self, batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
-                                         overwrite=overwrite, progress=progress)
-        self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
-                             overwrite=overwrite, progress=progress)
+        try:
+            if distributed.active():
+                return distributed.featurize(self, batches, path, dtype=dtype, rows_per_shard=rows_per_shard,
+                                             total=total, overwrite=overwrite, progress=progress)
+            self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
+                                 overwrite=overwrite, progress=progress)
+        except StoreCompleteError:
+            return self._finished_store(path, batches, dtype, rows_per_shard)
         return Store.open(path)
+
+    def _finished_store(self, path: str | os.PathLike, batches: Batches, dtype: str | torch.dtype,
+                        rows_per_shard: int) -> Store:
+        """A finished store at ``path`` that already holds every example of ``batches`` with these settings.
+
+        Makes a repeated featurize (a retry loop, a rerun script) a no-op; reads
+        the batches' ids only, no forward pass.
+
+        Raises:
+            StoreError: other settings, or an example of ``batches`` missing from the store.
+        """
+        store = self._checked_store(path)
+        if (store.manifest["dtype"], store.rows_per_shard) != (dtype_name(dtype), rows_per_shard):
+            raise StoreError(f"{store.path}: the finished store has dtype {store.manifest['dtype']} and rows_per_shard "
+                             f"{store.rows_per_shard}, featurize asked for {dtype_name(dtype)} and {rows_per_shard}. "
+                             "Fix: pass the store's settings, or overwrite=True to write it again.")
+        stored = set(store.ids)
+        for ids, _ in _pairs(batches, "batches"):
+            missing = [i for i in ids if i not in stored]
+            if missing:
+                raise StoreError(f"{store.path}: the store is finished but lacks example id {missing[0]!r} of "
+                                 "batches. Fix: write to a new directory, or pass overwrite=True to write it again.")
+        return store
 
     def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
                         rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> None:

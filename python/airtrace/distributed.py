@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from airtrace import ops
 from airtrace.profiling import stage
-from airtrace.store import Store, StoreError, StoreWriter
+from airtrace.store import Store, StoreCompleteError, StoreError, StoreWriter
 
 if TYPE_CHECKING:
     from airtrace.attribute import Attributor
@@ -288,12 +288,11 @@ def featurize(attributor: Attributor, batches: Iterable, path: str | os.PathLike
 
     Raises:
         DistributedError: another rank failed (its message is included).
-        StoreError: the final store is complete already and ``overwrite`` is False.
+        StoreCompleteError: the final store is complete already and ``overwrite`` is False.
     """
     path = os.fspath(path)
     if not overwrite and (done := _complete(path)) is not None:
-        raise StoreError(f"{path}: the store is already complete ({len(done)} rows). Fix: open it with Store.open, "
-                         "or pass overwrite=True to write it again.")
+        raise StoreCompleteError(path, len(done))
     with all_or_none("featurize"):
         part = rank_store_path(path)
         if overwrite or _complete(part) is None:  # a finished part (merge interrupted) is kept as it is

@@ -143,6 +143,19 @@ class IncompleteStoreError(StoreError):
     """The store's writer never finished (no ``close()``)."""
 
 
+class StoreCompleteError(StoreError):
+    """A writer was opened (without overwrite) on a finished store with the same settings.
+
+    Attributes:
+        path: the store directory.
+    """
+
+    def __init__(self, path: str, rows: int):
+        self.path = path
+        super().__init__(f"{path}: the store is already complete ({rows} rows). "
+                         "Fix: open it with Store.open, or pass overwrite=True to write it again.")
+
+
 class StoreLockedError(StoreError):
     """Another writer (a live process, or another writer in this one) holds the store's lock.
 
@@ -1377,8 +1390,7 @@ class StoreWriter:
         if diffs:
             raise StoreMismatchError(self.path, diffs)
         if manifest["complete"]:
-            raise StoreError(f"{self.path}: the store is already complete ({manifest['total_rows']} rows). "
-                             "Fix: open it with Store.open, or pass overwrite=True to write it again.")
+            raise StoreCompleteError(self.path, manifest["total_rows"])
         self._shards = _shard_infos(manifest)
         self._verify_committed(repair)
         self._remove_uncommitted(len(self._shards))
@@ -1590,6 +1602,7 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) ->
 __all__ = [
     "Block",
     "IncompleteStoreError",
+    "StoreCompleteError",
     "LOCK",
     "ManifestError",
     "ShardChunk",
