@@ -259,6 +259,24 @@ def test_woodbury_at_full_rank_equals_damped_fisher(data):
         _close(low.precondition({name: x})[name], fisher.precondition({name: x})[name])
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_inexact_precondition_is_float32_and_close_to_float64(method, monkeypatch):
+    data = model_data()
+    fit = _fit(method, data)
+    kernel_dtypes = []
+    kernel = cv.ops.precondition
+    monkeypatch.setattr(cv.ops, "precondition", lambda G_hat, *a, **k: kernel_dtypes.append(G_hat.dtype) or kernel(G_hat, *a, **k))
+    x32 = {name: x.float() for name, x in data.features.items()}
+    fast, exact = fit.precondition(x32, exact=False), fit.precondition(data.features)
+    if method in ("kfac", "ekfac"):  # the fused kernel ran in float32, the exact path in float64
+        assert set(kernel_dtypes) == {torch.float32, torch.float64}
+    for name, x in fast.items():
+        assert x.dtype == torch.float32
+        scale = float(exact[name].abs().max())
+        torch.testing.assert_close(x.double(), exact[name], rtol=1e-3, atol=1e-4 * scale)
+    assert all(x.dtype == torch.float64 for x in fit.precondition(data.features, exact=False).values())
+
+
 def test_identity_returns_features():
     x = random_data().features["a"].float()
     fit = cv.identity({"a": (3, 4)})

@@ -540,11 +540,15 @@ class Attributor:
             self.curvature = cv.identity(self.dims)
         return self.curvature
 
-    def _precondition(self, features: torch.Tensor) -> torch.Tensor:
-        """H⁻¹ applied to (rows, width) features, block by block -> (rows, width)."""
+    def _precondition(self, features: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """H⁻¹ applied to (rows, width) features, block by block -> (rows, width); see Curvature.precondition."""
         with stage("precondition"):
-            pre = self._fitted().precondition(self._split(features))
+            pre = self._fitted().precondition(self._split(features), exact=exact)
             return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
+
+    def _precondition_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """H⁻¹ on store rows for self-influence: float32 through the fused kernels (float64 stays exact)."""
+        return self._precondition(features, exact=False)
 
     # -- score
 
@@ -563,7 +567,7 @@ class Attributor:
         store = self._checked_store(store)
         key = self_influence_key(store, self._fitted())
         dtype = torch.float64 if self._dtype == torch.float64 else torch.float32
-        return store_self_influence(store, key, self._precondition, device=self.device, dtype=dtype,
+        return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
                                     progress=progress)
 
     def _queries(self, query_batches: Batches) -> tuple[list, torch.Tensor]:
@@ -617,7 +621,7 @@ class Attributor:
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
         influence = None
         if metric == "relative":
-            influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition)
+            influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
         full = None
         if full_matrix_path is not None:
             meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,

@@ -255,7 +255,7 @@ class LayerInverse(ABC):
 
     @abstractmethod
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, k_out, k_in) float64 -> (B, k_out, k_in) float64 on the same device."""
+        """(B, k_out, k_in) float64 or float32 -> the same shape, dtype and device."""
 
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -299,7 +299,7 @@ class CholeskyInverse(LayerInverse):
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
         v = features.reshape(features.shape[0], -1).T  # (n, B)
-        return torch.cholesky_solve(v, self.cholesky.to(features.device)).T.reshape(features.shape)
+        return torch.cholesky_solve(v, self.cholesky.to(features.device, features.dtype)).T.reshape(features.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"cholesky": self.cholesky}
@@ -327,9 +327,8 @@ class EigenbasisInverse(LayerInverse):
     eigenvalues: torch.Tensor
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        """Through ``airtrace.ops.precondition``: float64 features run on its float64 torch backend."""
-        device = features.device
-        Q_G, Q_A, Lam = (t.to(device) for t in (self.eigvecs_G, self.eigvecs_A, self.eigenvalues))
+        """Through ``airtrace.ops.precondition``: float64 on its torch backend, float32 on the fused kernel."""
+        Q_G, Q_A, Lam = (t.to(features.device, features.dtype) for t in (self.eigvecs_G, self.eigvecs_A, self.eigenvalues))
         return ops.precondition(features, Q_G, Q_A, Lam, self.damping)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -358,7 +357,7 @@ class LowRankInverse(LayerInverse):
     eigenvalues: torch.Tensor
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        U, s = self.eigvecs.to(features.device), self.eigenvalues.to(features.device)
+        U, s = (t.to(features.device, features.dtype) for t in (self.eigvecs, self.eigenvalues))
         v = features.reshape(features.shape[0], -1)  # (B, n)
         v = (v - ((v @ U) * (s / (s + self.damping))) @ U.T) / self.damping
         return v.reshape(features.shape)
@@ -438,11 +437,14 @@ class Curvature:
         damping = ", ".join(f"{name}: {lam:.3g}" for name, lam in self.damping.items())
         return f"Curvature(method={self.method!r}, damping_factor={self.damping_factor}, damping={{{damping}}})"
 
-    def precondition(self, features: Features) -> dict[str, torch.Tensor]:
-        """Apply each layer's damped inverse curvature (computed in float64).
+    def precondition(self, features: Features, *, exact: bool = True) -> dict[str, torch.Tensor]:
+        """Apply each layer's damped inverse curvature.
 
         Args:
             features: {layer: (B, k_out, k_in)} projected gradients, any subset of ``layers``.
+            exact: compute in float64 (default). False computes in float32 (float64 inputs
+                stay float64), K-FAC / EK-FAC through the fused ``precondition`` kernel: for
+                large batches such as the self-influence of a whole store.
 
         Returns:
             {layer: (B, k_out, k_in)} on the features' device, float32 (float64 for float64 features).
@@ -451,9 +453,11 @@ class Curvature:
             ValueError: unknown layer, wrong shape, or NaN/Inf (naming the layer).
         """
         features = _check_features(features, self.dims)
-        return {
-            name: self.inverses[name].apply(x.to(F64)).to(accumulation_dtype(x.dtype)) for name, x in features.items()
-        }
+        out = {}
+        for name, x in features.items():
+            dtype = accumulation_dtype(x.dtype)
+            out[name] = self.inverses[name].apply(x.to(F64 if exact else dtype)).to(dtype)
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the factors (``<layer>/<name>``, float64) and metadata to one safetensors file, atomically."""
