@@ -22,8 +22,9 @@ that do not interact (the model is put in eval mode for every pass); their sum
 is backpropagated, so each example's features are the gradient of its own loss.
 Use :func:`airtrace.capture.per_example_loss` (and
 :func:`airtrace.capture.response_labels` for instruction-tuned LMs), never a
-batch mean. Gradients go to the tracked layers' parameters through
-``torch.autograd.grad``: the model's ``.grad`` fields are left untouched.
+batch mean. Backward is ``torch.autograd.grad`` to the tracked layers' outputs:
+no weight gradient is formed (the features replace it) and the model's
+``.grad`` fields are left untouched.
 
 Features of an example are the concatenation over layers (layout order) of
 its projected weight gradient:
@@ -241,7 +242,6 @@ class Attributor:
         self.layers = _layer_specs(model, layers, exclude, bias)
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self._projections = self._make_projections()
-        self._grad_inputs = self._tracked_parameters()
         self.curvature: Curvature | None = None
 
     @classmethod
@@ -296,16 +296,6 @@ class Attributor:
         p = self.projection
         return make_projections(self.layers, p["k_in"], p["k_out"], p["seed"], dtype=dtype, device=self.device)
 
-    def _tracked_parameters(self) -> list[torch.Tensor]:
-        """Parameters gradients are taken for: the tracked layers' own, else every trainable one."""
-        modules = dict(self.model.named_modules())
-        params = {id(p): p for spec in self.layers for p in modules[spec.name].parameters(recurse=False)
-                  if p.requires_grad}
-        params = params or {id(p): p for p in self.model.parameters() if p.requires_grad}
-        if not params:
-            raise ValueError("no parameter of the model requires grad, so no gradient can be captured")
-        return list(params.values())
-
     def _split(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, width) -> {block: (B, k_out, k_in)}."""
         dims = self.dims
@@ -334,7 +324,9 @@ class Attributor:
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
-            torch.autograd.grad(losses.sum(), self._grad_inputs, allow_unused=True)
+            outputs = cap.take_outputs()
+            if outputs:  # none: collect() names the layers that were never called
+                torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         return losses.shape[0]
 
     def _assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -367,6 +367,7 @@ class GradientCapture:
         self._mask: torch.Tensor | None = None
         self.keep_tokens = keep_tokens
         self._tokens: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._outputs: list[torch.Tensor] = []
 
     @staticmethod
     def _check_projection(spec: LayerSpec, projections: Projections) -> None:
@@ -393,6 +394,16 @@ class GradientCapture:
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Token mask (B, T) for the following forward passes (None: all tokens count)."""
         self._mask = mask
+
+    def take_outputs(self) -> list[torch.Tensor]:
+        """The tracked layers' outputs since the last call, then cleared.
+
+        ``torch.autograd.grad(loss, cap.take_outputs())`` runs exactly the backward
+        the capture needs: dLoss/dOutput of every tracked layer, never the weight
+        gradients that the features replace.
+        """
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
     def collect(self) -> dict[str, torch.Tensor]:
         """Features accumulated since the last ``collect``, then cleared.
@@ -449,6 +460,7 @@ class GradientCapture:
                 )
             x = (args[0] if args else next(iter(kwargs.values()))).detach()
             output.register_hook(self._grad_hook(spec, [x, self._mask]))
+            self._outputs.append(output)
 
         return hook
 
