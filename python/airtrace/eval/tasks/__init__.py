@@ -2,7 +2,9 @@
 
 - :mod:`airtrace.eval.tasks.digits`: scikit-learn ``load_digits`` with an MLP or
   an L2-regularised multinomial logistic regression (exact Hessian available).
-- :mod:`airtrace.eval.tasks.lm`: a small GPT-style causal LM on chatterbot-corpus pairs.
+- :mod:`airtrace.eval.tasks.lm`: a small GPT-style causal LM on chatterbot-corpus pairs;
+  :mod:`airtrace.eval.tasks.lm_eval` runs LoGra + identity / EK-FAC and the dense
+  (TRAK) projection on it against cached retrained subsets (LDS).
 
 A task gives the retraining driver ``train_fn(indices, seed) -> model`` and
 ``measure_fn(model) -> (q,)`` (higher = the query is fit better), the
