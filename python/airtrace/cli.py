@@ -44,15 +44,15 @@ class UsageError(Exception):
     """A bad command line discovered after parsing (e.g. an unusable ``--model``)."""
 
 
-def _bounded(parse, lowest, description: str):
-    """An argparse type: ``parse(text)`` that must be finite and ``> lowest``, else a usage error."""
+def _bounded(parse, lowest, description: str, highest=float("inf")):
+    """An argparse type: ``parse(text)`` with ``lowest < value < highest`` (finite), else a usage error."""
 
     def convert(text: str):
         try:
             value = parse(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
-        if not lowest < value < float("inf"):
+        if not lowest < value < highest:
             raise argparse.ArgumentTypeError(f"expected {description}, got {text}")
         return value
 
@@ -62,6 +62,7 @@ def _bounded(parse, lowest, description: str):
 _positive_int = _bounded(int, 0, "a positive integer")
 _non_negative_int = _bounded(int, -1, "a non-negative integer")
 _positive_float = _bounded(float, 0.0, "a finite positive number")
+_fraction = _bounded(float, 0.0, "a number in (0, 1)", 1.0)
 
 
 # --------------------------------------------------------------------------- env, selfcheck

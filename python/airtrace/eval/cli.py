@@ -18,16 +18,6 @@ from airtrace.eval.cache import cache_root
 from airtrace.eval.experiments import METHODS
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
 def _table(title: str, columns: list[str], rows: list[dict], formats: dict[str, str]) -> str:
     cells = [[formats.get(c, "{}").format(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
@@ -85,7 +75,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``airtrace eval`` (with its task subcommands) on the main parser's subparsers."""
-    from airtrace.cli import _non_negative_int, _positive_int
+    from airtrace.cli import _fraction, _non_negative_int, _positive_int
 
     p = subparsers.add_parser("eval", help="attribution quality against really retrained models (LDS, LOO, ...)")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
