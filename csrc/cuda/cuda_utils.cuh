@@ -88,6 +88,25 @@ class DeviceGuard {
 };
 
 // Stream-ordered scratch allocation, released on the same stream when the owner goes out of scope.
+// acc[r][c] += Σ_dd qs[dd][4ty + r] · xs[dd][4tx + c]: one staged depth slice of a score tile in
+// which each thread owns a 4 x 4 block (rows 4ty.., columns 4tx..); rows of qs, xs float4-aligned.
+template <int kDepth, int kStride>
+__device__ __forceinline__ void accumulate_tile_4x4(const float (&qs)[kDepth][kStride],
+                                                    const float (&xs)[kDepth][kStride], int ty, int tx,
+                                                    float (&acc)[4][4]) {
+#pragma unroll
+  for (int dd = 0; dd < kDepth; ++dd) {
+    const float4 a4 = *reinterpret_cast<const float4*>(&qs[dd][4 * ty]);
+    const float4 x4 = *reinterpret_cast<const float4*>(&xs[dd][4 * tx]);
+    const float a[4] = {a4.x, a4.y, a4.z, a4.w};
+    const float x[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * x[c];
+  }
+}
+
 class Scratch {
  public:
   Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {

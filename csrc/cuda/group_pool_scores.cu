@@ -81,17 +81,7 @@ __global__ void __launch_bounds__(kThreads)
         xs[dd][row] = (feature < d && member >= 0) ? gpu::to_float(X[member * d + feature]) : 0.0f;
       }
       __syncthreads();
-#pragma unroll
-      for (int dd = 0; dd < kDepth; ++dd) {
-        const float4 a4 = *reinterpret_cast<const float4*>(&qs[dd][kPerThread * ty]);
-        const float4 x4 = *reinterpret_cast<const float4*>(&xs[dd][kPerThread * tx]);
-        const float a[kPerThread] = {a4.x, a4.y, a4.z, a4.w};
-        const float x[kPerThread] = {x4.x, x4.y, x4.z, x4.w};
-#pragma unroll
-        for (int r = 0; r < kPerThread; ++r)
-#pragma unroll
-          for (int c = 0; c < kPerThread; ++c) acc[r][c] += a[r] * x[c];
-      }
+      gpu::accumulate_tile_4x4(qs, xs, ty, tx, acc);
       __syncthreads();
     }
 #pragma unroll

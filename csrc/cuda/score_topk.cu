@@ -85,17 +85,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     if constexpr (kNormalize) sumsq += staged_sumsq(qs, xs);
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      const float4 a4 = *reinterpret_cast<const float4*>(&qs[d][kPerThread * ty]);
-      const float4 x4 = *reinterpret_cast<const float4*>(&xs[d][kPerThread * tx]);
-      const float a[kPerThread] = {a4.x, a4.y, a4.z, a4.w};
-      const float x[kPerThread] = {x4.x, x4.y, x4.z, x4.w};
-#pragma unroll
-      for (int r = 0; r < kPerThread; ++r)
-#pragma unroll
-        for (int c = 0; c < kPerThread; ++c) acc[r][c] += a[r] * x[c];
-    }
+    gpu::accumulate_tile_4x4(qs, xs, ty, tx, acc);
     __syncthreads();
   }
 
