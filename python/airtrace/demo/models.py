@@ -35,8 +35,9 @@ PIP_HINT = (
 
 def default_cache_dir() -> Path:
     """``$AIRTRACE_CACHE/smollm2`` when the variable is set, else ``~/.cache/airtrace/smollm2``."""
-    root = os.environ.get("AIRTRACE_CACHE") or Path.home() / ".cache" / "airtrace"
-    return Path(root).expanduser() / "smollm2"
+    from airtrace.eval.cache import cache_root
+
+    return cache_root("smollm2")
 
 
 def _require(module: str, package: str) -> None:

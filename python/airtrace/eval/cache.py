@@ -17,10 +17,10 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_root() -> Path:
-    """``$AIRTRACE_CACHE/eval`` when the variable is set, else ``~/.cache/airtrace/eval``."""
+def cache_root(name: str = "eval") -> Path:
+    """``$AIRTRACE_CACHE/<name>`` when the variable is set, else ``~/.cache/airtrace/<name>``."""
     root = os.environ.get("AIRTRACE_CACHE") or Path.home() / ".cache" / "airtrace"
-    return Path(root).expanduser() / "eval"
+    return Path(root).expanduser() / name
 
 
 def cache_dir(config: dict) -> Path:

