@@ -994,8 +994,9 @@ class Store:
         """Stream the shards in order, one at a time.
 
         A background thread reads up to ``prefetch`` shards ahead (header check,
-        sha256 when ``verify``), so at most ``prefetch + 1`` shards are in
-        memory. For a CUDA ``device`` it reads into pinned memory and copies
+        sha256 when ``verify``), so about ``prefetch + 2`` shards are in memory
+        at most (the one being read, the prefetched ones, and the previous one
+        while the consumer's loop variable still holds it). For a CUDA ``device`` it reads into pinned memory and copies
         with ``non_blocking`` on a side stream; the consumer's current stream
         waits on that copy before the shard is yielded.
 
@@ -1129,7 +1130,9 @@ _DONE = object()
 def _prefetched(load, items: Sequence, prefetch: int) -> Iterator:
     """``map(load, items)`` computed by a background thread at most ``prefetch`` items ahead.
 
-    The consumer holds one item and the thread at most ``prefetch`` more.
+    The thread runs at most ``prefetch`` items ahead of the item the consumer
+    holds; while ``next()`` runs, the consumer usually still references its
+    previous item too, so up to ``prefetch + 2`` items are alive at a time.
     Exceptions in ``load`` are re-raised in the consumer; closing the
     generator early stops the thread.
     """
