@@ -17,6 +17,7 @@ from airtrace.store import (
     ManifestError,
     ShardError,
     Store,
+    StoreCompleteError,
     StoreError,
     StoreLock,
     StoreLockedError,
@@ -47,6 +48,7 @@ __all__ = [
     "StoreMismatchError",
     "IncompleteStoreError",
     "StoreLockedError",
+    "StoreCompleteError",
     # kernels
     "project_factored",
     "project_dense",
