@@ -31,16 +31,6 @@ METADATA_KEY = "airtrace.airrep"
 TRAINING_FILE = "training.json"
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
 def _label_config(args: argparse.Namespace):
     from airtrace.airrep.labels import LabelConfig
 
@@ -176,7 +166,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _label_options(p: argparse.ArgumentParser) -> None:
-    from airtrace.cli import _non_negative_int, _positive_int
+    from airtrace.cli import _fraction, _non_negative_int, _positive_int
     from airtrace.eval.tasks.lm import SIZES
 
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="LM task size (default tiny)")
