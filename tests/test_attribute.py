@@ -414,6 +414,56 @@ def test_featurize_again_on_a_finished_store_returns_it_without_a_forward_pass(t
         at.featurize(batches + [(["extra"], batches[0][1])], tmp_path / "s", **kwargs)
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
+    setup = lm_setup()
+    batches = batched(setup, setup.train, "t")
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return lm_loss(model, batch)
+
+    kwargs = dict(dtype="float32", rows_per_shard=4, progress=False)
+    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
+    store = at.featurize(batches, tmp_path / "s", **kwargs)
+    calls.clear()
+    reused = at.fit(batches, store=store, progress=False)
+    assert calls == []  # no K-FAC pass (and EK-FAC corrects from the store)
+    separate = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
+    reference = separate.fit(batches, store=store, progress=False)
+    assert sum(calls) == len(setup.train)  # a fresh Attributor runs the K-FAC pass
+    for name, inv in reference.inverses.items():
+        for key, t in inv.tensors().items():
+            got = reused.inverses[name].tensors()[key]
+            if key.startswith("eigvecs"):  # eigenvectors are defined up to sign
+                got, t = got.abs(), t.abs()
+            torch.testing.assert_close(got, t, rtol=1e-9, atol=1e-12)
+
+
+def test_a_resumed_featurize_leaves_the_kfac_pass_to_fit(tmp_path):
+    setup = lm_setup()
+    batches = batched(setup, setup.train, "t")
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return lm_loss(model, batch)
+
+    def interrupted():
+        yield from batches[:2]
+        raise KeyboardInterrupt("killed")
+
+    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
+    kwargs = dict(dtype="float32", rows_per_shard=4, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        at.featurize(interrupted(), tmp_path / "s", **kwargs)
+    store = at.featurize(batches, tmp_path / "s", **kwargs)
+    calls.clear()
+    at.fit(batches, store=store, progress=False)
+    assert sum(calls) == len(setup.train)  # the K-FAC pass ran: featurize saw only part of the store
+
+
 def test_a_store_of_other_weights_or_projection_is_refused(stores):
     setup = mlp_setup()
     changed = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()

@@ -243,6 +243,7 @@ class Attributor:
         self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self._projections = self._make_projections()
         self.curvature: Curvature | None = None
+        self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
 
     @classmethod
     def from_store(cls, model: nn.Module, store: Store | str | os.PathLike, *, loss_fn: LossFn,
@@ -419,14 +420,30 @@ class Attributor:
         writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
                              {"projection": self._record(), "curvature": None}, overwrite=overwrite)
         done = set(writer.done_ids)
+        kfac = self._kfac_alongside() if not done else None
+        self._featurized_kfac = None
         with writer, progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
             for ids, batch in _pairs(batches, "batches"):
                 keep = [j for j, i in enumerate(ids) if i not in done]
+                if len(keep) < len(ids):
+                    kfac = None  # resumed: the factors would miss the rows written before
                 if keep:
-                    features = _checked_rows(self.features(batch), ids)
+                    with self._capture(keep_tokens=kfac is not None) as cap:
+                        self._backward(batch, cap)
+                        features = _checked_rows(self._assemble(cap.collect()), ids)
+                        if kfac is not None:
+                            with stage("fit_update"):
+                                kfac.update(*cap.collect_tokens())
                     with stage("store_write"):
                         writer.append(features[keep], [ids[j] for j in keep])
                     bar.update(len(keep))
+        if kfac is not None:
+            self._featurized_kfac = (os.path.abspath(writer.path), kfac)
+
+    def _kfac_alongside(self) -> cv.KFACFitter | None:
+        """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
+        wanted = self.curvature_method in ("kfac", "ekfac") and self._projections is not None
+        return cv.KFACFitter(self.damping) if wanted and not distributed.active() else None
 
     # -- fit
 
@@ -439,7 +456,10 @@ class Attributor:
         features (from ``store`` when given, else ``batches``); "kfac" one over
         ``batches`` (token-level projected a, g -> Kronecker factors); "ekfac" the
         K-FAC pass, then the eigenvalue correction over per-example features
-        (from ``store`` when given, else a second pass over ``batches``). Under
+        (from ``store`` when given, else a second pass over ``batches``). The
+        K-FAC pass is skipped when :meth:`featurize` of this Attributor wrote all
+        of ``store`` (not resumed, one process): it accumulated the same factors
+        from its own forward/backward passes. Under
         an initialised process group the ranks split the batches and the store's
         shards, the fitters' sums are added over ranks, every rank gets the same
         curvature and rank 0 saves it.
@@ -468,7 +488,7 @@ class Attributor:
         else:
             if method == "ekfac" and store is None:
                 _reiterable(batches, "batches")
-            curvature = self._fit_kfac(batches, total, progress)
+            curvature = self._featurized_kfac_of(store) or self._fit_kfac(batches, total, progress)
             if method == "ekfac":
                 fitter = cv.EKFACFitter(curvature, self.damping)
                 curvature = self._fit_features(fitter, batches, store, total, progress)
@@ -478,6 +498,15 @@ class Attributor:
                     curvature.save(path)
         self.curvature = curvature
         return curvature
+
+    def _featurized_kfac_of(self, store: Store | None) -> Curvature | None:
+        """The K-FAC factors :meth:`featurize` accumulated while writing ``store`` in full, if it did."""
+        if store is None or self._featurized_kfac is None:
+            return None
+        path, fitter = self._featurized_kfac
+        if path != os.path.abspath(store.path) or fitter.n_examples != len(store):
+            return None
+        return fitter.finalize()
 
     def _fit_kfac(self, batches: Batches, total: int | None, progress: bool) -> Curvature:
         fitter = cv.KFACFitter(self.damping)
