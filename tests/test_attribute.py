@@ -3,6 +3,9 @@ backward passes, explicit projections and dense (Kronecker) curvature matrices."
 
 import functools
 import os
+import socket
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -339,6 +342,21 @@ def test_groups_and_full_matrix_equal_dense(stores, tmp_path):
     torch.testing.assert_close(full, S, rtol=1e-5, atol=1e-6 * scale)
     with pytest.raises(ValueError, match=r"groups\[1\].*outside \[0, 16\)"):
         run_score(at, "lm", stores["lm"], groups=[[0], [16]])
+
+
+def test_full_matrix_removes_partial_files_of_dead_runs_only(stores, tmp_path):
+    path = tmp_path / "scores.safetensors"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    left_by_dead = tmp_path / f"scores.safetensors.{host}.{dead.pid}.tmp"
+    of_a_live_run = tmp_path / f"scores.safetensors.{host}.{os.getppid()}.tmp"
+    other_host = tmp_path / f"scores.safetensors.elsewhere.{dead.pid}.tmp"
+    for f in (left_by_dead, of_a_live_run, other_host):
+        f.write_bytes(b"partial")
+    run_score(fitted("lm", "identity"), "lm", stores["lm"], topk=3, full_matrix_path=path)
+    assert path.exists() and not left_by_dead.exists()
+    assert of_a_live_run.exists() and other_host.exists()
 
 
 def test_dense_projection_with_fisher_equals_brute_force(tmp_path):

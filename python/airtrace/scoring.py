@@ -22,10 +22,12 @@ Precision: scores accumulate in float32 (float64 for float64 queries, on the
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -250,6 +252,26 @@ def _group_members(groups: Sequence[Sequence[int]], n: int) -> tuple[torch.Tenso
     return torch.cat(rows), torch.cat(owners)
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _remove_partials_of_dead_runs(path: str) -> None:
+    """Delete ``<path>.<host>.<pid>.tmp`` files that killed runs on this host left behind."""
+    prefix = f"{path}.{socket.gethostname()}."
+    for tmp in glob.glob(glob.escape(prefix) + "*.tmp"):
+        pid = tmp[len(prefix): -len(".tmp")]
+        if pid.isdigit() and not _running(int(pid)):
+            log.info("airtrace: removing %s, the partial score matrix of a run that no longer exists", tmp)
+            os.unlink(tmp)
+
+
 class FullMatrixWriter:
     """Writes the (q, n) score matrix to one safetensors file (tensor "scores"), shard by shard.
 
@@ -269,7 +291,8 @@ class FullMatrixWriter:
 
     def __init__(self, path: str | os.PathLike, q: int, n: int, dtype: torch.dtype, metadata: dict):
         self.path = os.fspath(path)
-        self.tmp = f"{self.path}.{os.getpid()}.tmp"
+        _remove_partials_of_dead_runs(self.path)
+        self.tmp = f"{self.path}.{socket.gethostname()}.{os.getpid()}.tmp"
         header, itemsize = _header(q, n, dtype, metadata)
         with open(self.tmp, "wb") as f:
             f.write(header)
