@@ -375,25 +375,32 @@ def test_dense_projection_with_fisher_equals_brute_force(tmp_path):
         Attributor(setup.model, loss_fn=mlp_loss, projection=DENSE, curvature="ekfac")
 
 
-def test_featurize_resumes_after_an_interruption_to_an_identical_store(tmp_path):
-    setup = lm_setup()
-    batches = batched(setup, setup.train, "t")
+def counting_lm_loss():
+    """(calls, loss_fn): lm_loss that appends each batch's size to ``calls`` (one entry per forward)."""
     calls = []
 
-    def counting_loss(model, batch):
+    def loss_fn(model, batch):
         calls.append(batch["input_ids"].shape[0])
         return lm_loss(model, batch)
 
-    def interrupted():
-        for i, item in enumerate(batches):
-            if i == 3:
-                raise KeyboardInterrupt("killed")
-            yield item
+    return calls, loss_fn
+
+
+def killed_after(batches, n):
+    """The first ``n`` batches, then KeyboardInterrupt, like a run killed mid-way."""
+    yield from batches[:n]
+    raise KeyboardInterrupt("killed")
+
+
+def test_featurize_resumes_after_an_interruption_to_an_identical_store(tmp_path):
+    setup = lm_setup()
+    batches = batched(setup, setup.train, "t")
+    calls, counting_loss = counting_lm_loss()
 
     at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
     kwargs = dict(dtype="bfloat16", rows_per_shard=4, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        at.featurize(interrupted(), tmp_path / "resumed", **kwargs)
+        at.featurize(killed_after(batches, 3), tmp_path / "resumed", **kwargs)
     with pytest.raises(StoreError, match="incomplete"):
         Store.open(tmp_path / "resumed")
     calls.clear()
@@ -412,11 +419,7 @@ def test_featurize_resumes_after_an_interruption_to_an_identical_store(tmp_path)
 def test_featurize_again_on_a_finished_store_returns_it_without_a_forward_pass(tmp_path):
     setup = lm_setup()
     batches = batched(setup, setup.train, "t")
-    calls = []
-
-    def counting_loss(model, batch):
-        calls.append(batch["input_ids"].shape[0])
-        return lm_loss(model, batch)
+    calls, counting_loss = counting_lm_loss()
 
     at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
     kwargs = dict(dtype="bfloat16", rows_per_shard=4, progress=False)
@@ -436,11 +439,7 @@ def test_featurize_again_on_a_finished_store_returns_it_without_a_forward_pass(t
 def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
     setup = lm_setup()
     batches = batched(setup, setup.train, "t")
-    calls = []
-
-    def counting_loss(model, batch):
-        calls.append(batch["input_ids"].shape[0])
-        return lm_loss(model, batch)
+    calls, counting_loss = counting_lm_loss()
 
     kwargs = dict(dtype="float32", rows_per_shard=4, progress=False)
     at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
@@ -462,20 +461,12 @@ def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
 def test_a_resumed_featurize_leaves_the_kfac_pass_to_fit(tmp_path):
     setup = lm_setup()
     batches = batched(setup, setup.train, "t")
-    calls = []
-
-    def counting_loss(model, batch):
-        calls.append(batch["input_ids"].shape[0])
-        return lm_loss(model, batch)
-
-    def interrupted():
-        yield from batches[:2]
-        raise KeyboardInterrupt("killed")
+    calls, counting_loss = counting_lm_loss()
 
     at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
     kwargs = dict(dtype="float32", rows_per_shard=4, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        at.featurize(interrupted(), tmp_path / "s", **kwargs)
+        at.featurize(killed_after(batches, 2), tmp_path / "s", **kwargs)
     store = at.featurize(batches, tmp_path / "s", **kwargs)
     calls.clear()
     at.fit(batches, store=store, progress=False)
