@@ -346,9 +346,17 @@ class Attributor:
         Returns:
             (B, width) float32 (float64 for float64 models) on ``device``, layout order.
         """
-        with self._capture() as cap:
+        return self._features(batch)
+
+    def _features(self, batch: Any, kfac: cv.KFACFitter | None = None) -> torch.Tensor:
+        """:meth:`features`; also adds the batch's projected tokens to ``kfac`` when given (same pass)."""
+        with self._capture(keep_tokens=kfac is not None) as cap:
             self._backward(batch, cap)
-            return self._assemble(cap.collect())
+            features = self._assemble(cap.collect())
+            if kfac is not None:
+                with stage("fit_update"):
+                    kfac.update(*cap.collect_tokens())
+            return features
 
     # -- featurize
 
@@ -428,12 +436,7 @@ class Attributor:
                 if len(keep) < len(ids):
                     kfac = None  # resumed: the factors would miss the rows written before
                 if keep:
-                    with self._capture(keep_tokens=kfac is not None) as cap:
-                        self._backward(batch, cap)
-                        features = _checked_rows(self._assemble(cap.collect()), ids)
-                        if kfac is not None:
-                            with stage("fit_update"):
-                                kfac.update(*cap.collect_tokens())
+                    features = _checked_rows(self._features(batch, kfac), ids)
                     with stage("store_write"):
                         writer.append(features[keep], [ids[j] for j in keep])
                     bar.update(len(keep))
