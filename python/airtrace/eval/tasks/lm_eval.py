@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from airtrace.attribute import Attributor
-from airtrace.eval import cache_dir, metrics, retrain, sample_subsets
+from airtrace.eval import cache_dir, metrics
+from airtrace.eval.experiments import lds_ground_truth
 from airtrace.eval.subsets import SubsetPlan
 from airtrace.eval.tasks.lm import GPT, LMConfig, LMTask
 
@@ -97,9 +98,7 @@ def ground_truth(task: LMTask, m: int = 32, fraction: float = 0.5, plan_seed: in
     Returns:
         (outputs (m, n_query) float64, the plan: masks (m, n_train) bool and seeds).
     """
-    plan = sample_subsets(task.n_train, m, fraction, plan_seed)
-    folder = task_dir(task) / f"lds-m{m}-f{fraction:g}-s{plan_seed}"
-    outputs = retrain(plan, task.train_fn, task.measure_fn, folder, progress=progress, config=task.config_dict)
+    plan, outputs = lds_ground_truth(task, m, fraction, plan_seed, progress)
     return outputs, plan
 
 
