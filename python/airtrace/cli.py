@@ -143,19 +143,22 @@ def _scaled(command):
 
         if args.profile is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.profile))):
             raise UsageError(f"--profile {args.profile}: its folder does not exist")
-        with distributed.process_group(args.device) as device:
+        trace = args.profile
+        launched_rank = int(os.environ.get("RANK", "0")) if distributed.launched() else 0
+        if trace is not None and launched_rank > 0:
+            stem, ext = os.path.splitext(trace)
+            trace = f"{stem}.rank{launched_rank}{ext}"
+        # The profiler brackets the process group's whole life, so the group's
+        # worker threads are joined before the profiler collects its events.
+        with profiling.profile(trace), distributed.process_group(args.device) as device:
             args.device = str(device)
-            trace = args.profile
-            if trace is not None and not distributed.is_main():
-                stem, ext = os.path.splitext(trace)
-                trace = f"{stem}.rank{distributed.rank()}{ext}"
             quiet = contextlib.nullcontext() if distributed.is_main() else contextlib.redirect_stdout(io.StringIO())
             if not distributed.is_main():
                 args.quiet = True
                 if getattr(args, "output", None) is not None:
                     args.output = None
             try:
-                with profiling.profile(trace), quiet:
+                with quiet:
                     return command(args)
             except distributed.DistributedError as exc:  # another rank failed and printed its own error
                 print(f"airtrace {args.command} (rank {distributed.rank()}): error: {exc}", file=sys.stderr)

@@ -113,6 +113,7 @@ def process_group(device: str | torch.device = "cpu") -> Iterator[torch.device]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         yield device
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
