@@ -155,9 +155,14 @@ class Brute(NamedTuple):
     flat: torch.Tensor
 
 
-def brute_force(setup, examples) -> Brute:
+def identity_projections(layers) -> dict:
+    """P = I on both sides of every layer: features are the unprojected weight gradients."""
+    return {s.name: (torch.eye(s.d_in, dtype=F64), torch.eye(s.d_out, dtype=F64)) for s in layers}
+
+
+def brute_force(setup, examples, proj=None) -> Brute:
     layers = select_layers(setup.model)
-    proj = make_projections(layers, K_IN, K_OUT, SEED, dtype=F64)
+    proj = proj or make_projections(layers, K_IN, K_OUT, SEED, dtype=F64)
     feats, a, g, flat = {s.name: [] for s in layers}, {s.name: [] for s in layers}, {s.name: [] for s in layers}, []
     for example in examples:
         grads = _single_example(setup.model, setup.loss_fn, example, layers)
@@ -294,6 +299,37 @@ def test_streamed_topk_equals_brute_force(stores, kind, method):
     train_ids = stores[kind].ids
     assert scores.ids == [[train_ids[i] for i in row] for row in scores.indices.tolist()]
     assert scores.query_ids == [f"q{i}" for i in range(scores.values.shape[0])]
+
+
+@pytest.mark.parametrize("method", ["identity", "ekfac"])
+def test_exact_small_projection_scores_equal_the_unprojected_math(tmp_path, method):
+    setup = lm_setup()
+    projection = dict(k_in=16, k_out=16, seed=SEED, exact_small=True)  # wider than every layer (d <= 13)
+    at = attributor("lm", method, projection)
+    assert at.dims == {s.name: (s.d_out, s.d_in) for s in at.layers}
+    store = featurized("lm", tmp_path / "store", projection)
+    at.fit(batched(setup, setup.train, "t"), store=store, progress=False)
+    n = len(setup.train)
+    scores = run_score(at, "lm", store, topk=n)
+    layers = select_layers(setup.model)
+    train, queries = (brute_force(setup, ex, identity_projections(layers)) for ex in (setup.train, setup.queries))
+    Qt, X = dense_query_train(method, train, queries)
+    assert_topk_matches(scores, Qt @ X.T, n)
+    assert Attributor.from_store(setup.model, store, loss_fn=lm_loss).projection["exact_small"] is True
+
+
+def test_exact_small_projects_only_the_wide_sides():
+    setup = lm_setup()
+    at = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=True))
+    plain = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED))
+    for spec in at.layers:
+        (p_in, p_out), (q_in, q_out) = at._projections[spec.name], plain._projections[spec.name]
+        for d, k, exact, projected in ((spec.d_in, 7, p_in, q_in), (spec.d_out, 6, p_out, q_out)):
+            assert torch.equal(exact, torch.eye(d, dtype=F64) if d <= k else projected), spec.name
+    assert at.dims["head"] == (6, 6) and at.dims["up"] == (6, 6) and at.dims["tok"] == (6, 7)
+    assert at.dims["q"] == (6, 6) and at.dims["down"] == (6, 7) and plain.dims["q"] == (6, 7)
+    with pytest.raises(ValueError, match="exact_small must be a bool"):
+        attributor("lm", "identity", dict(k_in=7, k_out=6, exact_small="yes"))
 
 
 def test_ekfac_second_phase_from_the_store_equals_the_batches(stores):
@@ -483,7 +519,8 @@ def test_a_store_of_other_weights_or_projection_is_refused(stores):
     with pytest.raises(StoreError, match="projection"):
         reseeded.score(batched(setup, setup.queries, "q"), stores["mlp"], progress=False)
     rebuilt = Attributor.from_store(setup.model, stores["mlp"], loss_fn=mlp_loss, curvature="identity")
-    assert rebuilt.projection == dict(FACTORED, type="factored") and rebuilt.layers == attributor("mlp").layers
+    assert rebuilt.projection == dict(FACTORED, type="factored", exact_small=False)
+    assert rebuilt.layers == attributor("mlp").layers
 
 
 def test_usage_errors_are_clear(stores, tmp_path):

@@ -118,6 +118,7 @@ def test_runtime_errors_exit_1_with_the_message_and_no_traceback(workdir, tmp_pa
     (["featurize", "s", "--model", "test_cli"], "package.module:function"),
     (["featurize", "s", "--model", "test_cli:nothing"], "no callable 'nothing'"),
     (["inspect", "s", "--bogus"], "unrecognized arguments: --bogus"),
+    (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact-small"], "--exact-small applies to the factored"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -416,3 +416,11 @@ def test_model_fingerprint():
         b[1].bias[0] += 1
     assert model_fingerprint(b) != fa
     assert model_fingerprint(a.to(torch.bfloat16)) != fa
+
+
+def test_default_rows_per_shard_keeps_a_shard_within_its_byte_budget():
+    from airtrace.store import MAX_SHARD_BYTES, default_rows_per_shard
+
+    assert default_rows_per_shard(1024, "bfloat16") == 4096  # 8 MiB shards: the row cap decides
+    assert default_rows_per_shard(204_800, torch.float32) == MAX_SHARD_BYTES // (204_800 * 4) == 163
+    assert default_rows_per_shard(10**9, "float16") == 1

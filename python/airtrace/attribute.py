@@ -30,15 +30,18 @@ Features of an example are the concatenation over layers (layout order) of
 its projected weight gradient:
 
 - factored (LoGra, default ``projection=dict(k_in=16, k_out=16, seed=0)``):
-  one block (k_out, k_in) per layer;
+  one block (k_out, k_in) per layer; with ``exact_small=True`` a layer side
+  whose width d is at most its k is kept exact (block side d, identity
+  projection), so small layers carry their unprojected gradient;
 - dense (TRAK, ``projection=dict(type="dense", k=1024, seed=0, kind="rademacher")``):
   the flattened per-example gradients of all layers times an implicit random
   (p, k) matrix, one block named "dense" of shape (1, k). Small models only;
   curvature identity, fisher or lowrank.
 
 Precision: features are float32 (float64 for float64 models) until the store
-casts them to its dtype; curvature is fitted and applied in float64; scores
-accumulate in float32 (float64 for float64 models).
+casts them to its dtype; curvature sums accumulate in float64 over per-batch
+products in the features' precision, and the factors are decomposed and
+inverted in float64; scores accumulate in float32 (float64 for float64 models).
 """
 
 from __future__ import annotations
@@ -72,10 +75,19 @@ from airtrace.scoring import (
     store_self_influence,
     stream_scores,
 )
-from airtrace.store import Store, StoreCompleteError, StoreError, StoreWriter, dtype_name, model_fingerprint, normalize_ids
+from airtrace.store import (
+    Store,
+    StoreCompleteError,
+    StoreError,
+    StoreWriter,
+    default_rows_per_shard,
+    dtype_name,
+    model_fingerprint,
+    normalize_ids,
+)
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
-FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0}
+FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 DENSE_BLOCK = "dense"
 MAX_SEED = 2**32
@@ -94,10 +106,13 @@ def projection_config(projection: Mapping | str | None) -> dict:
         projection: None or "factored" (k_in = k_out = 16, seed 0); "dense"
             (k = 1024, seed 0, rademacher); or a dict with ``type`` ("factored" or
             "dense"; default "dense" when it has ``k``, else "factored") and any of
-            ``k_in, k_out, seed`` (factored) or ``k, seed, kind`` (dense).
+            ``k_in, k_out, seed, exact_small`` (factored; ``exact_small=True`` keeps a layer
+            side no wider than its k unprojected, see :func:`airtrace.capture.make_projections`)
+            or ``k, seed, kind`` (dense).
 
     Returns:
-        ``{"type": "factored", "k_in", "k_out", "seed"}`` or ``{"type": "dense", "k", "seed", "kind"}``.
+        ``{"type": "factored", "k_in", "k_out", "seed", "exact_small"}`` or
+        ``{"type": "dense", "k", "seed", "kind"}``.
 
     Raises:
         ValueError: unknown type or key, or a non-positive dimension / bad seed / kind.
@@ -119,6 +134,8 @@ def projection_config(projection: Mapping | str | None) -> dict:
             raise ValueError(f"projection {key} must be a positive int, got {config[key]!r}")
     if isinstance(config["seed"], bool) or not isinstance(config["seed"], int) or not 0 <= config["seed"] < MAX_SEED:
         raise ValueError(f"projection seed must be an int in [0, 2^32), got {config['seed']!r}")
+    if kind == "factored" and not isinstance(config["exact_small"], bool):
+        raise ValueError(f"projection exact_small must be a bool, got {config['exact_small']!r}")
     if kind == "dense" and config["kind"] not in KINDS:
         raise ValueError(f"dense projection kind must be one of {KINDS}, got {config['kind']!r}")
     return config
@@ -134,8 +151,11 @@ def _layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpe
 
 def _essential(record: Mapping) -> dict:
     """The parts of a projection record that decide the features (not provenance)."""
-    keys = ("type", "k_in", "k_out", "seed", "k", "kind", "layers")
-    return {key: record[key] for key in keys if key in record}
+    keys = ("type", "k_in", "k_out", "seed", "exact_small", "k", "kind", "layers")
+    essential = {key: record[key] for key in keys if key in record}
+    if essential.get("type") == "factored":
+        essential.setdefault("exact_small", False)  # records written before the option existed
+    return essential
 
 
 # --------------------------------------------------------------------------- batches
@@ -264,8 +284,8 @@ class Attributor:
         if not isinstance(record, Mapping) or "layers" not in record or "type" not in record:
             raise StoreError(f"{store.path}: its manifest has no projection record; it was not written by "
                              "Attributor.featurize")
-        keys = FACTORED if record["type"] == "factored" else DENSE
-        projection = {key: record[key] for key in keys}
+        defaults = FACTORED if record["type"] == "factored" else DENSE
+        projection = {key: record.get(key, default) for key, default in defaults.items()}
         layers = [LayerSpec(**spec) for spec in record["layers"]]
         return cls(model, layers, loss_fn=loss_fn, projection=projection, **kwargs)
 
@@ -276,7 +296,7 @@ class Attributor:
         """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)}."""
         if self.projection["type"] == "dense":
             return {DENSE_BLOCK: (1, self.projection["k"])}
-        return {spec.name: (self.projection["k_out"], self.projection["k_in"]) for spec in self.layers}
+        return self._projections.dims()
 
     @property
     def width(self) -> int:
@@ -295,7 +315,8 @@ class Attributor:
             return None
         dtype = torch.float64 if self._dtype == torch.float64 else torch.float32
         p = self.projection
-        return make_projections(self.layers, p["k_in"], p["k_out"], p["seed"], dtype=dtype, device=self.device)
+        return make_projections(self.layers, p["k_in"], p["k_out"], p["seed"], exact_small=p["exact_small"],
+                                dtype=dtype, device=self.device)
 
     def _split(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, width) -> {block: (B, k_out, k_in)}."""
@@ -361,7 +382,7 @@ class Attributor:
     # -- featurize
 
     def featurize(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16",
-                  rows_per_shard: int = 4096, total: int | None = None, overwrite: bool = False,
+                  rows_per_shard: int | None = None, total: int | None = None, overwrite: bool = False,
                   progress: bool = True) -> Store:
         """Write per-example features of ``batches`` to a store; resumes an interrupted run.
 
@@ -375,7 +396,8 @@ class Attributor:
             batches: iterable of (ids, batch); ids unique across the dataset.
             path: store directory (new, empty, or an incomplete store from the same settings).
             dtype: stored dtype, "float32", "bfloat16" or "float16".
-            rows_per_shard: rows per shard file.
+            rows_per_shard: rows per shard file; default 4096, fewer for wide rows so that a shard
+                stays within 128 MiB (:func:`airtrace.store.default_rows_per_shard`).
             total: number of examples, for the progress bar's ETA.
             overwrite: replace an existing store at ``path``.
             progress: show a progress bar (examples/s, ETA).
@@ -389,6 +411,8 @@ class Attributor:
             StoreError: ``path`` is a finished store that lacks some of ``batches`` or has another dtype
                 or rows_per_shard (a finished store that holds them all is returned as it is).
         """
+        if rows_per_shard is None:
+            rows_per_shard = default_rows_per_shard(self.width, dtype)
         try:
             if distributed.active():
                 return distributed.featurize(self, batches, path, dtype=dtype, rows_per_shard=rows_per_shard,

@@ -182,7 +182,9 @@ class Projections:
         k_in: input-side projection dimension.
         k_out: output-side projection dimension.
         layers: the LayerSpecs, in order (a layer's index enters its seed).
-        matrices: name -> (P_in (d_in, k_in), P_out (d_out, k_out)).
+        matrices: name -> (P_in (d_in, k_in'), P_out (d_out, k_out')), where k' = k, or
+            k' = d with P = I_d for a side with d <= k when ``exact_small``.
+        exact_small: layer sides no wider than k are kept exact (identity) instead of projected.
     """
 
     seed: int
@@ -190,19 +192,31 @@ class Projections:
     k_out: int
     layers: tuple[LayerSpec, ...]
     matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    exact_small: bool = False
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.matrices[name]
+
+    def dims(self) -> dict[str, tuple[int, int]]:
+        """{layer: (k_out', k_in')}: each layer's feature block shape."""
+        return {name: (p_out.shape[1], p_in.shape[1]) for name, (p_in, p_out) in self.matrices.items()}
+
+    def exact_sides(self, name: str) -> tuple[bool, bool]:
+        """(input side, output side) of layer ``name`` kept exact (P = I) by ``exact_small``."""
+        p_in, p_out = self.matrices[name]
+        return self.exact_small and p_in.shape[0] <= self.k_in, self.exact_small and p_out.shape[0] <= self.k_out
 
     def config(self) -> dict:
         """JSON-able record from which ``from_config`` rebuilds the same matrices."""
         return {
             "kind": "gaussian",
-            "recipe": "torch.Generator().manual_seed(seed * 2**20 + index); float64 randn P_in then P_out, / sqrt(k)",
+            "recipe": ("torch.Generator().manual_seed(seed * 2**20 + index); float64 randn P_in then P_out, / sqrt(k); "
+                       "P = I_d instead for a side with d <= k when exact_small"),
             "torch": torch.__version__,
             "seed": self.seed,
             "k_in": self.k_in,
             "k_out": self.k_out,
+            "exact_small": self.exact_small,
             "layers": [asdict(spec) for spec in self.layers],
         }
 
@@ -212,7 +226,8 @@ class Projections:
     ) -> Projections:
         """Rebuild the projections recorded by ``config()``."""
         layers = [LayerSpec(**spec) for spec in config["layers"]]
-        return make_projections(layers, config["k_in"], config["k_out"], config["seed"], dtype=dtype, device=device)
+        return make_projections(layers, config["k_in"], config["k_out"], config["seed"],
+                                exact_small=config.get("exact_small", False), dtype=dtype, device=device)
 
 
 def make_projections(
@@ -221,6 +236,7 @@ def make_projections(
     k_out: int,
     seed: int,
     *,
+    exact_small: bool = False,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Projections:
@@ -228,13 +244,18 @@ def make_projections(
 
     Layer ``i`` draws P_in (d_in, k_in) then P_out (d_out, k_out) in float64 from a
     CPU ``torch.Generator`` seeded with ``layer_seed(seed, i)``, then casts to
-    ``dtype`` on ``device``: the same values on every device.
+    ``dtype`` on ``device``: the same values on every device. With ``exact_small``,
+    a side with d <= k gets P = I_d instead (its features are the exact gradient
+    on that side, d wide: no distortion of inner products or Kronecker factors,
+    and no wider than needed); the draws are made all the same, so the other
+    side's matrix does not depend on the choice.
 
     Args:
         layers: LayerSpecs from ``select_layers``.
         k_in: input-side dimension (>= 1).
         k_out: output-side dimension (>= 1).
         seed: 0 <= seed < 2^32.
+        exact_small: keep sides with d <= k unprojected.
         dtype: matrix dtype.
         device: matrix device.
 
@@ -246,13 +267,19 @@ def make_projections(
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
+    if not isinstance(exact_small, bool):
+        raise ValueError(f"exact_small must be a bool, got {exact_small!r}")
     matrices = {}
     for index, spec in enumerate(layers):
         gen = torch.Generator().manual_seed(layer_seed(seed, index))
         p_in = torch.randn(spec.d_in, k_in, generator=gen, dtype=torch.float64) / math.sqrt(k_in)
         p_out = torch.randn(spec.d_out, k_out, generator=gen, dtype=torch.float64) / math.sqrt(k_out)
+        if exact_small and spec.d_in <= k_in:
+            p_in = torch.eye(spec.d_in, dtype=torch.float64)
+        if exact_small and spec.d_out <= k_out:
+            p_out = torch.eye(spec.d_out, dtype=torch.float64)
         matrices[spec.name] = (p_in.to(device, dtype), p_out.to(device, dtype))
-    return Projections(seed, k_in, k_out, tuple(layers), matrices)
+    return Projections(seed, k_in, k_out, tuple(layers), matrices, exact_small)
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str = "classification") -> torch.Tensor:
@@ -497,12 +524,17 @@ class GradientCapture:
             A = _with_ones(A)
         dtype = torch.promote_types(A.dtype, G.dtype)
         A, G = A.to(dtype), G.to(dtype)
-        if self.projections is None:
+        flat = self.projections is None
+        if not flat:
+            p_in, p_out = self.projections[spec.name]
+            exact_in, exact_out = self.projections.exact_sides(spec.name)
+            flat = exact_in and exact_out  # P_in = I and P_out = I: no product with an identity
+            if self.keep_tokens:
+                acc = accumulation_dtype(dtype)
+                self._keep(spec, A.to(acc) if exact_in else A.to(acc) @ p_in.to(A.device, acc), G,
+                           None if exact_out else p_out, mask)
+        if flat:
             return torch.einsum("bto,bti->boi", _masked(G, mask), A.to(accumulation_dtype(dtype)))
-        p_in, p_out = self.projections[spec.name]
-        if self.keep_tokens:
-            acc = accumulation_dtype(dtype)
-            self._keep(spec, A.to(acc) @ p_in.to(A.device, acc), G, p_out, mask)
         return ops.project_factored(A, G, p_in, p_out, mask, backend=self._backend(dtype))
 
     def _reduce_embedding(
@@ -512,23 +544,30 @@ class GradientCapture:
         if module.padding_idx is not None:
             keep = ids != module.padding_idx
             mask = keep if mask is None else mask * keep
-        if self.projections is None:
+        exact_in = exact_out = False
+        if self.projections is not None:
+            p_in, p_out = self.projections[spec.name]
+            exact_in, exact_out = self.projections.exact_sides(spec.name)
+            if self.keep_tokens:
+                self._keep(spec, p_in.to(G.device, accumulation_dtype(G.dtype))[ids], G,
+                           None if exact_out else p_out, mask)
+        if self.projections is None or (exact_in and exact_out):
             G = _masked(G, mask)
             B, T, d = G.shape
             rows = G.new_zeros(B, spec.d_in, d).scatter_add_(1, ids[:, :, None].expand(B, T, d), G)
             return rows.transpose(1, 2)
-        p_in, p_out = self.projections[spec.name]
         A = p_in.to(G.device)[ids].to(G.dtype)
-        if self.keep_tokens:
-            self._keep(spec, p_in.to(G.device, accumulation_dtype(G.dtype))[ids], G, p_out, mask)
         eye = torch.eye(p_in.shape[1], dtype=accumulation_dtype(G.dtype), device=G.device)
         return ops.project_factored(A, G, eye, p_out, mask, backend=self._backend(G.dtype))
 
     def _keep(
-        self, spec: LayerSpec, a: torch.Tensor, G: torch.Tensor, p_out: torch.Tensor, mask: torch.Tensor | None
+        self, spec: LayerSpec, a: torch.Tensor, G: torch.Tensor, p_out: torch.Tensor | None, mask: torch.Tensor | None
     ) -> None:
-        """Keep projected tokens a (B, T, k_in) and m G P_out (B, T, k_out); masked tokens zeroed in both."""
-        g = _masked(G, mask) @ p_out.to(G.device, accumulation_dtype(G.dtype))
+        """Keep projected tokens a (B, T, k_in) and m G P_out (B, T, k_out) (m G for an exact side, ``p_out``
+        None); masked tokens zeroed in both."""
+        g = _masked(G, mask)
+        if p_out is not None:
+            g = g @ p_out.to(G.device, accumulation_dtype(G.dtype))
         if mask is not None:
             a = a * (mask != 0).to(a.dtype)[:, :, None]
         self._tokens.setdefault(spec.name, []).append((a, g))

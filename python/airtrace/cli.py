@@ -187,8 +187,11 @@ def _train_size(task) -> int | None:
 
 def _projection(args: argparse.Namespace) -> dict:
     if args.dense is not None:
+        if args.exact_small:
+            raise UsageError("--exact-small applies to the factored projection, not to --dense")
         return {"type": "dense", "k": args.dense, "seed": args.seed, "kind": args.kind}
-    return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed}
+    return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed,
+            "exact_small": args.exact_small}
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
@@ -334,13 +337,16 @@ def _featurize_parser(sub) -> None:
     p.add_argument("--bias", action="store_true", help="attribute through biases too")
     p.add_argument("--k-in", type=_positive_int, default=16, help="factored projection input dim (default 16)")
     p.add_argument("--k-out", type=_positive_int, default=16, help="factored projection output dim (default 16)")
+    p.add_argument("--exact-small", action="store_true",
+                   help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
     p.add_argument("--dense", type=_positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
     p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),
                    help="dense projection entries (default rademacher)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="projection seed (default 0)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                    help="stored dtype (default bfloat16)")
-    p.add_argument("--rows-per-shard", type=_positive_int, default=4096, help="rows per shard (default 4096)")
+    p.add_argument("--rows-per-shard", type=_positive_int,
+                   help="rows per shard (default 4096, fewer for wide rows: a shard stays within 128 MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(run=_scaled(_cmd_featurize), parser=p)
 

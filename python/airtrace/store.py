@@ -80,6 +80,8 @@ _SIDECAR_RE = re.compile(r"^sidecar-[A-Za-z0-9_.\-]+\.safetensors(?:\.\d+\.tmp)?
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
+MAX_ROWS_PER_SHARD = 4096
+MAX_SHARD_BYTES = 128 * 2**20
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXTRA_DTYPES = {**STORE_DTYPES, "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -259,6 +261,13 @@ def _block(item: Any) -> Block:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def default_rows_per_shard(width: int, dtype: Any) -> int:
+    """Rows per shard when none is given: MAX_ROWS_PER_SHARD, fewer for wide rows so that a shard
+    (which the writer buffers and the reader prefetches whole) stays within MAX_SHARD_BYTES."""
+    row_bytes = width * STORE_DTYPES[dtype_name(dtype)].itemsize
+    return max(1, min(MAX_ROWS_PER_SHARD, MAX_SHARD_BYTES // max(row_bytes, 1)))
 
 
 def dtype_name(dtype: Any, allowed: Mapping[str, torch.dtype] = STORE_DTYPES) -> str:
@@ -1304,7 +1313,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str, layout: Any, dtype: Any = "float32",
-                 rows_per_shard: int = 4096, meta: Mapping | None = None, *, extras: Any = None,
+                 rows_per_shard: int = MAX_ROWS_PER_SHARD, meta: Mapping | None = None, *, extras: Any = None,
                  overwrite: bool = False, repair: bool = False, check_finite: bool = True):
         """Open a new store, or resume an incomplete one with the same settings.
 

@@ -45,7 +45,8 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    kwargs = dict(projection={"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": 0})
+    kwargs = dict(projection={"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": 0,
+                              "exact_small": args.exact_small})
     progress = not args.quiet
     f4, f1 = "{:.4f}", "{:.1f}"
     rows = experiments.run_lds(task, methods, args.subsets, args.fraction, args.seed, progress, **kwargs)
@@ -91,6 +92,8 @@ def add_parser(subparsers) -> None:
     d.add_argument("--steps", type=_positive_int, help="MLP Adam steps (default 300)")
     d.add_argument("--k-in", type=_positive_int, default=16, help="factored projection input dim (default 16)")
     d.add_argument("--k-out", type=_positive_int, default=16, help="factored projection output dim (default 16)")
+    d.add_argument("--exact-small", action="store_true",
+                   help="keep layer sides no wider than --k-in / --k-out unprojected")
     d.add_argument("--loo", type=_non_negative_int, default=0, metavar="N",
                    help="also leave-one-out: retrain without each of N examples (default 0: off)")
     d.add_argument("--mislabel", type=_fraction, metavar="FRACTION",
