@@ -59,7 +59,7 @@ from airtrace import ops
 from airtrace.ref.project import accumulation_dtype
 
 F64 = torch.float64
-PSD_TOL = 1e-9
+PSD_TOL = 1e-5  # relative; float32 batch products round off near 1e-7 of the largest eigenvalue
 METADATA_KEY = "airtrace.curvature"
 FORMAT_VERSION = 1
 
@@ -709,13 +709,16 @@ class _Accumulator:
                              "(from Attributor.fit: its batches yielded no examples)")
         return {name: [total / self.n_examples for total in totals] for name, totals in self._sums.items()}
 
-    def _feature_batch(self, features: Features) -> dict[str, torch.Tensor]:
-        """Validate and register one {layer: (B, k_out, k_in)} batch; count its examples."""
+    def _feature_batch(self, features: Features, dtype: torch.dtype | None = F64) -> dict[str, torch.Tensor]:
+        """Validate and register one {layer: (B, k_out, k_in)} batch; count its examples.
+
+        Returns the batch in ``dtype`` (None: float64 features stay float64, others become float32).
+        """
         features = _check_features(features)
         batch = _batch_size(features)
         self._register({name: tuple(x.shape[1:]) for name, x in features.items()})
         self.n_examples += batch
-        return {name: x.to(F64) for name, x in features.items()}
+        return {name: x.to(dtype or (F64 if x.dtype == F64 else torch.float32)) for name, x in features.items()}
 
 
 class _FisherAccumulator(_Accumulator):
@@ -783,17 +786,26 @@ class KFACFitter(_Accumulator):
             gradients: {layer: (B, T, k_out)} g = G P_out, same layers and (B, T).
             mask: optional (B, T) token mask as in ``project_factored``: weights m multiply g,
                 tokens with m = 0 are dropped from S_A too. B counts towards N, T does not.
+
+        A batch's products run in the tokens' precision (float32 unless they are float64) over
+        the tokens that are nonzero in a or g (padding adds nothing, so it costs nothing); the
+        sums accumulate in float64.
         """
         _check_tokens(activations, gradients, mask)
         batch = _batch_size(activations)
         self._register({name: (gradients[name].shape[2], a.shape[2]) for name, a in activations.items()})
         for name, a in activations.items():
-            a, g = a.to(F64), gradients[name].to(F64)
+            g = gradients[name]
+            dtype = F64 if F64 in (a.dtype, g.dtype) else torch.float32
+            a, g = a.to(dtype), g.to(dtype)
             if mask is not None:
-                m = mask.to(a.device, F64)[..., None]
+                m = mask.to(a.device, dtype)[..., None]
                 a, g = a * (m != 0), g * m
             a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-            self._add(name, g.T @ g, a.T @ a)
+            live = (a != 0).any(1) | (g != 0).any(1)
+            if not bool(live.all()):
+                a, g = a[live], g[live]
+            self._add(name, (g.T @ g).to(F64), (a.T @ a).to(F64))
         self.n_examples += batch
 
     def finalize(self) -> Curvature:
@@ -815,11 +827,15 @@ class EKFACFitter(_Accumulator):
         self.damping = _as_damping(damping)
 
     def update(self, features: Features) -> None:
-        """Add one batch {layer: (B, k_out, k_in)} of projected per-example gradients, every layer."""
-        for name, x in self._feature_batch(features).items():
+        """Add one batch {layer: (B, k_out, k_in)} of projected per-example gradients, every layer.
+
+        The rotation runs in the features' precision (float32 unless they are float64, as the
+        store holds them); the squares are summed over examples in float64.
+        """
+        for name, x in self._feature_batch(features, dtype=None).items():
             base = self._bases[name]
-            rotated = base.eigvecs_G.to(x.device).T @ x @ base.eigvecs_A.to(x.device)
-            self._add(name, (rotated**2).sum(0))
+            rotated = base.eigvecs_G.to(x.device, x.dtype).T @ x @ base.eigvecs_A.to(x.device, x.dtype)
+            self._add(name, rotated.square().sum(0, dtype=F64))
 
     def finalize(self) -> Curvature:
         corrections = {name: Lam for name, (Lam,) in self._means().items()}
