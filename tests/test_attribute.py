@@ -14,6 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from airtrace import Attributor, StoreError, ops, scoring
+from airtrace.attribute import kfac_sidecar
 from airtrace.capture import GradientCapture, make_projections, per_example_loss, response_labels, select_layers
 from airtrace.store import Store
 
@@ -360,7 +361,8 @@ def test_relative_caches_self_influence_in_a_sidecar(tmp_path, monkeypatch):
     second = run_score(at, "mlp", store, topk=3, metric="relative")
     torch.testing.assert_close(second.values, first.values)
     at.featurize(batched(mlp_setup(), mlp_setup().train, "t"), store.path, overwrite=True, progress=False)
-    assert not [n for n in os.listdir(store.path) if n.startswith("sidecar-")]
+    sidecars = [n for n in os.listdir(store.path) if n.startswith("sidecar-")]
+    assert sidecars == [os.path.basename(kfac_sidecar(Store.open(store.path)))]  # the old cache went with the store
 
 
 def test_groups_and_full_matrix_equal_dense(stores, tmp_path):
@@ -483,15 +485,33 @@ def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
     calls.clear()
     reused = at.fit(batches, store=store, progress=False)
     assert calls == []  # no K-FAC pass (and EK-FAC corrects from the store)
-    separate = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
-    reference = separate.fit(batches, store=store, progress=False)
-    assert sum(calls) == len(setup.train)  # a fresh Attributor runs the K-FAC pass
-    for name, inv in reference.inverses.items():
-        for key, t in inv.tensors().items():
-            got = reused.inverses[name].tensors()[key]
-            if key.startswith("eigvecs"):  # eigenvectors are defined up to sign
-                got, t = got.abs(), t.abs()
-            torch.testing.assert_close(got, t, rtol=1e-9, atol=1e-12)
+    fresh = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
+    from_sidecar = fresh.fit(batches, store=store, progress=False)
+    assert calls == []  # another Attributor (process) reads the sums featurize left in the store's sidecar
+    os.unlink(kfac_sidecar(store))
+    reference = fresh.fit(batches, store=store, progress=False)
+    assert sum(calls) == len(setup.train)  # without the sidecar the K-FAC pass runs
+    for fitted_curvature in (reused, from_sidecar):
+        for name, inv in reference.inverses.items():
+            for key, t in inv.tensors().items():
+                got = fitted_curvature.inverses[name].tensors()[key]
+                if key.startswith("eigvecs"):  # eigenvectors are defined up to sign
+                    got, t = got.abs(), t.abs()
+                torch.testing.assert_close(got, t, rtol=1e-9, atol=1e-12)
+
+
+def test_a_damaged_kfac_sidecar_is_ignored_and_the_pass_runs(tmp_path):
+    setup = lm_setup()
+    batches = batched(setup, setup.train, "t")
+    calls, counting_loss = counting_lm_loss()
+    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
+    store = at.featurize(batches, tmp_path / "s", dtype="float32", progress=False)
+    data = open(kfac_sidecar(store), "rb").read()
+    open(kfac_sidecar(store), "wb").write(data[: len(data) // 2])
+    calls.clear()
+    fresh = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
+    fresh.fit(batches, store=store, progress=False)
+    assert sum(calls) == len(setup.train)
 
 
 def test_a_resumed_featurize_leaves_the_kfac_pass_to_fit(tmp_path):

@@ -35,6 +35,20 @@ def tiny_task(seed=0):
     return Task(model, loss_fn, _batches(X[:N_TRAIN], y[:N_TRAIN], "t"), _batches(X[N_TRAIN:], y[N_TRAIN:], "q"))
 
 
+LOSS_CALLS: list[int] = []
+
+
+def counting_task():
+    """tiny_task whose loss records each batch's size in LOSS_CALLS."""
+    task = tiny_task()
+
+    def counting_loss(model, batch):
+        LOSS_CALLS.append(batch["x"].shape[0])
+        return loss_fn(model, batch)
+
+    return Task(task.model, counting_loss, task.train, task.queries)
+
+
 def other_task():
     """Another model (other weights), as a plain tuple."""
     task = tiny_task(seed=1)
@@ -72,6 +86,28 @@ def test_round_trip_equals_the_python_api(workdir, capsys):
     assert [r["train_id"] for r in result["topk"]] == [r["train_id"] for r in scores.to_rows()]
     torch.testing.assert_close(torch.tensor(result["groups"]), scores.groups)
     assert printed[1].split("\t")[:3] == ["q0", "1", scores.ids[0][0]]
+
+
+def test_featurize_kfac_lets_fit_skip_its_model_pass(workdir, tmp_path):
+    from airtrace.curvature import Curvature
+
+    _, _, curv = workdir
+    store, out = str(tmp_path / "store"), str(tmp_path / "curv.safetensors")
+    LOSS_CALLS.clear()
+    assert cli.main(["featurize", store, "--model", "test_cli:counting_task", "--k-in", "3", "--k-out", "2",
+                     "--seed", "7", "--dtype", "float32", "--rows-per-shard", "8", "--kfac", "--quiet"]) == 0
+    assert sum(LOSS_CALLS) == N_TRAIN
+    LOSS_CALLS.clear()
+    assert cli.main(["fit", store, "--model", "test_cli:counting_task", "--out", out, "--method", "ekfac",
+                     "--quiet"]) == 0
+    assert LOSS_CALLS == []  # K-FAC sums from the featurize pass, eigenvalue correction from the store
+    reference, got = Curvature.load(curv), Curvature.load(out)
+    for name, inv in reference.inverses.items():
+        for key, t in inv.tensors().items():
+            g = got.inverses[name].tensors()[key]
+            if key.startswith("eigvecs"):  # defined up to sign
+                g, t = g.abs(), t.abs()
+            torch.testing.assert_close(g, t, rtol=1e-6, atol=1e-9)
 
 
 def test_score_without_curvature_is_identity(workdir, capsys):
@@ -119,6 +155,7 @@ def test_runtime_errors_exit_1_with_the_message_and_no_traceback(workdir, tmp_pa
     (["featurize", "s", "--model", "test_cli:nothing"], "no callable 'nothing'"),
     (["inspect", "s", "--bogus"], "unrecognized arguments: --bogus"),
     (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact-small"], "--exact-small applies to the factored"),
+    (["featurize", "s", "--model", MODEL, "--dense", "8", "--kfac"], "--kfac needs the factored projection"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

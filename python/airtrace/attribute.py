@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import sys
@@ -85,6 +86,8 @@ from airtrace.store import (
     model_fingerprint,
     normalize_ids,
 )
+
+log = logging.getLogger("airtrace")
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
 FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
@@ -156,6 +159,38 @@ def _essential(record: Mapping) -> dict:
     if essential.get("type") == "factored":
         essential.setdefault("exact_small", False)  # records written before the option existed
     return essential
+
+
+# --------------------------------------------------------------------------- K-FAC sums of a featurize pass
+
+
+def kfac_sidecar(store: Store) -> str:
+    """Path of the store's K-FAC sidecar: the factor sums a featurize that wrote all of ``store`` accumulated,
+    named by :meth:`airtrace.store.Store.content_key` (so it never applies to other features)."""
+    return store.sidecar_path(f"kfac-sums-{store.content_key()}")
+
+
+def _save_kfac_sums(store: Store, fitter: cv.KFACFitter) -> None:
+    """Keep the sums beside the store, so that a later fit (another process, the CLI) skips the K-FAC pass."""
+    try:
+        fitter.save_state(kfac_sidecar(store))
+    except OSError as exc:
+        log.warning("airtrace: could not save the K-FAC sums in %s (%s); fit will run its own K-FAC pass",
+                    store.path, exc)
+
+
+def _load_kfac_sums(store: Store, damping) -> cv.KFACFitter | None:
+    """The sums of the store's K-FAC sidecar as a fitter; None when there is none (a bad one is ignored)."""
+    path = kfac_sidecar(store)
+    if not os.path.exists(path):
+        return None
+    fitter = cv.KFACFitter(damping)
+    try:
+        fitter.load_states([cv.KFACFitter.read_state(path)])
+    except ValueError as exc:
+        log.warning("airtrace: ignoring %s", exc)
+        return None
+    return fitter
 
 
 # --------------------------------------------------------------------------- batches
@@ -466,6 +501,7 @@ class Attributor:
                     bar.update(len(keep))
         if kfac is not None:
             self._featurized_kfac = (os.path.abspath(writer.path), kfac)
+            _save_kfac_sums(Store.open(path), kfac)
 
     def _kfac_alongside(self) -> cv.KFACFitter | None:
         """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
@@ -484,9 +520,11 @@ class Attributor:
         ``batches`` (token-level projected a, g -> Kronecker factors); "ekfac" the
         K-FAC pass, then the eigenvalue correction over per-example features
         (from ``store`` when given, else a second pass over ``batches``). The
-        K-FAC pass is skipped when :meth:`featurize` of this Attributor wrote all
-        of ``store`` (not resumed, one process): it accumulated the same factors
-        from its own forward/backward passes. Under
+        K-FAC pass is skipped when a featurize with curvature "kfac" or "ekfac"
+        wrote all of ``store`` (not resumed, one process): it accumulated the
+        same factors from its own forward/backward passes and kept their sums in
+        the store's K-FAC sidecar (:func:`kfac_sidecar`), which any later fit of
+        that store uses (the damping is applied here). Under
         an initialised process group the ranks split the batches and the store's
         shards, the fitters' sums are added over ranks, every rank gets the same
         curvature and rank 0 saves it.
@@ -527,11 +565,16 @@ class Attributor:
         return curvature
 
     def _featurized_kfac_of(self, store: Store | None) -> Curvature | None:
-        """The K-FAC factors :meth:`featurize` accumulated while writing ``store`` in full, if it did."""
-        if store is None or self._featurized_kfac is None:
+        """The K-FAC factors :meth:`featurize` accumulated while writing ``store`` in full, if it did
+        (kept in memory by this Attributor, or in the store's K-FAC sidecar by any)."""
+        if store is None:
             return None
-        path, fitter = self._featurized_kfac
-        if path != os.path.abspath(store.path) or fitter.n_examples != len(store):
+        if self._featurized_kfac is not None:
+            path, fitter = self._featurized_kfac
+            if path == os.path.abspath(store.path) and fitter.n_examples == len(store):
+                return fitter.finalize()
+        fitter = _load_kfac_sums(store, self.damping)
+        if fitter is None or fitter.n_examples != len(store) or fitter.dims != self.dims:
             return None
         return fitter.finalize()
 

@@ -198,9 +198,11 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     from airtrace.attribute import Attributor
 
     task = _task(args)
+    if args.kfac and args.dense is not None:
+        raise UsageError("--kfac needs the factored projection (Kronecker factors per layer), not --dense")
     attributor = Attributor(task.model, args.layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=args.bias,
-                            projection=_projection(args), curvature="identity", device=args.device,
-                            backend=args.backend)
+                            projection=_projection(args), curvature="kfac" if args.kfac else "identity",
+                            device=args.device, backend=args.backend)
     store = attributor.featurize(task.train, args.store, dtype=args.dtype, rows_per_shard=args.rows_per_shard,
                                  total=_train_size(task), overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {store!r}")
@@ -348,6 +350,9 @@ def _featurize_parser(sub) -> None:
     p.add_argument("--rows-per-shard", type=_positive_int,
                    help="rows per shard (default 4096, fewer for wide rows: a shard stays within 128 MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--kfac", action="store_true",
+                   help="also sum the K-FAC factors from the same passes and keep them beside the store, so that "
+                        "`fit --method kfac/ekfac` skips its model pass (one process, a run that writes the whole store)")
     p.set_defaults(run=_scaled(_cmd_featurize), parser=p)
 
 

@@ -61,6 +61,7 @@ from airtrace.ref.project import accumulation_dtype
 F64 = torch.float64
 PSD_TOL = 1e-5  # relative; float32 batch products round off near 1e-7 of the largest eigenvalue
 METADATA_KEY = "airtrace.curvature"
+STATE_KEY = "airtrace.fitter_state"
 FORMAT_VERSION = 1
 
 Dims = tuple[int, int]
@@ -685,6 +686,42 @@ class _Accumulator:
                     for acc, t in zip(sums[name], terms):
                         acc += t.to(device)
         self.n_examples, self.dims, self._sums = total, dims, sums
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state` to a safetensors file, atomically (temp file + rename).
+
+        Tensors ``<layer>/<i>`` hold the float64 sums; the metadata holds the example
+        count and the layers' (k_out, k_in).
+        """
+        n, dims, sums = self.state()
+        tensors = {f"{name}/{i}": t.contiguous() for name, terms in sums.items() for i, t in enumerate(terms)}
+        meta = {STATE_KEY: json.dumps({"n_examples": n, "dims": dims, "terms": {k: len(v) for k, v in sums.items()}})}
+        tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @staticmethod
+    def read_state(path: str | os.PathLike) -> AccumulatorState:
+        """A state written by :meth:`save_state`.
+
+        Raises:
+            ValueError: the file is unreadable or not such a state (names the file).
+        """
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {})[STATE_KEY])
+                n, dims = int(info["n_examples"]), {k: tuple(v) for k, v in info["dims"].items()}
+                sums = {name: [f.get_tensor(f"{name}/{i}") for i in range(count)]
+                        for name, count in info["terms"].items()}
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable fitter state ({type(exc).__name__}: {exc})") from None
+        if set(sums) != set(dims) or any(t.dtype != F64 for terms in sums.values() for t in terms):
+            raise ValueError(f"{path}: not a fitter state (layers or dtypes do not match its metadata)")
+        return n, dims, sums
 
     def _register(self, dims: Mapping[str, Dims]) -> None:
         if self.dims is None:

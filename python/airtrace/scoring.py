@@ -117,9 +117,7 @@ def curvature_digest(curvature: Curvature) -> str:
 
 def self_influence_key(store: Store, curvature: Curvature) -> str:
     """Cache key of the self-influence of ``store`` under ``curvature`` (24 hex digits)."""
-    digest = hashlib.sha256(store.fingerprint.encode())
-    for info in store.shards:
-        digest.update(info.sha256.encode())
+    digest = hashlib.sha256(store.content_key().encode())
     digest.update(curvature_digest(curvature).encode())
     return digest.hexdigest()[:24]
 

@@ -942,6 +942,14 @@ class Store:
         """All example ids in row order (reads ids files when there are any)."""
         return [i for info in self.shards for i in _load_ids(self.path, info)]
 
+    def content_key(self) -> str:
+        """24 hex digits of sha256 over the fingerprint and every shard's sha256: names data derived from
+        exactly these features (sidecar caches)."""
+        digest = hashlib.sha256(self.fingerprint.encode())
+        for info in self.shards:
+            digest.update(info.sha256.encode())
+        return digest.hexdigest()[:24]
+
     def sidecar_path(self, name: str) -> str:
         """Path of the sidecar file ``sidecar-<name>.safetensors`` in the store directory.
 
