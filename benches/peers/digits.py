@@ -21,12 +21,17 @@ from airtrace.eval import experiments
 
 F64 = torch.float64
 
+EXACT_K = 4096
+EXACT = {"type": "factored", "k_in": EXACT_K, "k_out": EXACT_K, "seed": 0, "exact_small": True}
+"""Factored projection wider than every layer: ``exact_small`` keeps all of them exact (the unprojected gradient)."""
+
 # airtrace methods: name -> (experiments method, projection)
 AIRTRACE = {
     "airtrace identity": ("identity", None),
     "airtrace kfac": ("kfac", None),
     "airtrace ekfac": ("ekfac", None),
     "airtrace ekfac wide": ("ekfac", {"type": "factored", "k_in": 65, "k_out": 32, "seed": 0}),
+    "airtrace ekfac exact": ("ekfac", EXACT),
     "airtrace fisher": ("fisher", None),
     "airtrace trak": ("trak", None),
 }
@@ -68,27 +73,11 @@ def score_airtrace(name: str, task, model) -> torch.Tensor:
     return _scores(_attributor(task, model, settings["curvature"], projection), task)
 
 
-def _orthonormal_rows(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """(d, k) with orthonormal rows (P Pᵀ = I_d), k >= d."""
-    q, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=F64))
-    return q[:d].contiguous()
-
-
 def score_airtrace_iso(curvature: str, task, model) -> torch.Tensor:
-    """airtrace with isometric factored projections: P_in (d_in, 65), P_out (d_out, 32) with
-    orthonormal rows, so ĝ = P_outᵀ G P_in keeps every inner product and Kronecker factor of the
-    unprojected gradient; absolute damping MATCHED_DAMPING. The same math as kronfluence's
-    unprojected EK-FAC / identity with that damping."""
-    k_in = max(m.in_features + 1 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    k_out = max(m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    att = _attributor(task, model, curvature, {"type": "factored", "k_in": k_in, "k_out": k_out, "seed": 0},
-                      MATCHED_DAMPING)
-    gen = torch.Generator().manual_seed(0)
-    for spec in att.layers:
-        p_in, p_out = att._projections.matrices[spec.name]
-        att._projections.matrices[spec.name] = (_orthonormal_rows(spec.d_in, k_in, gen).to(p_in.dtype),
-                                                _orthonormal_rows(spec.d_out, k_out, gen).to(p_out.dtype))
-    return _scores(att, task)
+    """airtrace with the factored projection kept exact on every layer (``exact_small`` with k wider
+    than every layer: P = I, the unprojected gradient) and absolute damping MATCHED_DAMPING: the same
+    math as kronfluence's unprojected EK-FAC / identity with that damping."""
+    return _scores(_attributor(task, model, curvature, EXACT, MATCHED_DAMPING), task)
 
 
 def _float32(model):

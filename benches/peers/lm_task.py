@@ -25,19 +25,26 @@ TRAK_K = 512
 """Largest dense projection size of the TRAK rows (traker, dattri TRAK, airtrace trak-fisher);
 see :func:`trak_k`."""
 BATCH = 32
+EXACT = dict(k_in=4096, k_out=4096, seed=0, exact_small=True)
+"""Factored projection wider than every layer (the vocabulary is 1616): ``exact_small`` keeps every layer
+exact, features are the unprojected weight and bias gradients (the parameter space kronfluence works in)."""
 
 AIRTRACE = {
     **{f"airtrace {name}": settings for name, settings in lm_eval.METHODS.items()},
     "airtrace logra-ekfac 64x65": dict(projection=dict(k_in=65, k_out=64, seed=0), curvature="ekfac", bias=True),
     "airtrace logra-ekfac 256x65": dict(projection=dict(k_in=65, k_out=256, seed=0), curvature="ekfac", bias=True),
     "airtrace trak-fisher": dict(projection=dict(type="dense", k=TRAK_K, seed=0), curvature="fisher"),
+    "airtrace logra-ekfac exact": dict(projection=EXACT, curvature="ekfac", bias=True),
+    "airtrace logra-identity exact": dict(projection=EXACT, curvature="identity", bias=True),
 }
 """airtrace rows: the three methods of ``lm_eval.METHODS`` (LoGra 16 x 16 + identity / EK-FAC,
 dense k = 4096 + identity), LoGra k_out x k_in = 64 x 65 and 256 x 65 + EK-FAC on weights and
-biases (the parameters kronfluence tracks; isometric on the input side of the layers with
+biases (the parameters kronfluence tracks; a square Gaussian on the input side of the layers with
 d_in = 64, and at 256 x 65 on the output side of every block layer: only ``mlp.proj``'s input
 and ``lm_head``'s output stay projected), and dense
-k = :func:`trak_k` + damped Fisher (the math of TRAK's (ΦᵀΦ + λ)⁻¹, next to the traker row)."""
+k = :func:`trak_k` + damped Fisher (the math of TRAK's (ΦᵀΦ + λ)⁻¹, next to the traker row), and the
+"exact" rows: EK-FAC and identity on the unprojected gradients of weights and biases (:data:`EXACT`), the
+same math as the kronfluence rows."""
 
 
 def trak_k(task) -> int:
@@ -136,10 +143,10 @@ def _encoded(task, pairs):
         yield batch["input_ids"], batch["labels"]
 
 
-def score_traker(task, model) -> torch.Tensor:
+def score_traker(task, model, seed: int = 0) -> torch.Tensor:
     """traker 0.3.2 TRAK (one checkpoint) on the nn.Linear weights (``grad_wrt``), CPU
-    BasicProjector with proj_dim TRAK_K (Gaussian, redrawn in blocks of 100 columns for every
-    batch), float32, no regularisation (``lambda_reg`` 0)."""
+    BasicProjector with proj_dim TRAK_K (Gaussian from ``seed``, redrawn in blocks of 100 columns for
+    every batch), float32, no regularisation (``lambda_reg`` 0)."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -147,7 +154,7 @@ def score_traker(task, model) -> torch.Tensor:
     tracked = linear_weights(model)
     grad_dim = sum(params[name].numel() for name in tracked)
     k = trak_k(task)
-    projector = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=0, proj_type=ProjectionType.normal,
+    projector = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=seed, proj_type=ProjectionType.normal,
                                device="cpu", dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="traker-") as tmp:
         traker = TRAKer(model=model, task=_traker_output(), train_set_size=task.n_train, save_dir=tmp,
@@ -225,6 +232,7 @@ METHODS = {
     "kronfluence ekfac": lambda task, model: score_kronfluence("ekfac", task, model),
     "kronfluence identity": lambda task, model: score_kronfluence("identity", task, model),
     "traker": score_traker,
+    "traker seed 1": lambda task, model: score_traker(task, model, seed=1),
     "dattri tracin": lambda task, model: score_dattri("tracin", task, model),
     "dattri trak": lambda task, model: score_dattri("trak", task, model),
 }
