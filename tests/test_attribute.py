@@ -413,6 +413,20 @@ def test_dense_projection_with_fisher_equals_brute_force(tmp_path):
         Attributor(setup.model, loss_fn=mlp_loss, projection=DENSE, curvature="ekfac")
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_kept_dense_matrix_equals_the_on_the_fly_projection(monkeypatch, kind):
+    setup = lm_setup()
+    model = TinyLM().float()
+    model.load_state_dict(setup.model.state_dict())
+    projection = dict(type="dense", k=24, seed=SEED, kind=kind)
+    batch = setup.collate(setup.train[:5])
+    kept = Attributor(model, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
+    monkeypatch.setattr("airtrace.attribute.DENSE_MATRIX_MAX_ENTRIES", 0)
+    on_the_fly = Attributor(model, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
+    assert kept.dtype == on_the_fly.dtype == torch.float32
+    torch.testing.assert_close(kept, on_the_fly, rtol=1e-5, atol=1e-6 * float(on_the_fly.abs().max()))
+
+
 def counting_lm_loss():
     """(calls, loss_fn): lm_loss that appends each batch's size to ``calls`` (one entry per forward)."""
     calls = []

@@ -64,7 +64,8 @@ from airtrace import distributed, ops
 from airtrace.capture import GradientCapture, LayerSpec, make_projections, select_layers
 from airtrace.curvature import Curvature
 from airtrace.profiling import stage, timed_iter
-from airtrace.ref.hash import KINDS
+from airtrace.ref.hash import KINDS, dense_entries
+from airtrace.ref.project import accumulation_dtype
 from airtrace.scoring import (
     FullMatrixWriter,
     GroupScores,
@@ -93,6 +94,9 @@ CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
 FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 DENSE_BLOCK = "dense"
+DENSE_MATRIX_MAX_ENTRIES = 2**23
+"""Largest p·k for which the dense projection keeps its matrix (32 MiB in float32) instead of
+regenerating it per batch."""
 MAX_SEED = 2**32
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -299,6 +303,7 @@ class Attributor:
         self._projections = self._make_projections()
         self.curvature: Curvature | None = None
         self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
+        self._dense_r: torch.Tensor | None = None  # kept dense projection matrix (small models)
 
     @classmethod
     def from_store(cls, model: nn.Module, store: Store | str | os.PathLike, *, loss_fn: LossFn,
@@ -392,9 +397,26 @@ class Attributor:
             return torch.cat(list(blocks.values()), dim=1)
         p = self.projection
         flat = list(blocks.values())
-        backend = "torch" if self.backend == "auto" and flat[0].dtype == torch.float64 else self.backend
         with stage("project"):
+            matrix = self._dense_matrix(sum(block.shape[1] for block in flat), flat[0])
+            if matrix is not None:
+                return torch.cat(flat, dim=1).to(matrix.dtype) @ matrix
+            backend = "torch" if self.backend == "auto" and flat[0].dtype == torch.float64 else self.backend
             return ops.project_dense(flat, p["k"], p["seed"], p["kind"], backend=backend)
+
+    def _dense_matrix(self, p: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The dense projection's (p, k) matrix R (the entries of :func:`airtrace.ops.project_dense`),
+        generated once and kept when p·k <= DENSE_MATRIX_MAX_ENTRIES: for a small model one product
+        with a kept R is cheaper than regenerating R on the fly for every batch. None otherwise."""
+        k = self.projection["k"]
+        if p * k > DENSE_MATRIX_MAX_ENTRIES:
+            return None
+        dtype = accumulation_dtype(like.dtype)
+        cached = self._dense_r
+        if cached is None or cached.shape[0] != p or cached.dtype != dtype or cached.device != like.device:
+            entries = dense_entries(torch.arange(p), k, self.projection["seed"], self.projection["kind"])
+            self._dense_r = cached = entries.to(like.device, dtype)
+        return cached
 
     def features(self, batch: Any) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned.
