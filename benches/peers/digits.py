@@ -10,12 +10,10 @@ per-example cross-entropy as the training loss and the query loss as the measure
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from airtrace.eval import experiments
 
@@ -50,18 +48,10 @@ def _attributor(task, model, curvature: str, projection: dict | None, damping: f
 
 
 def _scores(att, task) -> torch.Tensor:
-    """featurize -> fit -> score (every training example of every query), (q, n) float64.
-
-    The same steps as :func:`airtrace.eval.experiments.attribute` without its self-influence pass
-    (no peer computes one here)."""
-    train = task.train_batches()
+    """featurize -> fit -> score (every training example of every query), (q, n) float64: the steps of
+    :func:`airtrace.eval.experiments.attribute` without its self-influence pass (no peer computes one here)."""
     with tempfile.TemporaryDirectory(prefix="airtrace-") as tmp:
-        store = att.featurize(train, os.path.join(tmp, "store"), dtype="float32", progress=False)
-        att.fit(train, store=store, progress=False)
-        path = os.path.join(tmp, "scores.safetensors")
-        att.score(task.query_batches(), store, topk=1, full_matrix_path=path, progress=False)
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor("scores").to(F64)
+        return experiments.score_all(att, task.train_batches(), task.query_batches(), tmp).scores
 
 
 def score_airtrace(name: str, task, model) -> torch.Tensor:

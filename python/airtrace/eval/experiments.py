@@ -33,6 +33,7 @@ from airtrace.eval import metrics
 from airtrace.eval.cache import cache_dir
 from airtrace.eval.retrain import leave_one_out, retrain
 from airtrace.eval.subsets import sample_subsets
+from airtrace.store import Store
 
 F64 = torch.float64
 EXACT = "exact"
@@ -47,6 +48,46 @@ METHODS = {
 }
 """Method name -> Attributor settings (``dense``: the TRAK projection)."""
 FULL_SEED = 0
+
+
+@dataclass(frozen=True)
+class ScoreRun:
+    """Every query scored against every training example by one Attributor (:func:`score_all`).
+
+    Attributes:
+        scores: (q, n) float64, queries in batch order x the store's rows.
+        query_ids: ids of the score rows.
+        store: the training feature store (its ``ids`` name the columns).
+        times: wall seconds of "featurize_s", "fit_s" and "score_s".
+    """
+
+    scores: torch.Tensor
+    query_ids: list
+    store: Store
+    times: dict[str, float]
+
+
+def score_all(attributor: Attributor, train, queries, workdir: str | os.PathLike, *, total: int | None = None,
+              progress: bool = False) -> ScoreRun:
+    """featurize ``train`` -> fit -> the full (q, n) score matrix of ``queries``, each step timed.
+
+    Writes the store, the curvature and the score matrix under ``workdir`` (existing ones are replaced).
+    """
+    times = {}
+    start = time.perf_counter()
+    store = attributor.featurize(train, os.path.join(workdir, "store"), dtype="float32", total=total,
+                                 overwrite=True, progress=progress)
+    times["featurize_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    attributor.fit(train, os.path.join(workdir, "curvature.safetensors"), store=store, total=total, progress=progress)
+    times["fit_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    path = os.path.join(workdir, "scores.safetensors")
+    result = attributor.score(queries, store, topk=1, full_matrix_path=path, progress=progress)
+    times["score_s"] = time.perf_counter() - start
+    with safe_open(path, framework="pt") as f:
+        scores = f.get_tensor("scores").to(F64)
+    return ScoreRun(scores, result.query_ids, store, times)
 
 
 @dataclass(frozen=True)
@@ -112,17 +153,11 @@ def attribute(task, model, method: str, *, projection: dict | None = None, dense
     dense = settings.pop("dense", False)
     projection = {"type": "dense", "k": dense_k, "seed": 0} if dense else projection
     attributor = Attributor(model, "*", loss_fn=task.loss_fn, bias=True, projection=projection, **settings)
-    train = task.train_batches()
     with tempfile.TemporaryDirectory(prefix="airtrace-eval-") as tmp:
-        store = attributor.featurize(train, os.path.join(tmp, "store"), dtype="float32", total=task.n_train,
-                                     progress=progress)
-        attributor.fit(train, store=store, progress=progress)
-        path = os.path.join(tmp, "scores.safetensors")
-        attributor.score(task.query_batches(), store, topk=1, full_matrix_path=path, progress=progress)
-        with safe_open(path, framework="pt") as f:
-            scores = f.get_tensor("scores").to(F64)
-        self_influence = attributor.self_influence(store, progress=progress).to(F64)
-    return Attribution(scores, self_influence, time.perf_counter() - start)
+        run = score_all(attributor, task.train_batches(), task.query_batches(), tmp, total=task.n_train,
+                        progress=progress)
+        self_influence = attributor.self_influence(run.store, progress=progress).to(F64)
+    return Attribution(run.scores, self_influence, time.perf_counter() - start)
 
 
 def full_model(task):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from airtrace.attribute import Attributor
 from airtrace.eval import cache_dir, metrics
-from airtrace.eval.experiments import lds_ground_truth
+from airtrace.eval.experiments import lds_ground_truth, score_all
 from airtrace.eval.subsets import SubsetPlan
 from airtrace.eval.tasks.lm import GPT, LMConfig, LMTask
 
@@ -126,24 +125,11 @@ def attribute(task: LMTask, model: GPT, method: str | Mapping, workdir: str | os
     attributor = Attributor(model, list(layers), loss_fn=task.loss_fn, **settings)
     train = task.train_batches(batch_size)
     attributor.features(train[0][1])  # untimed warm-up: first-call costs (kernel loading) stay out of the times
-    times = {}
-    start = time.perf_counter()
-    store = attributor.featurize(train, workdir / "store", dtype="float32", total=task.n_train, overwrite=True,
-                                 progress=progress)
-    times["featurize_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    attributor.fit(train, workdir / "curvature.safetensors", store=store, total=task.n_train, progress=progress)
-    times["fit_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = attributor.score(task.query_batches(batch_size), store, topk=1, full_matrix_path=workdir / "scores.safetensors",
-                              progress=progress)
-    times["score_s"] = time.perf_counter() - start
-    full = load_file(os.fspath(workdir / "scores.safetensors"))["scores"].double()
-    scores = torch.empty_like(full)
-    rows = torch.tensor(result.query_ids)
-    cols = torch.tensor(store.ids)
-    scores[rows[:, None], cols[None, :]] = full
-    return scores, times
+    run = score_all(attributor, train, task.query_batches(batch_size), workdir, total=task.n_train, progress=progress)
+    scores = torch.empty_like(run.scores)
+    rows, cols = torch.tensor(run.query_ids), torch.tensor(run.store.ids)
+    scores[rows[:, None], cols[None, :]] = run.scores
+    return scores, run.times
 
 
 def evaluate(config: LMConfig | None = None, methods: Sequence[str] | Mapping[str, Mapping] = tuple(METHODS),
