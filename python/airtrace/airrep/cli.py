@@ -166,11 +166,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _label_options(p: argparse.ArgumentParser) -> None:
+    from airtrace.airrep.labels import LabelConfig
     from airtrace.cli import _fraction, _non_negative_int, _positive_int
     from airtrace.eval.tasks.lm import SIZES
 
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="LM task size (default tiny)")
-    p.add_argument("--subsets", type=_positive_int, default=64, help="subset models (default 64)")
+    p.add_argument("--subsets", type=_positive_int, default=LabelConfig.n_subsets,
+                   help=f"subset models (default {LabelConfig.n_subsets})")
     p.add_argument("--fraction", type=_fraction, default=0.5, help="subset size / pool size (default 0.5)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="subset plan / training seed (default 0)")
     p.add_argument("--dev", type=_positive_int, help="most dev pairs measured (default: all outside pool and queries)")
@@ -180,7 +182,7 @@ def _label_options(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     """Add ``airrep`` and its subcommands to the ``airtrace`` parser."""
     from airtrace.airrep.pooling import POOLINGS
-    from airtrace.airrep.train import TRAINABLE
+    from airtrace.airrep.train import TRAINABLE, TrainConfig
     from airtrace.cli import _non_negative_int, _positive_float, _positive_int
 
     top = subparsers.add_parser("airrep", help="AirRep: train an encoder on datamodel labels, embed, score groups")
@@ -193,11 +195,12 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("train", help="train an encoder on the labels (generated first when missing)")
     _label_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="encoder folder to write")
-    p.add_argument("--holdout", type=_non_negative_int, default=24,
-                   help="last subsets kept out of training, for evaluation (default 24)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="peak learning rate (default 1e-3; about 5e-5 suits --trainable all)")
+    p.add_argument("--holdout", type=_non_negative_int, default=128,
+                   help="last subsets kept out of training, for evaluation (default 128)")
+    p.add_argument("--steps", type=_positive_int, default=TrainConfig.steps,
+                   help=f"optimizer steps (default {TrainConfig.steps})")
+    p.add_argument("--lr", type=_positive_float, default=TrainConfig.lr,
+                   help=f"peak learning rate (default {TrainConfig.lr:g}; about 5e-5 suits --trainable all)")
     p.add_argument("--dev-batch", type=_positive_int, default=32, help="dev examples per step (default 32)")
     p.add_argument("--subset-batch", type=_positive_int, default=16, help="subsets per step (default 16)")
     p.add_argument("--pooling", default="attention", choices=POOLINGS, help="group score (default attention)")
