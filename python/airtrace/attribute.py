@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from airtrace import curvature as cv
+from airtrace._checks import positive_int
 from airtrace import distributed, ops
 from airtrace.capture import GradientCapture, LayerSpec, make_projections, select_layers
 from airtrace.curvature import Curvature
@@ -137,8 +138,7 @@ def projection_config(projection: Mapping | str | None) -> dict:
         raise ValueError(f"unknown {kind} projection keys {unknown}; allowed: {sorted(defaults)}")
     config = {**defaults, **projection, "type": kind}
     for key in ("k_in", "k_out") if kind == "factored" else ("k",):
-        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
-            raise ValueError(f"projection {key} must be a positive int, got {config[key]!r}")
+        positive_int(f"projection {key}", config[key])
     if isinstance(config["seed"], bool) or not isinstance(config["seed"], int) or not 0 <= config["seed"] < MAX_SEED:
         raise ValueError(f"projection seed must be an int in [0, 2^32), got {config['seed']!r}")
     if kind == "factored" and not isinstance(config["exact_small"], bool):

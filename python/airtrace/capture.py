@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from airtrace import ops
+from airtrace._checks import positive_int
 from airtrace.profiling import stage
 from airtrace.ref.project import accumulation_dtype
 
@@ -262,9 +263,8 @@ def make_projections(
     Returns:
         Projections; its ``config()`` records what rebuilds them.
     """
-    for arg, value in (("k_in", k_in), ("k_out", k_out)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    positive_int("k_in", k_in)
+    positive_int("k_out", k_out)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
     if not isinstance(exact_small, bool):

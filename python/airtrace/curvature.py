@@ -56,6 +56,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from airtrace import ops
+from airtrace._checks import positive_int
 from airtrace.ref.project import accumulation_dtype
 
 F64 = torch.float64
@@ -116,8 +117,7 @@ def _check_positive(name: str, x) -> None:
 
 
 def _check_rank(rank) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    positive_int("rank", rank)
 
 
 def _as_damping(damping: Damping | float | None) -> Damping:

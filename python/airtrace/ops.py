@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from airtrace import _dispatch
+from airtrace._checks import positive_int
 from airtrace.ref.hash import KINDS
 from airtrace.ref.project import accumulation_dtype
 from airtrace.ref.score import empty_topk, merge_topk as _merge_topk
@@ -38,12 +39,6 @@ def _check_same_device(**tensors: torch.Tensor) -> torch.device:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     return first
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def project_factored(
@@ -137,7 +132,7 @@ def project_dense(
             raise ValueError(
                 f"X[{i}] must be (B={B}, p_i) with dtype {dtype}, got shape {tuple(block.shape)} dtype {block.dtype}"
             )
-    k = _check_positive_int("k", k)
+    k = positive_int("k", k)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
     if kind not in KINDS:
@@ -189,7 +184,7 @@ def score_topk(
         raise ValueError(f"Q (q, k) and X (n, k) must share k, got Q {tuple(Q.shape)} and X {tuple(X.shape)}")
     if Q.shape[1] == 0:
         raise ValueError("Q and X must have k >= 1 features")
-    topk = _check_positive_int("topk", topk)
+    topk = positive_int("topk", topk)
     if isinstance(index_offset, bool) or not isinstance(index_offset, int) or index_offset < 0:
         raise ValueError(f"index_offset must be a non-negative int, got {index_offset!r}")
     device = _check_same_device(Q=Q, X=X)
@@ -357,7 +352,7 @@ def merge_topk(
     Returns:
         values (q, topk) and indices (q, topk), sorted as in ``score_topk``.
     """
-    topk = _check_positive_int("topk", topk)
+    topk = positive_int("topk", topk)
     if len(values) == 0 or len(values) != len(indices):
         raise ValueError(f"values and indices must be equal-length non-empty sequences, got {len(values)} and {len(indices)}")
     q = values[0].shape[0]

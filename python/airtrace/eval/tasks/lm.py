@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from airtrace._checks import positive_int_fields
 from airtrace.capture import IGNORE_INDEX, per_example_loss
 from airtrace.demo import data
 from airtrace.demo.data import Pair
@@ -112,11 +113,8 @@ class LMConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_train", "n_query", "min_count", "max_length", "d_model", "n_layer", "n_head",
-                     "mlp_ratio", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LMConfig.{name} must be a positive int, got {value!r}")
+        positive_int_fields(self, ("n_train", "n_query", "min_count", "max_length", "d_model", "n_layer",
+                                   "n_head", "mlp_ratio", "epochs", "batch_size"))
         if self.max_length < 4:
             raise ValueError(f"LMConfig.max_length must be >= 4, got {self.max_length}")
         if self.d_model % self.n_head:
