@@ -404,6 +404,20 @@ def test_non_psd_factor_names_the_layer_and_its_most_negative_eigenvalue():
         cv.ekfac(kfac_fit, {"fc": -torch.ones(2, 3, dtype=F64)})
 
 
+def test_float32_round_off_is_allowed_only_for_sums_of_float32_products():
+    S_G = torch.eye(2, dtype=F64)
+    S_A = torch.diag(torch.tensor([1.0, 0.5, -1e-7], dtype=F64))  # float32-sized round-off
+    with pytest.raises(ValueError, match="layer 'fc': S_A is not positive semi-definite"):
+        cv.kfac({"fc": (S_G, S_A)})
+    assert cv.kfac({"fc": (S_G, S_A)}, psd_tol=cv.PSD_TOL_FLOAT32).inverses["fc"].eigenvalues.min() == 0
+    a, g = torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 3, 5, dtype=F64)
+    fitter = cv.KFACFitter()
+    fitter.update({"fc": a}, {"fc": g})
+    assert not fitter.float32_products
+    fitter.update({"fc": a.float()}, {"fc": g.float()})
+    assert fitter.float32_products
+
+
 def test_cholesky_failure_names_the_layer_and_advises_more_damping():
     indefinite = torch.diag(torch.tensor([1.0, -1.0], dtype=F64)).reshape(1, 2, 1, 2)
     with pytest.raises(ValueError, match=r"layer 'fc': Cholesky of F \+ λI failed .* increase the damping"):

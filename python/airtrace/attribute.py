@@ -183,12 +183,14 @@ def _save_kfac_sums(store: Store, fitter: cv.KFACFitter) -> None:
                     store.path, exc)
 
 
-def _load_kfac_sums(store: Store, damping) -> cv.KFACFitter | None:
-    """The sums of the store's K-FAC sidecar as a fitter; None when there is none (a bad one is ignored)."""
+def _load_kfac_sums(store: Store, damping, *, float32_products: bool) -> cv.KFACFitter | None:
+    """The sums of the store's K-FAC sidecar as a fitter (``float32_products``: they were summed from
+    float32 products, i.e. the model is not float64); None when there is none (a bad one is ignored)."""
     path = kfac_sidecar(store)
     if not os.path.exists(path):
         return None
     fitter = cv.KFACFitter(damping)
+    fitter.float32_products = float32_products
     try:
         fitter.load_states([cv.KFACFitter.read_state(path)])
     except ValueError as exc:
@@ -595,13 +597,14 @@ class Attributor:
             path, fitter = self._featurized_kfac
             if path == os.path.abspath(store.path) and fitter.n_examples == len(store):
                 return fitter.finalize()
-        fitter = _load_kfac_sums(store, self.damping)
+        fitter = _load_kfac_sums(store, self.damping, float32_products=self._dtype != torch.float64)
         if fitter is None or fitter.n_examples != len(store) or fitter.dims != self.dims:
             return None
         return fitter.finalize()
 
     def _fit_kfac(self, batches: Batches, total: int | None, progress: bool) -> Curvature:
         fitter = cv.KFACFitter(self.damping)
+        fitter.float32_products = self._dtype != torch.float64  # also on a rank that gets no batch
         with self._capture(keep_tokens=True) as cap, progress_bar(
                 distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
             for _, batch in _pairs(distributed.rank_batches(batches), "batches"):

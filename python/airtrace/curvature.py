@@ -18,13 +18,17 @@ Conventions:
       damping a curvature scaled by c only scales the preconditioned features by
       1/c, so rankings do not depend on this convention.
     * Everything is accumulated, factorised (eigh, Cholesky) and applied in
-      float64. ``precondition`` returns float32 (float64 for float64 inputs).
+      float64, except that the K-FAC / EK-FAC fitters form each batch's
+      products in the features' precision (float32 unless float64) before
+      adding them to float64 sums. ``precondition`` returns float32 (float64 for
+      float64 inputs).
     * Damping (:class:`Damping`): by default ``λ = 0.1 × mean eigenvalue`` of the
       layer's spectrum (F for Fisher and low rank; the Kronecker spectrum
       ``e_G e_Aᵀ`` for K-FAC; Λ for EK-FAC), or an absolute value. The λ used per
       layer is kept in ``Curvature.damping`` and in the saved metadata.
     * A factor whose lowest eigenvalue is below ``-PSD_TOL × max|eigenvalue|`` is
-      rejected; smaller negative eigenvalues (round-off) are clamped to 0.
+      rejected (``PSD_TOL_FLOAT32`` for K-FAC factors summed from float32
+      products); smaller negative eigenvalues (round-off) are clamped to 0.
 
 Fitting is streamed: call ``update(...)`` once per batch, then ``finalize()``.
 EK-FAC takes two passes over the data::
@@ -60,7 +64,10 @@ from airtrace._checks import positive_int
 from airtrace.ref.project import accumulation_dtype
 
 F64 = torch.float64
-PSD_TOL = 1e-5  # relative; float32 batch products round off near 1e-7 of the largest eigenvalue
+PSD_TOL = 1e-9
+PSD_TOL_FLOAT32 = 1e-5
+"""PSD tolerance of K-FAC factors summed from float32 batch products (round-off near 1e-7 of the
+largest eigenvalue)."""
 METADATA_KEY = "airtrace.curvature"
 STATE_KEY = "airtrace.fitter_state"
 FORMAT_VERSION = 1
@@ -203,11 +210,11 @@ def _check_tokens(activations: Features, gradients: Features, mask: torch.Tensor
         raise ValueError("mask contains NaN/Inf values")
 
 
-def _checked_spectrum(layer: str, what: str, eigenvalues: torch.Tensor) -> torch.Tensor:
-    """Reject a clearly negative eigenvalue; clamp round-off negatives to 0."""
+def _checked_spectrum(layer: str, what: str, eigenvalues: torch.Tensor, tol: float = PSD_TOL) -> torch.Tensor:
+    """Reject an eigenvalue below ``-tol × max|eigenvalue|``; clamp round-off negatives to 0."""
     scale = float(eigenvalues.abs().max())
     lowest = float(eigenvalues.min())
-    if lowest < -PSD_TOL * scale:
+    if lowest < -tol * scale:
         raise ValueError(
             f"layer {layer!r}: {what} is not positive semi-definite: most negative eigenvalue {lowest:.6g} "
             f"(largest |eigenvalue| {scale:.6g}); it must be an average of outer products"
@@ -215,11 +222,11 @@ def _checked_spectrum(layer: str, what: str, eigenvalues: torch.Tensor) -> torch
     return eigenvalues.clamp_min(0)
 
 
-def _eigh(layer: str, what: str, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigh(layer: str, what: str, S: torch.Tensor, tol: float = PSD_TOL) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending, >= 0) and row-major eigenvectors (columns) of the symmetrised float64 S."""
     S = S.to(F64)
     eigenvalues, eigenvectors = torch.linalg.eigh((S + S.T) / 2)
-    return _checked_spectrum(layer, what, eigenvalues), eigenvectors.contiguous()
+    return _checked_spectrum(layer, what, eigenvalues, tol), eigenvectors.contiguous()
 
 
 def _square(layer: str, what: str, S) -> torch.Tensor:
@@ -586,6 +593,7 @@ def kfac(
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     damping: Damping | float | None = None,
     n_examples: int | None = None,
+    psd_tol: float = PSD_TOL,
 ) -> Curvature:
     """``(S_G ⊗ S_A + λI)⁻¹`` per layer from the eigendecompositions of both factors.
 
@@ -593,6 +601,7 @@ def kfac(
         factors: {layer: (S_G (k_out, k_out), S_A (k_in, k_in))} float, symmetrised.
         damping: λ relative to the mean of the Kronecker spectrum e_G e_Aᵀ.
         n_examples: recorded in the metadata.
+        psd_tol: relative tolerance of the PSD check (``PSD_TOL_FLOAT32`` for sums of float32 products).
 
     Raises:
         ValueError: NaN/Inf, wrong shape, or a factor that is not PSD (naming the layer).
@@ -603,8 +612,8 @@ def kfac(
     for name, pair in factors.items():
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"layer {name!r}: factors must be a pair (S_G, S_A), got {type(pair).__name__}")
-        e_G, Q_G = _eigh(name, "S_G", _square(name, "S_G", pair[0]))
-        e_A, Q_A = _eigh(name, "S_A", _square(name, "S_A", pair[1]))
+        e_G, Q_G = _eigh(name, "S_G", _square(name, "S_G", pair[0]), psd_tol)
+        e_A, Q_A = _eigh(name, "S_A", _square(name, "S_A", pair[1]), psd_tol)
         eigenvalues = torch.outer(e_G, e_A)
         lam = damping.resolve(name, float(eigenvalues.mean()))
         inverses[name] = EigenbasisInverse((len(e_G), len(e_A)), lam, Q_G, Q_A, eigenvalues)
@@ -809,11 +818,17 @@ class KFACFitter(_Accumulator):
 
     Args:
         damping: :class:`Damping`, a number (absolute λ) or None (0.1 × mean of e_G e_Aᵀ).
+
+    Attributes:
+        float32_products: some of the sums come from float32 products (set by :meth:`update`; set it
+            when loading sums of float32 tokens with :meth:`load_states`): the PSD check then
+            allows float32 round-off (``PSD_TOL_FLOAT32``).
     """
 
     def __init__(self, damping: Damping | float | None = None) -> None:
         super().__init__()
         self.damping = _as_damping(damping)
+        self.float32_products = False
 
     def update(self, activations: Features, gradients: Features, mask: torch.Tensor | None = None) -> None:
         """Add one batch of token-level projected activations and output-gradients.
@@ -834,6 +849,7 @@ class KFACFitter(_Accumulator):
         for name, a in activations.items():
             g = gradients[name]
             dtype = F64 if F64 in (a.dtype, g.dtype) else torch.float32
+            self.float32_products |= dtype == torch.float32
             a, g = a.to(dtype), g.to(dtype)
             if mask is not None:
                 m = mask.to(a.device, dtype)[..., None]
@@ -846,7 +862,8 @@ class KFACFitter(_Accumulator):
         self.n_examples += batch
 
     def finalize(self) -> Curvature:
-        return kfac({name: tuple(pair) for name, pair in self._means().items()}, self.damping, self.n_examples)
+        return kfac({name: tuple(pair) for name, pair in self._means().items()}, self.damping, self.n_examples,
+                    PSD_TOL_FLOAT32 if self.float32_products else PSD_TOL)
 
 
 class EKFACFitter(_Accumulator):
