@@ -476,11 +476,10 @@ class Attributor:
             if distributed.active():
                 return distributed.featurize(self, batches, path, dtype=dtype, rows_per_shard=rows_per_shard,
                                              total=total, overwrite=overwrite, progress=progress)
-            self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
-                                 overwrite=overwrite, progress=progress)
+            return self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
+                                        overwrite=overwrite, progress=progress)
         except StoreCompleteError:
             return self._finished_store(path, batches, dtype, rows_per_shard)
-        return Store.open(path)
 
     def _finished_store(self, path: str | os.PathLike, batches: Batches, dtype: str | torch.dtype,
                         rows_per_shard: int) -> Store:
@@ -506,8 +505,9 @@ class Attributor:
         return store
 
     def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
-                        rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> None:
-        """The featurize loop of one process: features of ``batches`` appended to the store at ``path``."""
+                        rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
+        """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
+        returns the finished store."""
         writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
                              {"projection": self._record(), "curvature": None}, overwrite=overwrite)
         done = set(writer.done_ids)
@@ -523,9 +523,11 @@ class Attributor:
                     with stage("store_write"):
                         writer.append(features[keep], [ids[j] for j in keep])
                     bar.update(len(keep))
+        store = Store.open(path)
         if kfac is not None:
             self._featurized_kfac = (os.path.abspath(writer.path), kfac)
-            _save_kfac_sums(Store.open(path), kfac)
+            _save_kfac_sums(store, kfac)
+        return store
 
     def _kfac_alongside(self) -> cv.KFACFitter | None:
         """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
