@@ -502,9 +502,10 @@ def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
     fresh = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
     from_sidecar = fresh.fit(batches, store=store, progress=False)
     assert calls == []  # another Attributor (process) reads the sums featurize left in the store's sidecar
-    os.unlink(kfac_sidecar(store))
+    data = open(kfac_sidecar(store), "rb").read()
+    open(kfac_sidecar(store), "wb").write(data[: len(data) // 2])
     reference = fresh.fit(batches, store=store, progress=False)
-    assert sum(calls) == len(setup.train)  # without the sidecar the K-FAC pass runs
+    assert sum(calls) == len(setup.train)  # a damaged sidecar is ignored: the K-FAC pass runs
     for fitted_curvature in (reused, from_sidecar):
         for name, inv in reference.inverses.items():
             for key, t in inv.tensors().items():
@@ -512,20 +513,6 @@ def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
                 if key.startswith("eigvecs"):  # eigenvectors are defined up to sign
                     got, t = got.abs(), t.abs()
                 torch.testing.assert_close(got, t, rtol=1e-9, atol=1e-12)
-
-
-def test_a_damaged_kfac_sidecar_is_ignored_and_the_pass_runs(tmp_path):
-    setup = lm_setup()
-    batches = batched(setup, setup.train, "t")
-    calls, counting_loss = counting_lm_loss()
-    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
-    store = at.featurize(batches, tmp_path / "s", dtype="float32", progress=False)
-    data = open(kfac_sidecar(store), "rb").read()
-    open(kfac_sidecar(store), "wb").write(data[: len(data) // 2])
-    calls.clear()
-    fresh = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
-    fresh.fit(batches, store=store, progress=False)
-    assert sum(calls) == len(setup.train)
 
 
 def test_a_resumed_featurize_leaves_the_kfac_pass_to_fit(tmp_path):
