@@ -90,6 +90,14 @@ def device_slug(head: dict[str, str]) -> str:
     return f"gpu-{name}"
 
 
+def results_dir(out: Path | None, quick: bool, head: dict[str, str]) -> Path | None:
+    """Where a bench writes its CSV: ``--out`` if given, else nothing for ``--quick``, else
+    benches/results/<device-slug>/."""
+    if out is not None:
+        return out
+    return None if quick else RESULTS / device_slug(head)
+
+
 def print_header(head: dict[str, str], title: str) -> None:
     print(f"# {title}")
     for key, value in head.items():

@@ -385,7 +385,7 @@ def main(argv=None) -> int:
     for line in targets(rows, args.quick):
         print(line)
 
-    out = args.out if args.out is not None else (None if args.quick else C.RESULTS / C.device_slug(head))
+    out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         path = C.write_csv(out / "bench_ops.csv", rows, COLUMNS, head)
         print(f"\n# wrote {path}")

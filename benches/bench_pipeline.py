@@ -472,7 +472,7 @@ def main(argv=None) -> int:
     print(f"\n## targets (load average now {_load()})")
     for line in targets(rows, args.quick):
         print(line)
-    out = args.out if args.out is not None else (None if args.quick else C.RESULTS / C.device_slug(head))
+    out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         name = "bench_pipeline_fixed_shape.csv" if args.pad_to_max else "bench_pipeline.csv"
         path = C.write_csv(out / name, rows, COLUMNS, head)

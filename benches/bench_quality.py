@@ -58,9 +58,6 @@ COLUMNS = ("task", "method", "library", "lds", "lds_ci_lo", "lds_ci_hi", "second
 AGREEMENT_COLUMNS = ("task", "method_a", "method_b", "spearman_mean", "spearman_min", "what", "target")
 TASKS = ("digits", "lm")
 DEFAULT_SUBSETS = {"digits": 50, "lm": 32}
-LDS_MATCH = 0.001
-"""LDS difference counted as a match (the same math in float32 vs float64 moves the LDS in its fourth
-decimal; the bootstrap intervals are ~0.1 wide)."""
 AGREEMENT = {  # (method a, method b, what, part of the >= 0.9 target)
     "digits": (
         ("airtrace ekfac iso", "kronfluence ekfac λ", "EK-FAC, same settings (unprojected math, damping 1e-3)", True),
@@ -344,10 +341,9 @@ def run_task(name: str, args: argparse.Namespace) -> tuple[str, str, list[dict],
     peers = [r for r in done if r["library"] != "airtrace"]
     if ours and peers:
         best, best_peer = max(ours, key=lambda r: r["lds"]), max(peers, key=lambda r: r["lds"])
-        ok = best["lds"] >= best_peer["lds"] - LDS_MATCH
-        print(f"{'PASS' if ok else 'MISS'}  best airtrace LDS {best['lds']:.4f} ({best['method']}, {best['seconds']:.1f} s)"
-              f" >= best peer {best_peer['lds']:.4f} ({best_peer['method']}, {best_peer['seconds']:.1f} s)"
-              f" - {LDS_MATCH} (match)")
+        ok = best["lds"] >= best_peer["lds"]
+        print(f"{'PASS' if ok else 'MISS'}  best airtrace LDS {best['lds']:.6f} ({best['method']}, {best['seconds']:.1f} s)"
+              f" >= best peer {best_peer['lds']:.6f} ({best_peer['method']}, {best_peer['seconds']:.1f} s)")
     for r in agreement:
         if r["target"]:
             ok = r["spearman_min"] >= 0.9
@@ -374,7 +370,7 @@ def main(argv=None) -> int:
     if args.quick:
         print("(--quick: small tasks and few subsets, figures are a smoke test, not results)")
 
-    out = args.out if args.out is not None else (None if args.quick else C.RESULTS / C.device_slug(head))
+    out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         stem = "bench_quality" if "digits" in args.tasks else "bench_quality_" + "_".join(args.tasks)
         rows = [r for _, _, task_rows, _ in results for r in task_rows]
