@@ -789,7 +789,7 @@ class Task:
 
 
 def load_task(spec: str) -> Task:
-    """Import ``package.module:function`` (the current directory is searched too) and call it.
+    """Import ``package.module:function`` (the current directory is searched last) and call it.
 
     Raises:
         ValueError: malformed spec, module or function not found, or a result that is
@@ -799,7 +799,7 @@ def load_task(spec: str) -> Task:
     if not sep or not module_name or not attr:
         raise ValueError(f"--model must look like package.module:function, got {spec!r}")
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())  # last, so an installed package is never shadowed by a folder here
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -1,1 +1,0 @@
-"""Triton kernels shipped as airtrace.kernels."""
