@@ -108,7 +108,7 @@ def inference_cost_rows(pairs, base: Encoder, k: int, progress: bool, repeats: i
 
     Medians of ``repeats`` interleaved timings of each, after one untimed warm-up batch.
     """
-    from airtrace.demo import data
+    from airtrace import data
     from airtrace.demo import run as demo
     from airtrace.demo.models import load_smollm2
 

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import airtrace  # noqa: E402
-from airtrace import ops  # noqa: E402
 
 SECTIONS = ("factored", "dense", "score", "memory", "pool")
 COLUMNS = ("op", "shape", "dtype", "backend", "tensor_device", "median_ms", "repeats",
@@ -136,13 +135,13 @@ class Bench:
                 P_in = randn(d, k, device=self.device, seed=SEED + 2) / math.sqrt(d)
                 P_out = randn(d, k, device=self.device, seed=SEED + 3) / math.sqrt(d)
                 shape = f"B={B} T={T} d={d} k={k}"
-                t_ref, reps = self.time(lambda: ops.project_factored(A, G, P_in, P_out, backend="torch"))
+                t_ref, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend="torch"))
                 self.add("project_factored", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
                 t_gemm = None
                 if self.device == "cuda":  # (B*T, d) @ (d, k_in + k_out + k_in*k_out/d): the op's FLOPs
                     t_gemm = self.gemm("project_factored", shape, dname, B * T, 2 * k + round(k * k / d), d, dtype)
                 for be in self.backends:
-                    t, reps = self.time(lambda: ops.project_factored(A, G, P_in, P_out, backend=be))
+                    t, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend=be))
                     self.add("project_factored", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
                              x_gemm=t / t_gemm if t_gemm else None)
                 del A, G
@@ -155,8 +154,8 @@ class Bench:
             # The reference materialises hash entries chunk by chunk (4096 rows): its time is
             # linear in p, so it is timed on the first p_sub rows and scaled to p.
             p_sub = min(p, max(4096, self.plan.dense_ref_entries // k // 4096 * 4096))
-            ops.project_dense(X[:, :4096], k, SEED, kind, backend="torch")  # warm-up: one chunk
-            t_sub, reps = self.time(lambda: ops.project_dense(X[:, :p_sub], k, SEED, kind, backend="torch"),
+            airtrace.project_dense(X[:, :4096], k, SEED, kind, backend="torch")  # warm-up: one chunk
+            t_sub, reps = self.time(lambda: airtrace.project_dense(X[:, :p_sub], k, SEED, kind, backend="torch"),
                                     slow=True, warmup=0)
             t_ref = t_sub * p / p_sub
             note = f"timed on {p_sub} rows, scaled x{p / p_sub:.3g}" if p_sub < p else ""
@@ -178,7 +177,7 @@ class Bench:
                      ratio_vs_ref=t_ref / t_mat, ratio_vs_materialised=1.0, note=f"torch.randn({chunk}, {k}) chunks")
             t_gemm = self.gemm("project_dense", shape, "fp32", B, k, p, torch.float32) if self.device == "cuda" else None
             for be in self.backends:
-                t, reps = self.time(lambda: ops.project_dense(X, k, SEED, kind, backend=be))
+                t, reps = self.time(lambda: airtrace.project_dense(X, k, SEED, kind, backend=be))
                 self.add("project_dense", shape, "fp32", be, t, reps, ratio_vs_ref=t_ref / t,
                          ratio_vs_materialised=t_mat / t, x_gemm=t / t_gemm if t_gemm else None)
             del X
@@ -190,11 +189,11 @@ class Bench:
                 X = randn(n, k, dtype=dtype, device=self.device)
                 Q = randn(q, k, dtype=dtype, device=self.device, seed=SEED + 1)
                 shape = f"n={sci(n)} q={q} k={k} topk={TOPK}"
-                t_ref, reps = self.time(lambda: ops.score_topk(Q, X, TOPK, backend="torch"), slow=True)
+                t_ref, reps = self.time(lambda: airtrace.score_topk(Q, X, TOPK, backend="torch"), slow=True)
                 self.add("score_topk", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
                 t_gemm = self.gemm("score_topk", shape, dname, q, n, k, dtype) if self.device == "cuda" else None
                 for be in self.backends:
-                    t, reps = self.time(lambda: ops.score_topk(Q, X, TOPK, backend=be))
+                    t, reps = self.time(lambda: airtrace.score_topk(Q, X, TOPK, backend=be))
                     self.add("score_topk", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
                              x_gemm=t / t_gemm if t_gemm else None)
                 del X, Q
@@ -209,12 +208,12 @@ class Bench:
                 members = torch.randint(0, n, (G * size,), generator=gen, device=self.device)
                 offsets = torch.arange(0, G * size + 1, size, device=self.device)
                 shape = f"q={q} n={sci(n)} d={d} G={sci(G)}x{size}"
-                t_ref, reps = self.time(lambda: ops.group_pool_scores(Q, X, offsets, members, backend="torch"), slow=True)
+                t_ref, reps = self.time(lambda: airtrace.group_pool_scores(Q, X, offsets, members, backend="torch"), slow=True)
                 self.add("group_pool_scores", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
                 # the member dot products as one dense matmul: (q, d) @ (d, G * size)
                 t_gemm = self.gemm("group_pool_scores", shape, dname, q, G * size, d, dtype) if self.device == "cuda" else None
                 for be in self.backends:
-                    t, reps = self.time(lambda: ops.group_pool_scores(Q, X, offsets, members, backend=be))
+                    t, reps = self.time(lambda: airtrace.group_pool_scores(Q, X, offsets, members, backend=be))
                     self.add("group_pool_scores", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
                              x_gemm=t / t_gemm if t_gemm else None)
                 del X, Q, members
@@ -252,7 +251,7 @@ def memory_case(method: str, n: int, q: int, k: int, device: str = "cpu"):
             return torch.topk(Q @ x.T, TOPK, dim=1)
     else:
         def fn(x):
-            return ops.score_topk(Q, x, TOPK, backend=method)
+            return airtrace.score_topk(Q, x, TOPK, backend=method)
     fn(X[: min(n, 1024)])
     return lambda: fn(X)
 

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from airtrace.backends.compiled import dtype_code
+from airtrace.ops.backends import dtype_code
 
 MAX_QUERY_BLOCKS = 65535  # grid axis 1 limit
 

@@ -1,7 +1,7 @@
 """Counter-based projection entries as Triton device functions.
 
 The same uint32 recipe as ``csrc/include/airtrace/hash.h`` and
-``airtrace.ref.hash``: Rademacher entries are bit-identical to the reference,
+``airtrace.ops.hash``: Rademacher entries are bit-identical to the reference,
 Gaussian entries agree to fp32 rounding.
 """
 

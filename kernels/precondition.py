@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from airtrace.backends.compiled import dtype_code
+from airtrace.ops.backends import dtype_code
 
 MAX_SIDE = 128  # largest padded k_out / k_in: the program holds whole (k_out, k_in) tiles
 

@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from airtrace.backends.compiled import dtype_code
+from airtrace.ops.backends import dtype_code
 from airtrace.kernels.hash import box_muller, col_key, mix32, rademacher, row_key
-from airtrace.ref.hash import seed_key
+from airtrace.ops.hash import seed_key
 
 PROGRAMS = 512  # split p until about this many programs run: fills a GPU several times over
 

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from airtrace.backends.compiled import dtype_code
+from airtrace.ops.backends import dtype_code
 
 PROGRAMS = 512  # split T until about this many programs run: fills a GPU several times over
 

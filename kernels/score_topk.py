@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from airtrace.backends.compiled import dtype_code
-from airtrace.ref.score import NORM_EPS, merge_topk
+from airtrace.ops.backends import dtype_code
+from airtrace.ops.merge_topk import NORM_EPS, merge_topk
 
 PROGRAMS = 512  # split n until about this many programs run: fills a GPU several times over
 

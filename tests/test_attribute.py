@@ -13,10 +13,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from airtrace import Attributor, StoreError, ops, scoring
-from airtrace.attribute import kfac_sidecar
+from airtrace import Attributor, StoreError, scoring
 from airtrace.capture import GradientCapture, make_projections, per_example_loss, response_labels, select_layers
+from airtrace.ops.project_dense import project_dense
 from airtrace.store import Store
+from airtrace.store.sidecars import kfac_sidecar
 
 F64 = torch.float64
 K_IN, K_OUT, SEED = 3, 4, 5
@@ -324,7 +325,7 @@ def test_exact_small_projects_only_the_wide_sides():
     at = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=True))
     plain = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED))
     for spec in at.layers:
-        (p_in, p_out), (q_in, q_out) = at._projections[spec.name], plain._projections[spec.name]
+        (p_in, p_out), (q_in, q_out) = at.featurizer.projections[spec.name], plain.featurizer.projections[spec.name]
         for d, k, exact, projected in ((spec.d_in, 7, p_in, q_in), (spec.d_out, 6, p_out, q_out)):
             assert torch.equal(exact, torch.eye(d, dtype=F64) if d <= k else projected), spec.name
     assert at.dims["head"] == (6, 6) and at.dims["up"] == (6, 6) and at.dims["tok"] == (6, 7)
@@ -404,8 +405,8 @@ def test_dense_projection_with_fisher_equals_brute_force(tmp_path):
     at.fit(store=store, progress=False)
     scores = run_score(at, "mlp", store, topk=5)
     train, queries = brute("mlp")
-    X = ops.project_dense(train.flat, DENSE["k"], SEED, "gaussian", backend="torch")
-    Q = ops.project_dense(queries.flat, DENSE["k"], SEED, "gaussian", backend="torch")
+    X = project_dense(train.flat, DENSE["k"], SEED, "gaussian", backend="torch")
+    Q = project_dense(queries.flat, DENSE["k"], SEED, "gaussian", backend="torch")
     F = X.T @ X / X.shape[0]
     H = F + FACTOR * float(F.diagonal().mean()) * torch.eye(F.shape[0], dtype=F64)
     assert_topk_matches(scores, torch.linalg.solve(H, Q.T).T @ X.T, 5)
@@ -421,7 +422,7 @@ def test_kept_dense_matrix_equals_the_on_the_fly_projection(monkeypatch, kind):
     projection = dict(type="dense", k=24, seed=SEED, kind=kind)
     batch = setup.collate(setup.train[:5])
     kept = Attributor(model, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
-    monkeypatch.setattr("airtrace.attribute.DENSE_MATRIX_MAX_ENTRIES", 0)
+    monkeypatch.setattr("airtrace.attribute.featurizer.DENSE_MATRIX_MAX_ENTRIES", 0)
     on_the_fly = Attributor(model, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
     assert kept.dtype == on_the_fly.dtype == torch.float32
     torch.testing.assert_close(kept, on_the_fly, rtol=1e-5, atol=1e-6 * float(on_the_fly.abs().max()))

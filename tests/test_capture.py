@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from airtrace import ops
 from airtrace.capture import (
     GradientCapture,
     Projections,
@@ -16,6 +15,7 @@ from airtrace.capture import (
     response_labels,
     select_layers,
 )
+from airtrace.ops.project_dense import project_dense
 
 K_IN, K_OUT, SEED = 3, 4, 7
 
@@ -237,8 +237,8 @@ def test_flat_blocks_feed_dense_projection():
     singles = [lambda b=b: per_example_loss(model(x[b : b + 1]), y[b : b + 1]).sum() for b in range(3)]
     expected = torch.cat(list(brute_force(model, layers, singles, None).values()), 1)
     blocks = list(captured(model, layers, lambda: per_example_loss(model(x), y), None).values())
-    out = ops.project_dense(blocks, 16, 5, "gaussian", backend="torch")
-    torch.testing.assert_close(out, ops.project_dense(expected, 16, 5, "gaussian", backend="torch"))
+    out = project_dense(blocks, 16, 5, "gaussian", backend="torch")
+    torch.testing.assert_close(out, project_dense(expected, 16, 5, "gaussian", backend="torch"))
 
 
 def test_float32_default_backend_matches_float64_brute_force():

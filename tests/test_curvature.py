@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from airtrace import curvature as cv
-from airtrace import ref
-from airtrace.ref.precondition import precondition_ekfac
+from airtrace.curvature.methods import kfac as kfac_method
+from airtrace.ops.precondition import reference as precondition_ekfac
+from airtrace.ops.project_factored import reference as project_factored_reference
 
 F64 = torch.float64
 METHODS = ["fisher", "lowrank", "kfac", "ekfac"]
@@ -99,7 +100,7 @@ def model_data() -> Data:
     acts, grads, feats = {}, {}, {}
     for name, (P_in, P_out) in _projections().items():
         acts[name], grads[name] = A[name] @ P_in, G[name] @ P_out
-        feats[name] = ref.project_factored(A[name], G[name], P_in, P_out, mask)
+        feats[name] = project_factored_reference(A[name], G[name], P_in, P_out, mask)
     return Data(acts, grads, mask.to(F64), feats)
 
 
@@ -264,8 +265,8 @@ def test_inexact_precondition_is_float32_and_close_to_float64(method, monkeypatc
     data = model_data()
     fit = _fit(method, data)
     kernel_dtypes = []
-    kernel = cv.ops.precondition
-    monkeypatch.setattr(cv.ops, "precondition", lambda G_hat, *a, **k: kernel_dtypes.append(G_hat.dtype) or kernel(G_hat, *a, **k))
+    kernel = kfac_method.precondition
+    monkeypatch.setattr(kfac_method, "precondition", lambda G_hat, *a, **k: kernel_dtypes.append(G_hat.dtype) or kernel(G_hat, *a, **k))
     x32 = {name: x.float() for name, x in data.features.items()}
     fast, exact = fit.precondition(x32, exact=False), fit.precondition(data.features)
     if method in ("kfac", "ekfac"):  # the fused kernel ran in float32, the exact path in float64

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from airtrace.capture import IGNORE_INDEX
-from airtrace.demo import data, report
+from airtrace import data
+from airtrace.demo import report
 
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("chatterbot_corpus") is None, reason="chatterbot-corpus is not installed"

@@ -20,7 +20,8 @@ from torch import nn
 
 from airtrace import Attributor, Task, cli, distributed
 from airtrace.capture import per_example_loss
-from airtrace.store import MANIFEST, Store, StoreError, StoreWriter
+from airtrace.attribute.ranks import rank_store_path
+from airtrace.store import MANIFEST, Store, StoreError, StoreWriter, merge_stores
 
 HERE = Path(__file__).resolve().parent
 N_TRAIN, N_QUERY, BATCH, ROWS_PER_SHARD = 26, 5, 4, 5
@@ -126,7 +127,7 @@ def test_api_two_ranks_equal_single_process(single, tmp_path):
 def test_split_helpers_partition_the_work():
     blocks = [distributed.block(7, r, 3) for r in range(3)]
     assert blocks == [(0, 2), (2, 4), (4, 7)]
-    assert distributed.rank_store_path("/x/s", 1, 2) == "/x/s.parts/rank-00001-of-00002"
+    assert rank_store_path("/x/s", 1, 2) == "/x/s.parts/rank-00001-of-00002"
     batches = iter([1, 2])
     assert not distributed.active() and distributed.rank_batches(batches) is batches
     assert distributed.share(7) == 7 and distributed.share(None) is None
@@ -152,13 +153,13 @@ def test_merge_stores_equals_one_writer_and_checks_settings(tmp_path):
     write(tmp_path / "one", 0, 26)
     write(tmp_path / "a", 0, 9)
     write(tmp_path / "b", 9, 26)
-    merged = distributed.merge_stores([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "merged", progress=False)
+    merged = merge_stores([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "merged", progress=False)
     assert merged.ids == ids and len(merged.shards) == 7
     for name in os.listdir(tmp_path / "one"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes(), name
     write(tmp_path / "c", 0, 2, fingerprint="other")
     with pytest.raises(StoreError, match="fingerprint"):
-        distributed.merge_stores([str(tmp_path / "a"), str(tmp_path / "c")], tmp_path / "bad", progress=False)
+        merge_stores([str(tmp_path / "a"), str(tmp_path / "c")], tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="boom"), distributed.all_or_none("work"):
         raise ValueError("boom")
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from airtrace.demo.data import format_example
+from airtrace.data import format_example
 from airtrace.eval.tasks import lm_eval
 from airtrace.eval.tasks.lm import GPT, LMConfig, LMTask, WordTokenizer, answer_losses, lm_config, words
 from airtrace.eval.tasks.lm import _mean_answer_loss

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from airtrace import ops, ref
+from airtrace.ops.group_pool_scores import group_pool_scores, reference
 from conftest import COMPILED_DTYPES, assert_close_to_reference
 
 # (q, n, d, sizes of the random groups); every case also gets the special groups of _groups.
@@ -59,8 +59,8 @@ def _brute_force(Q: torch.Tensor, X: torch.Tensor, offsets: torch.Tensor, member
 @pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
 def test_matches_float64_reference(backend, device, q, n, d, sizes, dtype):
     Q, X, offsets, members = _inputs(q, n, d, sizes, dtype)
-    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
-    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    expected = reference(Q.double(), X.double(), offsets, members)
+    out = group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
     assert out.dtype == torch.float32 and out.device.type == device.type
     assert_close_to_reference(out, expected, dtype)
 
@@ -71,8 +71,8 @@ def test_many_queries_and_groups_spanning_tiles(backend, device, dtype):
         pytest.skip("too large for the Triton CPU interpreter; the small shapes cover the kernel")
     q, n, d, sizes = LARGE_Q
     Q, X, offsets, members = _inputs(q, n, d, sizes, dtype, seed=3)
-    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
-    assert_close_to_reference(ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend), expected, dtype)
+    expected = reference(Q.double(), X.double(), offsets, members)
+    assert_close_to_reference(group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend), expected, dtype)
 
 
 def test_many_small_groups(backend, device):
@@ -84,8 +84,8 @@ def test_many_small_groups(backend, device):
     sizes = torch.randint(0, 4, (1500,), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
     members = torch.randint(0, 50, (int(offsets[-1]),), generator=g)
-    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
-    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    expected = reference(Q.double(), X.double(), offsets, members)
+    out = group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
     assert_close_to_reference(out, expected, torch.float32)
 
 
@@ -106,9 +106,9 @@ def _exact_inputs(big: float, scale: float, dtype: torch.dtype, q=4, n=60, d=5, 
 @pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
 def test_very_large_and_very_small_scores(backend, device, big, scale, dtype):
     Q, X, offsets, members = _exact_inputs(big, scale, dtype)
-    expected = ref.group_pool_scores(Q.double(), X.double(), offsets, members)
+    expected = reference(Q.double(), X.double(), offsets, members)
     assert torch.isfinite(expected).all()
-    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    out = group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
     assert torch.isfinite(out).all()
     assert_close_to_reference(out, expected, torch.float32)  # exact scores: fp32 pooling error only
 
@@ -124,7 +124,7 @@ def test_hand_computed_groups(backend, device):
         -3.0,  # {2}
         (e * 1 + e**2 * 2 - e**3 * 3) / (e + e**2 + e**3),  # {0, 1, 2}
     ]
-    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+    out = group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
     torch.testing.assert_close(out.cpu().double(), torch.tensor([expected], dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
@@ -132,7 +132,7 @@ def test_hand_computed_groups(backend, device):
 def test_non_finite_scores_give_nan_for_their_group_only(backend, device):
     Q, X = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [float("inf"), 1.0]])
     offsets, members = torch.tensor([0, 2, 3, 4, 5]), torch.tensor([0, 1, 0, 2, 0])
-    out = ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend).cpu()
+    out = group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend).cpu()
     assert torch.isnan(out[0, 0]) and torch.isnan(out[0, 2])
     assert out[0, 1] == 1.0 and out[0, 3] == 1.0
 
@@ -141,21 +141,21 @@ def test_reference_equals_brute_force_loop():
     Q, X, offsets, members = _inputs(3, 12, 5, [4, 7], torch.float64, seed=5)
     Q = Q * 3  # |s| up to ~30: far from uniform weights
     expected = _brute_force(Q, X, offsets, members)
-    torch.testing.assert_close(ref.group_pool_scores(Q, X, offsets, members), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ops.group_pool_scores(Q, X, offsets, members), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference(Q, X, offsets, members), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(group_pool_scores(Q, X, offsets, members), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_tiles_do_not_change_the_result():
     Q, X, offsets, members = _inputs(4, 50, 6, [30, 2, 11, 0, 25], torch.float64, seed=2)
-    whole = ref.group_pool_scores(Q, X, offsets, members)
-    torch.testing.assert_close(ref.group_pool_scores(Q, X, offsets, members, tile=7), whole, rtol=1e-12, atol=1e-12)
+    whole = reference(Q, X, offsets, members)
+    torch.testing.assert_close(reference(Q, X, offsets, members, tile=7), whole, rtol=1e-12, atol=1e-12)
 
 
 def test_float64_inputs_run_on_the_reference():
     Q, X, offsets, members = _inputs(2, 10, 3, [4], torch.float64)
-    out = ops.group_pool_scores(Q, X, offsets, members)
+    out = group_pool_scores(Q, X, offsets, members)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, ref.group_pool_scores(Q, X, offsets, members))
+    torch.testing.assert_close(out, reference(Q, X, offsets, members))
 
 
 def test_compiled_backend_rejects_float64(backend):
@@ -164,14 +164,14 @@ def test_compiled_backend_rejects_float64(backend):
     Q, X, offsets, members = _inputs(2, 10, 3, [4], torch.float64)
     device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
     with pytest.raises(ValueError, match="train: backend .* supports float32"):
-        ops.group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
+        group_pool_scores(*_on(device, Q, X, offsets, members), backend=backend)
 
 
 def test_degenerate_sizes_give_zeros():
     X = torch.randn(4, 3)
-    assert ops.group_pool_scores(torch.randn(0, 3), X, torch.tensor([0, 1]), torch.tensor([2])).shape == (0, 1)
-    assert ops.group_pool_scores(torch.randn(2, 3), X, torch.tensor([0]), torch.tensor([], dtype=torch.int64)).shape == (2, 0)
-    out = ops.group_pool_scores(torch.randn(2, 3), X, torch.tensor([0, 0, 0]), torch.tensor([], dtype=torch.int64))
+    assert group_pool_scores(torch.randn(0, 3), X, torch.tensor([0, 1]), torch.tensor([2])).shape == (0, 1)
+    assert group_pool_scores(torch.randn(2, 3), X, torch.tensor([0]), torch.tensor([], dtype=torch.int64)).shape == (2, 0)
+    out = group_pool_scores(torch.randn(2, 3), X, torch.tensor([0, 0, 0]), torch.tensor([], dtype=torch.int64))
     assert torch.equal(out, torch.zeros(2, 2))
 
 
@@ -204,9 +204,9 @@ Q3, X3 = torch.randn(2, 3), torch.randn(5, 3)
 )
 def test_bad_input_names_the_argument(queries, train, offsets, members, message):
     with pytest.raises(ValueError, match=message):
-        ops.group_pool_scores(queries, train, offsets, members)
+        group_pool_scores(queries, train, offsets, members)
 
 
 def test_non_tensor_offsets_are_rejected():
     with pytest.raises(TypeError, match="offsets must be a torch.Tensor, got list"):
-        ops.group_pool_scores(Q3, X3, [0, 1], torch.tensor([0]))
+        group_pool_scores(Q3, X3, [0, 1], torch.tensor([0]))

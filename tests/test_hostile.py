@@ -81,7 +81,7 @@ def test_truncated_shard_fails_the_resume_and_nothing_is_deleted(tmp_path):
 
 
 def test_flipped_byte_in_an_ids_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("airtrace.store.IDS_INLINE_MAX", 2)  # shards of 3 rows keep their ids in a file
+    monkeypatch.setattr("airtrace.store.writer.IDS_INLINE_MAX", 2)  # shards of 3 rows keep their ids in a file
     path = tmp_path / "s"
     _interrupted(path)
     ids_file = path / IDS_FMT.format(1)

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from airtrace import available, ops, ref
+from airtrace import available
+from airtrace.ops.precondition import precondition, reference
 from conftest import COMPILED_DTYPES, TOLERANCE, assert_close_to_reference
 
 F64 = torch.float64
@@ -32,7 +33,7 @@ def _inputs(shape, dtype, device, seed=0):
 
 
 def _reference(G_hat, Q_G, Q_A, Lam, damping=DAMPING):
-    return ref.precondition_ekfac(*(t.to("cpu", F64) for t in (G_hat, Q_G, Q_A, Lam)), damping)
+    return reference(*(t.to("cpu", F64) for t in (G_hat, Q_G, Q_A, Lam)), damping)
 
 
 def _dense_inverse(Q_G, Q_A, Lam, damping):
@@ -46,7 +47,7 @@ def _dense_inverse(Q_G, Q_A, Lam, damping):
 @pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
 def test_matches_float64_reference(backend, device, shape, dtype):
     G_hat, Q_G, Q_A, Lam = _inputs(shape, dtype, device)
-    out = ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend=backend)
+    out = precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend=backend)
     assert out.dtype == torch.float32 and out.device.type == device.type and out.shape == shape
     assert_close_to_reference(out, _reference(G_hat, Q_G, Q_A, Lam), dtype)
 
@@ -68,7 +69,7 @@ def test_equals_dense_kronecker_inverse(backend, device, method):
     expected = (G_hat.double().reshape(B, -1) @ inverse.T).reshape(B, k_out, k_in)
     dtype = F64 if backend == "torch" else torch.float32
     args = [t.to(device, dtype) for t in (G_hat, Q_G, Q_A, Lam)]
-    out = ops.precondition(*args, 0.05, backend=backend)
+    out = precondition(*args, 0.05, backend=backend)
     # Q_G, Q_A are orthonormal to fp32 round-off only, hence the float32 tolerance for every backend.
     assert (out.cpu().double() - expected).abs().max() <= TOLERANCE[torch.float32] * expected.abs().max()
 
@@ -76,7 +77,7 @@ def test_equals_dense_kronecker_inverse(backend, device, method):
 def test_reference_is_exact_in_float64():
     G_hat, Q_G, Q_A, Lam = _inputs((2, 4, 3), F64, "cpu")
     Q_G, Q_A, Lam = _factors(4, 3, dtype=F64)
-    out = ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend="torch")
+    out = precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend="torch")
     expected = (G_hat.reshape(2, -1) @ _dense_inverse(Q_G, Q_A, Lam, DAMPING).T).reshape(2, 4, 3)
     assert out.dtype == F64
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
@@ -85,11 +86,11 @@ def test_reference_is_exact_in_float64():
 def test_float64_auto_runs_the_float64_reference(monkeypatch):
     G_hat, Q_G, Q_A, Lam = _inputs((2, 3, 4), F64, "cpu")
     expected = _reference(G_hat, Q_G, Q_A, Lam)
-    out = ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING)
+    out = precondition(G_hat, Q_G, Q_A, Lam, DAMPING)
     assert out.dtype == F64
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     monkeypatch.setenv("AIRTRACE_BACKEND", "cpu")  # names a compiled backend, which float64 cannot use
-    torch.testing.assert_close(ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(precondition(G_hat, Q_G, Q_A, Lam, DAMPING), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_backend_rejects_float64():
@@ -97,7 +98,7 @@ def test_compiled_backend_rejects_float64():
         pytest.skip("backend 'cpu' not built")
     G_hat, Q_G, Q_A, Lam = _inputs((1, 2, 2), F64, "cpu")
     with pytest.raises(ValueError, match="backend 'cpu' supports float32, bfloat16 and float16"):
-        ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend="cpu")
+        precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend="cpu")
 
 
 def test_zero_damping_and_noncontiguous_input(backend, device):
@@ -105,7 +106,7 @@ def test_zero_damping_and_noncontiguous_input(backend, device):
     G_t = G_hat.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major storage
     assert not G_t.is_contiguous()
     Lam = Lam + 0.5
-    out = ops.precondition(G_t, Q_G, Q_A, Lam, 0.0, backend=backend)
+    out = precondition(G_t, Q_G, Q_A, Lam, 0.0, backend=backend)
     assert_close_to_reference(out, _reference(G_hat, Q_G, Q_A, Lam, 0.0), torch.float32)
 
 
@@ -113,7 +114,7 @@ def test_zero_damping_and_noncontiguous_input(backend, device):
 def test_empty_gives_zeros(backend, device, shape):
     B, k_out, k_in = shape
     G_hat, Q_G, Q_A, Lam = (torch.randn(*s, device=device) for s in (shape, (k_out, k_out), (k_in, k_in), (k_out, k_in)))
-    out = ops.precondition(G_hat, Q_G, Q_A, Lam.abs(), DAMPING, backend=backend)
+    out = precondition(G_hat, Q_G, Q_A, Lam.abs(), DAMPING, backend=backend)
     assert out.shape == shape and out.dtype == torch.float32 and out.device.type == device.type
 
 
@@ -123,7 +124,7 @@ def test_large_sides(backend, device, shape):
     if backend == "triton":
         pytest.skip("backend 'triton' holds whole tiles: k_out, k_in <= 128 (see test_triton_rejects_large_sides)")
     G_hat, Q_G, Q_A, Lam = _inputs(shape, torch.float32, device)
-    out = ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend=backend)
+    out = precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend=backend)
     assert_close_to_reference(out, _reference(G_hat, Q_G, Q_A, Lam), torch.float32)
 
 
@@ -134,7 +135,7 @@ def test_triton_rejects_large_sides():
 
     G_hat, Q_G, Q_A, Lam = _inputs((1, 2, MAX_SIDE + 1), torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match=f"backend 'triton' supports k_out, k_in <= {MAX_SIDE}; use backend='cuda'"):
-        ops.precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend="triton")
+        precondition(G_hat, Q_G, Q_A, Lam, DAMPING, backend="triton")
 
 
 def _args(**change):
@@ -164,12 +165,12 @@ def _args(**change):
 )
 def test_bad_input_names_the_argument(change, message):
     with pytest.raises(ValueError, match=message):
-        ops.precondition(**_args(**change))
+        precondition(**_args(**change))
 
 
 def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
-        ops.precondition(**_args(), backend="tpu")
+        precondition(**_args(), backend="tpu")
 
 
 def test_extensions_export_precondition():

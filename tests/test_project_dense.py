@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from airtrace import ops, ref
-from airtrace.ref import hash as rhash
+from airtrace.ops import hash as rhash
+from airtrace.ops.hash import dense_entries
+from airtrace.ops.project_dense import project_dense, reference
 from conftest import COMPILED_DTYPES, assert_close_to_reference
 
 M32 = 0xFFFFFFFF
@@ -30,7 +31,7 @@ def entry_int(seed: int, row: int, col: int, k: int) -> float:
 
 def test_reference_hash_matches_plain_integer_recipe():
     rows = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**40 + 11]
-    got = ref.dense_entries(torch.tensor(rows), 6, seed=2**32 - 3)
+    got = dense_entries(torch.tensor(rows), 6, seed=2**32 - 3)
     want = torch.tensor([[entry_int(2**32 - 3, r, c, 6) for c in range(6)] for r in rows], dtype=torch.float64)
     assert torch.equal(got, want)
 
@@ -50,8 +51,8 @@ def _identity_rows(p, dtype, device):
 def test_entries_equal_reference_matrix(backend, device, kind, row_offset, k):
     """Projecting identity rows returns the matrix itself: compare entries one by one."""
     p = 6
-    out = ops.project_dense(_identity_rows(p, torch.float32, device), k, seed=12345, kind=kind, row_offset=row_offset, backend=backend)
-    entries = ref.dense_entries(torch.arange(row_offset, row_offset + p), k, 12345, kind)
+    out = project_dense(_identity_rows(p, torch.float32, device), k, seed=12345, kind=kind, row_offset=row_offset, backend=backend)
+    entries = dense_entries(torch.arange(row_offset, row_offset + p), k, 12345, kind)
     if kind == "rademacher":
         assert torch.equal(out.cpu().double(), entries.float().double())
     else:
@@ -59,8 +60,8 @@ def test_entries_equal_reference_matrix(backend, device, kind, row_offset, k):
 
 
 def test_rows_past_2_32_are_not_aliased():
-    low = ref.dense_entries(torch.arange(5, 10), 64, 7)
-    high = ref.dense_entries(torch.arange(2**32 + 5, 2**32 + 10), 64, 7)
+    low = dense_entries(torch.arange(5, 10), 64, 7)
+    high = dense_entries(torch.arange(2**32 + 5, 2**32 + 10), 64, 7)
     assert not torch.equal(low, high)
 
 
@@ -69,35 +70,35 @@ def test_rows_past_2_32_are_not_aliased():
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_matches_float64_reference(backend, device, B, p, k, dtype, kind):
     X = torch.randn(B, p, generator=torch.Generator().manual_seed(p)).to(dtype)
-    out = ops.project_dense(X.to(device), k, seed=99, kind=kind, row_offset=17, backend=backend)
+    out = project_dense(X.to(device), k, seed=99, kind=kind, row_offset=17, backend=backend)
     assert out.dtype == torch.float32
-    assert_close_to_reference(out, ref.project_dense(X.double(), k, 99, kind, row_offset=17), dtype)
+    assert_close_to_reference(out, reference(X.double(), k, 99, kind, row_offset=17), dtype)
 
 
 def test_blocks_equal_their_concatenation(backend, device):
     g = torch.Generator().manual_seed(3)
     blocks = [torch.randn(3, p, generator=g).to(device) for p in (5, 1, 12, 7)]
-    split = ops.project_dense(blocks, 16, seed=4, backend=backend)
-    whole = ops.project_dense(torch.cat(blocks, dim=1), 16, seed=4, backend=backend)
+    split = project_dense(blocks, 16, seed=4, backend=backend)
+    whole = project_dense(torch.cat(blocks, dim=1), 16, seed=4, backend=backend)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_strided_rows_are_read_in_place(backend, device):
     X = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)).to(device)
     view = X[:, 10:30]  # row stride 50, not contiguous
-    out = ops.project_dense(view, 8, seed=1, backend=backend)
-    torch.testing.assert_close(out, ops.project_dense(view.contiguous(), 8, seed=1, backend=backend))
+    out = project_dense(view, 8, seed=1, backend=backend)
+    torch.testing.assert_close(out, project_dense(view.contiguous(), 8, seed=1, backend=backend))
 
 
 def test_different_seeds_give_different_matrices():
     X = torch.eye(8)
-    assert not torch.equal(ops.project_dense(X, 8, seed=1), ops.project_dense(X, 8, seed=2))
+    assert not torch.equal(project_dense(X, 8, seed=1), project_dense(X, 8, seed=2))
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_entries_have_mean_zero_and_variance_one_over_k(kind):
     k = 256
-    entries = ref.dense_entries(torch.arange(4000), k, seed=11, kind=kind)  # 1,024,000 entries
+    entries = dense_entries(torch.arange(4000), k, seed=11, kind=kind)  # 1,024,000 entries
     assert abs(entries.mean().item()) < 5 / math.sqrt(entries.numel()) / math.sqrt(k)
     assert entries.var().item() * k == pytest.approx(1.0, abs=0.01)
     if kind == "gaussian":  # kurtosis of a normal is 3, of a Rademacher variable 1
@@ -112,7 +113,7 @@ def test_inner_products_preserved_within_jl_bounds():
     X = torch.randn(n, p, generator=g, dtype=torch.float64)
     X[1] = X[0] + 0.1 * X[1]  # a correlated pair
     for kind in ("rademacher", "gaussian"):
-        Y = ops.project_dense(X, k, seed=21, kind=kind, backend="torch")
+        Y = project_dense(X, k, seed=21, kind=kind, backend="torch")
         norms = X.norm(dim=1)
         error = (Y @ Y.T - X @ X.T).abs() / torch.outer(norms, norms)
         assert error.max().item() < 4 / math.sqrt(k)
@@ -133,15 +134,15 @@ def test_bad_arguments_name_the_problem(kwargs, message):
     args = dict(X=torch.randn(2, 5), k=4, seed=0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        ops.project_dense(**args)
+        project_dense(**args)
 
 
 def test_blocks_must_share_batch_and_dtype():
     with pytest.raises(ValueError, match=r"X\[1\] must be \(B=2, p_i\)"):
-        ops.project_dense([torch.randn(2, 3), torch.randn(3, 3)], 4, seed=0)
+        project_dense([torch.randn(2, 3), torch.randn(3, 3)], 4, seed=0)
     with pytest.raises(ValueError, match="non-empty sequence"):
-        ops.project_dense([], 4, seed=0)
+        project_dense([], 4, seed=0)
 
 
 def test_empty_batch_gives_zeros():
-    assert ops.project_dense(torch.randn(0, 10), 4, seed=0).shape == (0, 4)
+    assert project_dense(torch.randn(0, 10), 4, seed=0).shape == (0, 4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from airtrace import ops, ref
+from airtrace.ops.project_factored import project_factored, reference
 from conftest import COMPILED_DTYPES, assert_close_to_reference
 
 # (B, T, d_in, d_out, k_in, k_out): odd sizes, T=1, k=1, d not a multiple of 8.
@@ -28,14 +28,14 @@ def _inputs(shape, dtype, device, seed=0):
 
 def _reference(A, G, P_in, P_out, mask=None):
     cpu64 = [None if t is None else t.to("cpu", torch.float64) for t in (A, G, P_in, P_out, mask)]
-    return ref.project_factored(*cpu64)
+    return reference(*cpu64)
 
 
 def test_reference_equals_projected_per_sample_gradient():
     """out[b] = P_out^T (sum_t m_t G_t^T A_t) P_in, the projection of the explicit weight gradient."""
     A, G, P_in, P_out, mask = _inputs((3, 6, 7, 5, 3, 2), torch.float64, "cpu")
     P_in, P_out = P_in.double(), P_out.double()
-    out = ref.project_factored(A, G, P_in, P_out, mask)
+    out = reference(A, G, P_in, P_out, mask)
     for b in range(3):
         grad = sum(float(mask[b, t]) * torch.outer(G[b, t], A[b, t]) for t in range(6))  # (d_out, d_in)
         torch.testing.assert_close(out[b], P_out.T @ grad @ P_in, rtol=1e-12, atol=1e-12)
@@ -47,7 +47,7 @@ def test_reference_equals_projected_per_sample_gradient():
 def test_matches_float64_reference(backend, device, shape, dtype, masked):
     A, G, P_in, P_out, mask = _inputs(shape, dtype, device)
     mask = mask if masked else None
-    out = ops.project_factored(A, G, P_in, P_out, mask, backend=backend)
+    out = project_factored(A, G, P_in, P_out, mask, backend=backend)
     assert out.dtype == torch.float32 and out.device.type == device.type
     assert_close_to_reference(out, _reference(A, G, P_in, P_out, mask), dtype)
 
@@ -55,26 +55,26 @@ def test_matches_float64_reference(backend, device, shape, dtype, masked):
 def test_float_mask_weights_tokens(backend, device):
     A, G, P_in, P_out, _ = _inputs((2, 5, 9, 7, 3, 4), torch.float32, device)
     weights = torch.tensor([[0.0, 0.5, 1.0, 2.0, -1.0], [1.0, 1.0, 0.0, 0.0, 3.0]], device=device)
-    out = ops.project_factored(A, G, P_in, P_out, weights, backend=backend)
+    out = project_factored(A, G, P_in, P_out, weights, backend=backend)
     assert_close_to_reference(out, _reference(A, G, P_in, P_out, weights), torch.float32)
 
 
 def test_fully_masked_sample_is_zero(backend, device):
     A, G, P_in, P_out, mask = _inputs((2, 4, 6, 5, 2, 3), torch.float32, device)
     mask[1] = False
-    out = ops.project_factored(A, G, P_in, P_out, mask, backend=backend)
+    out = project_factored(A, G, P_in, P_out, mask, backend=backend)
     assert torch.count_nonzero(out[1]) == 0
     assert torch.count_nonzero(out[0]) > 0
 
 
 def test_float64_reference_backend_keeps_float64():
     A, G, P_in, P_out, _ = _inputs((2, 3, 4, 5, 2, 2), torch.float64, "cpu")
-    assert ops.project_factored(A, G, P_in, P_out, backend="torch").dtype == torch.float64
+    assert project_factored(A, G, P_in, P_out, backend="torch").dtype == torch.float64
 
 
 @pytest.mark.parametrize("B,T", [(0, 4), (3, 0)])
 def test_empty_batch_gives_zeros(B, T):
-    out = ops.project_factored(torch.randn(B, T, 6), torch.randn(B, T, 5), torch.randn(6, 2), torch.randn(5, 3))
+    out = project_factored(torch.randn(B, T, 6), torch.randn(B, T, 5), torch.randn(6, 2), torch.randn(5, 3))
     assert out.shape == (B, 3, 2) and torch.count_nonzero(out) == 0
 
 
@@ -94,7 +94,7 @@ def test_bad_input_names_the_argument(change, message):
     args = dict(A=torch.randn(2, 3, 6), G=torch.randn(2, 3, 5), P_in=torch.randn(6, 2), P_out=torch.randn(5, 3), mask=None)
     args.update(change)
     with pytest.raises(ValueError, match=message):
-        ops.project_factored(**args)
+        project_factored(**args)
 
 
 def test_compiled_backend_rejects_float64():
@@ -104,4 +104,4 @@ def test_compiled_backend_rejects_float64():
         pytest.skip("backend 'cpu' not built")
     A, G, P_in, P_out, _ = _inputs((1, 2, 3, 3, 1, 1), torch.float64, "cpu")
     with pytest.raises(ValueError, match="backend 'cpu' supports float32, bfloat16 and float16"):
-        ops.project_factored(A, G, P_in, P_out, backend="cpu")
+        project_factored(A, G, P_in, P_out, backend="cpu")

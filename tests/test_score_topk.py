@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from airtrace import ops, ref
+from airtrace.ops.merge_topk import merge_topk
+from airtrace.ops.score_topk import reference, score_topk
 from conftest import COMPILED_DTYPES, TOLERANCE
 
 SHAPES = [(1, 1, 1, 1), (3, 50, 7, 5), (5, 300, 16, 10), (2, 129, 33, 40)]  # (q, n, k, topk)
@@ -41,7 +42,7 @@ def _check_topk(values, indices, Q, X, topk, normalize, dtype, index_offset=0):
 @pytest.mark.parametrize("normalize", [False, True], ids=["dot", "cosine"])
 def test_matches_float64_scores(backend, device, q, n, k, topk, dtype, normalize):
     Q, X = _inputs(q, n, k, dtype)
-    values, indices = ops.score_topk(Q.to(device), X.to(device), topk, normalize, index_offset=1000, backend=backend)
+    values, indices = score_topk(Q.to(device), X.to(device), topk, normalize, index_offset=1000, backend=backend)
     assert values.shape == (q, topk) and indices.dtype == torch.int64
     _check_topk(values, indices, Q, X, topk, normalize, dtype, index_offset=1000)
 
@@ -49,21 +50,21 @@ def test_matches_float64_scores(backend, device, q, n, k, topk, dtype, normalize
 def test_equal_scores_are_ordered_by_lower_index(backend, device):
     X = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 0.0]])
     Q = torch.tensor([[1.0, 0.0]])
-    values, indices = ops.score_topk(Q.to(device), X.to(device), 5, backend=backend)
+    values, indices = score_topk(Q.to(device), X.to(device), 5, backend=backend)
     assert indices.cpu().tolist() == [[1, 4, 0, 2, 5]]
     assert values.cpu().tolist() == [[2.0, 2.0, 1.0, 1.0, 1.0]]
 
 
 def test_zero_rows_score_zero_under_cosine(backend, device):
     X = torch.tensor([[0.0, 0.0], [3.0, 4.0], [-1.0, 0.0]])
-    values, indices = ops.score_topk(torch.tensor([[1.0, 0.0]], device=device), X.to(device), 3, normalize=True, backend=backend)
+    values, indices = score_topk(torch.tensor([[1.0, 0.0]], device=device), X.to(device), 3, normalize=True, backend=backend)
     assert indices.cpu().tolist() == [[1, 0, 2]]
     torch.testing.assert_close(values.cpu(), torch.tensor([[0.6, 0.0, -1.0]]))
 
 
 def test_large_magnitudes_keep_their_order(backend, device):
     X = torch.tensor([[1e30], [-1e30], [3e30], [1e-30]])
-    values, indices = ops.score_topk(torch.tensor([[2.0]], device=device), X.to(device), 4, backend=backend)
+    values, indices = score_topk(torch.tensor([[2.0]], device=device), X.to(device), 4, backend=backend)
     assert indices.cpu().tolist() == [[2, 0, 3, 1]]
 
 
@@ -78,7 +79,7 @@ def test_reference_never_builds_the_full_matrix(monkeypatch):
 
     monkeypatch.setattr(torch, "topk", spy)
     Q, X = _inputs(2, 1000, 4, torch.float32)
-    ref.score_topk(Q, X, 5, tile=128)
+    reference(Q, X, 5, tile=128)
     assert max(seen) == 128 + 5
 
 
@@ -86,20 +87,20 @@ def test_shards_merge_to_the_whole(backend, device):
     Q, X = _inputs(4, 230, 12, torch.float32, seed=2)
     Q, X = Q.to(device), X.to(device)
     parts = [(0, 100), (100, 101), (101, 230)]
-    results = [ops.score_topk(Q, X[a:b], 8, index_offset=a, backend=backend) for a, b in parts]
-    merged = ops.merge_topk([v for v, _ in results], [i for _, i in results], 8)
-    whole = ops.score_topk(Q, X, 8, backend=backend)
+    results = [score_topk(Q, X[a:b], 8, index_offset=a, backend=backend) for a, b in parts]
+    merged = merge_topk([v for v, _ in results], [i for _, i in results], 8)
+    whole = score_topk(Q, X, 8, backend=backend)
     assert torch.equal(merged[1], whole[1])
     torch.testing.assert_close(merged[0], whole[0])
 
 
 def test_merge_pads_when_shards_hold_fewer_than_topk():
-    v, i = ops.merge_topk([torch.tensor([[3.0]]), torch.tensor([[5.0]])], [torch.tensor([[0]]), torch.tensor([[9]])], 3)
+    v, i = merge_topk([torch.tensor([[3.0]]), torch.tensor([[5.0]])], [torch.tensor([[0]]), torch.tensor([[9]])], 3)
     assert i.tolist() == [[9, 0, -1]] and v[0, :2].tolist() == [5.0, 3.0] and v[0, 2] == float("-inf")
 
 
 def test_empty_store_gives_padding():
-    values, indices = ops.score_topk(torch.randn(2, 3), torch.randn(0, 3), 4)
+    values, indices = score_topk(torch.randn(2, 3), torch.randn(0, 3), 4)
     assert torch.all(indices == -1) and torch.all(values == float("-inf"))
 
 
@@ -114,9 +115,9 @@ def test_empty_store_gives_padding():
 )
 def test_bad_input_names_the_argument(Q, X, topk, message):
     with pytest.raises(ValueError, match=message):
-        ops.score_topk(Q, X, topk)
+        score_topk(Q, X, topk)
 
 
 def test_merge_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"values\[0\] and indices\[0\] must both be"):
-        ops.merge_topk([torch.zeros(2, 3)], [torch.zeros(2, 4, dtype=torch.int64)], 2)
+        merge_topk([torch.zeros(2, 3)], [torch.zeros(2, 4, dtype=torch.int64)], 2)

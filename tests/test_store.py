@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from airtrace import store as st
+from airtrace.store import reader, writer
 from airtrace.store import (
     IncompleteStoreError,
     ManifestError,
@@ -97,7 +97,7 @@ def test_manifest_contents(small_store):
 
 
 def test_ids_file_extras_and_default_ids(tmp_path, monkeypatch):
-    monkeypatch.setattr(st, "IDS_INLINE_MAX", 3)
+    monkeypatch.setattr(writer, "IDS_INLINE_MAX", 3)
     feats = rows(9)
     si = torch.arange(9, dtype=torch.float32)
     with StoreWriter(tmp_path / "s", FP, LAYOUT, "bfloat16", 4, META, extras={"self_influence": "float32"}) as w:
@@ -144,14 +144,14 @@ def test_prefetch_reads_ahead_but_bounded(tmp_path, monkeypatch):
     feats = rows(40)
     store = write(tmp_path / "s", feats, list(range(40)), rows_per_shard=4, batch=40)
     loaded, lock = [], threading.Lock()
-    real = st._load_shard
+    real = reader._load_shard
 
     def spy(root, config, info, **kw):
         with lock:
             loaded.append(info.index)
         return real(root, config, info, **kw)
 
-    monkeypatch.setattr(st, "_load_shard", spy)
+    monkeypatch.setattr(reader, "_load_shard", spy)
     it = store.iter_shards(prefetch=2)
     seen = []
     for chunk in it:
@@ -186,7 +186,7 @@ def test_iter_shards_validates_args_eagerly(small_store):
 
 
 def test_resume_after_kill_is_byte_identical(tmp_path, monkeypatch):
-    monkeypatch.setattr(st, "IDS_INLINE_MAX", 3)  # exercise ids files too
+    monkeypatch.setattr(writer, "IDS_INLINE_MAX", 3)  # exercise ids files too
     feats, ids = rows(22), ids_for(22)
     ref = write(tmp_path / "ref", feats, ids, dtype="bfloat16", rows_per_shard=5, batch=4)
 

@@ -25,7 +25,7 @@ import torch
 
 from airtrace.attribute import Attributor
 from airtrace.capture import make_projections, select_layers
-from airtrace.demo import data
+from airtrace import data
 from airtrace.demo.run import LAYERS, loss_fn, split
 
 MAX_LENGTH = 64
@@ -361,7 +361,7 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def _pad_collate(items):
-    """Right-pad to the longest item, as :func:`airtrace.demo.data.encode` does."""
+    """Right-pad to the longest item, as :func:`airtrace.data.encode` does."""
     width = max(item["input_ids"].shape[0] for item in items)
     pads = {"input_ids": 0, "attention_mask": 0, "labels": -100}
     return {key: torch.stack([torch.nn.functional.pad(item[key], (0, width - item[key].shape[0]), value=value)

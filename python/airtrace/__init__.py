@@ -1,16 +1,23 @@
-"""airtrace: training-data attribution engine (fused projection and streamed scoring kernels).
+"""airtrace: training-data attribution engine (fused projection and streamed scoring kernels); this facade re-exports
+the public API from the pipeline and kernels layers.
 
 The public, stable surface is what ``__all__`` lists (see "Python API" in the
 README); everything else may change between versions. Importing airtrace also
-registers the kernels as ``torch.ops.airtrace.*`` custom ops (:mod:`airtrace.torch_ops`).
+registers the kernels as ``torch.ops.airtrace.*`` custom ops (each op's module in
+:mod:`airtrace.ops` registers its own). Only apps import this facade (``airtrace.env``
+for ``__version__``); the library imports its modules directly.
 """
 
-from airtrace import torch_ops as _torch_ops  # noqa: F401  (registers torch.ops.airtrace.*)
-from airtrace._dispatch import BACKENDS, BackendUnavailable, available, unavailable_reason
 from airtrace.attribute import Attributor, Task
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
-from airtrace.ops import group_pool_scores, merge_topk, precondition, project_dense, project_factored, score_topk
+from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
+from airtrace.ops.group_pool_scores import group_pool_scores
+from airtrace.ops.merge_topk import merge_topk
+from airtrace.ops.precondition import precondition
+from airtrace.ops.project_dense import project_dense
+from airtrace.ops.project_factored import project_factored
+from airtrace.ops.score_topk import score_topk
 from airtrace.scoring import Scores
 from airtrace.store import (
     IncompleteStoreError,

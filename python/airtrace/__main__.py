@@ -1,4 +1,4 @@
-"""``python -m airtrace``: the command line."""
+"""``python -m airtrace``: the command line; imports only ``airtrace.cli``."""
 
 import sys
 

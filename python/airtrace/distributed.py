@@ -1,19 +1,13 @@
-"""torch.distributed scale-out of featurize, fit and score (gloo on CPU, NCCL on GPU).
+"""The communication layer (torch.distributed, gloo on CPU, NCCL on GPU): the process group, rank splits, gathers and
+reductions that featurize, fit and score call; imports only the kernels layer, never the pipeline above it.
 
 Launch any script that uses :class:`airtrace.Attributor` (or the CLI) with
 ``torchrun --nproc-per-node N``; once a process group is initialised (see
 :func:`process_group`), the Attributor splits its work and every rank ends with
 the single-process result:
 
-- ``featurize``: rank r takes the r-th of N contiguous, equal blocks of the
-  training batches (by batch index; every rank sees the same batch order) and
-  writes its own sub-store ``<store>.parts/rank-<r>-of-<N>`` (resumable, like any
-  store). After all ranks finish, rank 0 streams the sub-stores in rank order
-  into the final store through one :class:`airtrace.store.StoreWriter`, so the
-  final store holds the same ids in the same order and is byte-identical to a
-  single-process run (same shard boundaries, files and manifest); then it
-  deletes ``<store>.parts``. Cost: one extra sequential read and write of the
-  features on rank 0.
+- ``featurize``: the ranks split the batches into contiguous blocks, each writes a
+  sub-store and rank 0 merges them (:mod:`airtrace.attribute.ranks`).
 - ``fit``: the K-FAC token pass splits the batches, and the feature passes
   (Fisher, low rank, EK-FAC corrections) split the store's shards (or the
   batches); the fitters' float64 sums and example counts are gathered and added
@@ -22,7 +16,7 @@ the single-process result:
 - ``score``: every rank computes the (small) preconditioned query matrix,
   scores its contiguous block of shards with a running top-k over *global* row
   indices, and the per-rank top-k are all-gathered and merged with
-  :func:`airtrace.ops.merge_topk` (ties by lower index, as in one process);
+  the ``merge_topk`` op (ties by lower index, as in one process);
   group sums are all-reduced.
 
 Only rank 0 writes shared files (final store, curvature) and, in the CLI,
@@ -38,22 +32,15 @@ import copy
 import datetime
 import itertools
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sized
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from airtrace import ops
-from airtrace.profiling import stage
-from airtrace.store import Store, StoreCompleteError, StoreError, StoreWriter
-
-if TYPE_CHECKING:
-    from airtrace.attribute import Attributor
+from airtrace.ops.merge_topk import merge_topk as merge_shard_topk
 
 TIMEOUT = datetime.timedelta(minutes=30)
-PARTS_SUFFIX = ".parts"
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -193,8 +180,9 @@ def rank_batches(batches: Iterable, what: str = "batches") -> Iterable:
     return itertools.islice(batches, lo, hi)
 
 
-def rank_shards(store: Store) -> Store:
-    """A view of ``store`` holding only this rank's contiguous block of shards (the store itself alone).
+def rank_shards(store):
+    """A view of ``store`` (an :class:`airtrace.store.Store`) holding only this rank's contiguous block of
+    shards (the store itself alone).
 
     Row offsets of the streamed chunks stay global; ``len()`` of the view is its
     own row count. The view shares the store's files and is read-only.
@@ -244,7 +232,7 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, topk: int) -> tuple[
 
     Returns:
         values (q, topk), indices (q, topk) int64 on the input's device, as
-        :func:`airtrace.ops.merge_topk` sorts them.
+        the ``merge_topk`` op sorts them.
     """
     if not active():
         return values, indices
@@ -253,103 +241,5 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, topk: int) -> tuple[
     parts_i = [torch.empty_like(indices, device=comm) for _ in range(world_size())]
     dist.all_gather(parts_v, values.contiguous().to(comm))
     dist.all_gather(parts_i, indices.contiguous().to(comm))
-    v, i = ops.merge_topk(parts_v, parts_i, topk)
+    v, i = merge_shard_topk(parts_v, parts_i, topk)
     return v.to(device), i.to(device)
-
-
-# --------------------------------------------------------------------------- featurize
-
-
-def parts_dir(path: str | os.PathLike) -> str:
-    """Folder of the per-rank sub-stores of a distributed featurize into ``path``."""
-    return os.fspath(path).rstrip(os.sep) + PARTS_SUFFIX
-
-
-def rank_store_path(path: str | os.PathLike, r: int | None = None, world: int | None = None) -> str:
-    """Sub-store of rank ``r`` of ``world``: ``<path>.parts/rank-<r>-of-<world>``."""
-    r = rank() if r is None else r
-    world = world_size() if world is None else world
-    return os.path.join(parts_dir(path), f"rank-{r:05d}-of-{world:05d}")
-
-
-def _complete(path: str) -> Store | None:
-    """The finished store at ``path``, or None (missing, unfinished or unreadable)."""
-    try:
-        return Store.open(path)
-    except StoreError:
-        return None
-
-
-def featurize(attributor: Attributor, batches: Iterable, path: str | os.PathLike, *, dtype: Any,
-              rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
-    """Distributed :meth:`airtrace.Attributor.featurize` (see the module docstring); called on every rank.
-
-    Returns:
-        The finished store, opened on every rank.
-
-    Raises:
-        DistributedError: another rank failed (its message is included).
-        StoreCompleteError: the final store is complete already and ``overwrite`` is False.
-    """
-    path = os.fspath(path)
-    if not overwrite and (done := _complete(path)) is not None:
-        raise StoreCompleteError(path, len(done))
-    with all_or_none("featurize"):
-        part = rank_store_path(path)
-        if overwrite or _complete(part) is None:  # a finished part (merge interrupted) is kept as it is
-            attributor._write_features(rank_batches(batches), part, dtype=dtype, rows_per_shard=rows_per_shard,
-                                       total=share(total), overwrite=overwrite, progress=progress and is_main())
-    with all_or_none("merging the per-rank stores"):
-        if is_main():
-            merge_stores([rank_store_path(path, r) for r in range(world_size())], path, overwrite=overwrite,
-                         progress=progress)
-            shutil.rmtree(parts_dir(path))
-    return Store.open(path)
-
-
-def merge_stores(parts: list[str], path: str | os.PathLike, *, overwrite: bool = False,
-                 progress: bool = True) -> Store:
-    """Concatenate finished stores (same settings) into one store, in order; resumes an interrupted merge.
-
-    Rows are streamed one shard at a time (sha256 checked) and re-cut into the
-    target's shards, so the result is byte-identical to writing the same rows
-    with one writer.
-
-    Args:
-        parts: finished stores with equal fingerprint, layout, dtype, rows per shard and meta.
-        path: target store directory.
-        overwrite: replace an existing store at ``path``.
-        progress: show a progress bar.
-
-    Raises:
-        StoreError: no parts, an unfinished part, or parts with different settings (names them).
-    """
-    from airtrace.scoring import progress_bar
-
-    if not parts:
-        raise StoreError("merge_stores needs at least one store to merge")
-    stores = [Store.open(p) for p in parts]
-    first = stores[0]
-    keys = ("fingerprint", "layout", "dtype", "rows_per_shard", "extras", "meta")
-    for store in stores[1:]:
-        diffs = [k for k in keys if store.manifest[k] != first.manifest[k]]
-        if diffs:
-            raise StoreError(f"{store.path}: cannot merge with {first.path}, their {', '.join(diffs)} differ")
-    extras = {e["name"]: (e["dtype"], e["shape"]) for e in first.manifest["extras"]}
-    with StoreWriter(path, first.fingerprint, first.manifest["layout"], first.manifest["dtype"], first.rows_per_shard,
-                     first.meta, extras=extras, overwrite=overwrite) as writer:
-        skip = writer.rows_done
-        total = sum(len(s) for s in stores)
-        with progress_bar(total, "merge stores", progress, initial=skip) as bar:
-            for store in stores:
-                for item in store.iter_shards("cpu", extras=list(extras)):
-                    features, ids, more = item[1], item[2], item[3] if extras else {}
-                    rows = features.shape[0]
-                    if skip >= rows:
-                        skip -= rows
-                        continue
-                    with stage("store_write"):
-                        writer.append(features[skip:], ids[skip:], **{n: t[skip:] for n, t in more.items()})
-                    bar.update(rows - skip)
-                    skip = 0
-    return Store.open(path)

@@ -1,21 +1,23 @@
-"""``python -m airtrace.env``: which backends can run here and, for each that cannot, why."""
+"""``python -m airtrace.env`` (and ``airtrace env``): which backends can run here and, for each that cannot, why; an
+app, it imports the backend registry and the package version."""
 
 from __future__ import annotations
 
+import importlib
 import platform
 
 import torch
 
 from airtrace import __version__
-from airtrace._dispatch import BACKENDS, unavailable_reason
+from airtrace.ops.backends import BACKENDS, REGISTRY, unavailable_reason
 
 
 def _cuda_archs() -> str:
     try:
-        from airtrace import _C_cuda
+        library = importlib.import_module(REGISTRY["cuda"].library)
     except ImportError:
         return ""
-    return f" (compiled for sm {_C_cuda.cuda_archs})"
+    return f" (compiled for sm {library.cuda_archs})"
 
 
 def report() -> str:

@@ -1,4 +1,5 @@
-"""Named profiler ranges per pipeline stage, Chrome traces, and per-stage time breakdowns.
+"""Named profiler ranges per pipeline stage, Chrome traces, and per-stage time breakdowns; imports nothing from
+airtrace.
 
 The pipeline marks its stages with :func:`stage` (a ``torch.profiler.record_function``
 range named ``airtrace.<stage>``; nearly free when no profiler runs):

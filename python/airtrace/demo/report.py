@@ -1,4 +1,5 @@
-"""A self-contained HTML report of attribution results (inline CSS, no scripts or external assets).
+"""A self-contained HTML report of attribution results (inline CSS, no scripts or external assets); imports only
+``airtrace.data``.
 
 Per query: its question and answer, then a table of the top training pairs with
 rank, score, a bar proportional to ``|score| / max |score|`` of that query
@@ -12,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from airtrace.demo.data import Pair
+from airtrace.data import Pair
 
 Ranked = Sequence[tuple[Pair, float]]
 """Top training pairs of one query with their scores, best first."""

@@ -1,9 +1,10 @@
-"""``airtrace demo``: which chatterbot training pairs make SmolLM2 answer a question the way it does.
+"""``airtrace demo``: which chatterbot training pairs make SmolLM2 answer a question the way it does; imports the
+pipeline, the data layer and the other demo modules.
 
 Pipeline (about two minutes on 2 CPU cores once the model is cached):
 
 1. Load SmolLM2-135M-Instruct (:mod:`airtrace.demo.models`) and the chatterbot
-   corpus without repeated pairs (:mod:`airtrace.demo.data`); hold out one
+   corpus without repeated pairs (:mod:`airtrace.data`); hold out one
    question -> answer pair in each of :data:`QUERY_CATEGORIES` as a query.
 2. Training set: ``n_train`` pairs (the other answers to the query questions,
    then a category-balanced sample), or all of them.
@@ -37,9 +38,10 @@ from pathlib import Path
 
 import torch
 
+from airtrace import data
 from airtrace.capture import per_example_loss
-from airtrace.demo import data, report
-from airtrace.demo.data import Pair
+from airtrace.data import Pair
+from airtrace.demo import report
 from airtrace.demo.report import Ranked
 
 QUERY_CATEGORIES = ("ai", "coding", "emotion", "literature", "money", "science")

@@ -1,4 +1,5 @@
-"""Evaluation by real retraining: subset plans, a resumable retraining driver and attribution metrics.
+"""Evaluation by real retraining (an app): subset plans, a resumable retraining driver and attribution metrics; its
+modules import the library and the data layer, no other app.
 
 Example::
 
@@ -15,9 +16,10 @@ tasks live in :mod:`airtrace.eval.tasks`.
 """
 
 from airtrace.eval import metrics
-from airtrace.eval.cache import cache_dir, cache_root, config_hash
+from airtrace.eval.cache import cache_dir
 from airtrace.eval.retrain import leave_one_out, load_ground_truth, retrain
 from airtrace.eval.subsets import SubsetPlan, sample_subsets
+from airtrace.util.cache import cache_root, config_hash
 
 __all__ = [
     "SubsetPlan",

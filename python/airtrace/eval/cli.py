@@ -1,4 +1,5 @@
-"""``airtrace eval``: attribution quality against really retrained models on a built-in task.
+"""``airtrace eval``: attribution quality against really retrained models on a built-in task; imports the eval modules,
+``airtrace.util`` and ``airtrace.cli.args``.
 
     airtrace eval digits --model mlp|logreg --method identity ekfac ... --subsets 50
                          [--loo N] [--mislabel FRACTION] [--topk K]
@@ -14,7 +15,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from airtrace.eval.cache import cache_root
+from airtrace.eval import cache
+from airtrace.util.cache import cache_root
 from airtrace.eval.experiments import METHODS
 
 
@@ -31,7 +33,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
 
     import torch
 
-    from airtrace.cli import UsageError
+    from airtrace.cli.args import UsageError
     from airtrace.eval import experiments
     from airtrace.eval.tasks.digits import DigitsTask, digits_config
 
@@ -70,13 +72,13 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         print(_table(f"top-{args.topk} removal, first {args.topk_queries} queries (change of -loss: full - retrained)",
                      ["method", "topk_change", "random_change"], rows, {"topk_change": f4, "random_change": f4}))
     print(f"\nwall time: {time.perf_counter() - start:.0f} s (retrained ground truth is cached under "
-          f"{cache_root()})")
+          f"{cache_root(cache.NAME)})")
     return 0
 
 
 def add_parser(subparsers) -> None:
     """Register ``airtrace eval`` (with its task subcommands) on the main parser's subparsers."""
-    from airtrace.cli import _fraction, _non_negative_int, _positive_int
+    from airtrace.cli.args import fraction, non_negative_int, positive_int
 
     p = subparsers.add_parser("eval", help="attribution quality against really retrained models (LDS, LOO, ...)")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -84,24 +86,24 @@ def add_parser(subparsers) -> None:
     d.add_argument("--model", default="mlp", choices=("mlp", "logreg"), help="classifier (default mlp)")
     d.add_argument("--method", nargs="+", default=["identity", "ekfac"], choices=sorted(METHODS), metavar="METHOD",
                    help=f"attribution methods, of {', '.join(METHODS)} (exact: logreg only; default identity ekfac)")
-    d.add_argument("--subsets", type=_positive_int, default=50, help="retrained subsets for LDS (default 50)")
-    d.add_argument("--fraction", type=_fraction, default=0.5, help="subset size / training set (default 0.5)")
-    d.add_argument("--seed", type=_non_negative_int, default=0, help="subset sampling seed (default 0)")
-    d.add_argument("--n-train", type=_positive_int, help="training images (default 1000)")
-    d.add_argument("--n-query", type=_positive_int, help="query images (default 100)")
-    d.add_argument("--steps", type=_positive_int, help="MLP Adam steps (default 300)")
-    d.add_argument("--k-in", type=_positive_int, default=16, help="factored projection input dim (default 16)")
-    d.add_argument("--k-out", type=_positive_int, default=16, help="factored projection output dim (default 16)")
+    d.add_argument("--subsets", type=positive_int, default=50, help="retrained subsets for LDS (default 50)")
+    d.add_argument("--fraction", type=fraction, default=0.5, help="subset size / training set (default 0.5)")
+    d.add_argument("--seed", type=non_negative_int, default=0, help="subset sampling seed (default 0)")
+    d.add_argument("--n-train", type=positive_int, help="training images (default 1000)")
+    d.add_argument("--n-query", type=positive_int, help="query images (default 100)")
+    d.add_argument("--steps", type=positive_int, help="MLP Adam steps (default 300)")
+    d.add_argument("--k-in", type=positive_int, default=16, help="factored projection input dim (default 16)")
+    d.add_argument("--k-out", type=positive_int, default=16, help="factored projection output dim (default 16)")
     d.add_argument("--exact-small", action="store_true",
                    help="keep layer sides no wider than --k-in / --k-out unprojected")
-    d.add_argument("--loo", type=_non_negative_int, default=0, metavar="N",
+    d.add_argument("--loo", type=non_negative_int, default=0, metavar="N",
                    help="also leave-one-out: retrain without each of N examples (default 0: off)")
-    d.add_argument("--mislabel", type=_fraction, metavar="FRACTION",
+    d.add_argument("--mislabel", type=fraction, metavar="FRACTION",
                    help="also mislabel detection with this fraction of training labels flipped")
-    d.add_argument("--topk", type=_non_negative_int, default=0, metavar="K",
+    d.add_argument("--topk", type=non_negative_int, default=0, metavar="K",
                    help="also top-K removal vs K random examples (default 0: off)")
-    d.add_argument("--topk-queries", type=_positive_int, default=10, help="queries for top-k removal (default 10)")
-    d.add_argument("--threads", type=_positive_int, default=1,
+    d.add_argument("--topk-queries", type=positive_int, default=10, help="queries for top-k removal (default 10)")
+    d.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: the models are tiny, more threads mostly contend)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(run=_cmd_digits, parser=d)

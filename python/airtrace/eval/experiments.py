@@ -1,4 +1,5 @@
-"""Attribution methods and the evaluation experiments (LDS, LOO, mislabel detection, top-k removal) on a task.
+"""Attribution methods and the evaluation experiments (LDS, LOO, mislabel detection, top-k removal) on a task; imports
+the pipeline and the other eval modules.
 
 A task (e.g. :class:`airtrace.eval.tasks.digits.DigitsTask`) provides
 ``config_dict``, ``n_train``, ``train_fn(indices, seed)``, ``measure_fn(model)``,

@@ -1,4 +1,5 @@
-"""Attribution quality metrics against retrained models: LDS, LOO correlation, top-k removal, mislabel AUC.
+"""Attribution quality metrics against retrained models: LDS, LOO correlation, top-k removal, mislabel AUC; imports only
+``airtrace.eval.subsets``.
 
 Sign conventions: a score ``scores[i, z]`` is "higher = training example z
 helps query i"; a retrained output is "higher = the query is fit better"

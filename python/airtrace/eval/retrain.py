@@ -1,4 +1,5 @@
-"""The retraining driver: train one model per subset of a plan and measure it on the queries.
+"""The retraining driver: train one model per subset of a plan and measure it on the queries; imports
+``airtrace.eval.subsets`` and ``airtrace.util``.
 
 ``retrain`` is resumable. ``out_dir`` holds:
 
@@ -27,9 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from airtrace.eval.cache import config_hash
 from airtrace.eval.subsets import SubsetPlan, _check_int
-from airtrace.scoring import progress_bar
+from airtrace.util.cache import config_hash
+from airtrace.util.progress import progress_bar
 
 METADATA_KEY = "airtrace.eval"
 PLAN_FILE = "plan.safetensors"

@@ -1,4 +1,4 @@
-"""Random training subsets with recorded seeds (the datamodel / LDS sampling plan).
+"""Random training subsets with recorded seeds (the datamodel / LDS sampling plan); imports nothing from airtrace.
 
 A :class:`SubsetPlan` is a boolean membership matrix ``masks`` (m, n) — row j
 marks the training examples of subset j — and one training seed per subset.

@@ -1,4 +1,5 @@
-"""Built-in benchmark tasks (real data, nothing downloaded, CPU-feasible).
+"""Built-in benchmark tasks (real data, nothing downloaded, CPU-feasible); they import the pipeline, the data layer and
+the other eval modules.
 
 - :mod:`airtrace.eval.tasks.digits`: scikit-learn ``load_digits`` with an MLP or
   an L2-regularised multinomial logistic regression (exact Hessian available).

@@ -1,4 +1,5 @@
-"""Benchmark task: scikit-learn's bundled ``load_digits`` (8x8 images, 10 classes), nothing downloaded.
+"""Benchmark task: scikit-learn's bundled ``load_digits`` (8x8 images, 10 classes), nothing downloaded; imports
+``airtrace.capture`` and ``airtrace.util``.
 
 Data: the 1797 images scaled to [0, 1] (pixel / 16), float64. A seeded
 permutation (``split_seed``) picks ``n_query`` held-out query images and
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from airtrace._checks import positive_int_fields
+from airtrace.util.checks import positive_int_fields
 from airtrace.capture import per_example_loss
 
 F64 = torch.float64

@@ -1,8 +1,9 @@
-"""Benchmark task: a small GPT-style causal LM trained from scratch on chatterbot-corpus Q -> A pairs.
+"""Benchmark task: a small GPT-style causal LM trained from scratch on chatterbot-corpus Q -> A pairs; imports
+``airtrace.capture``, ``airtrace.data`` and ``airtrace.util``.
 
 Data: the pairs of the ``chatterbot-corpus`` package without verbatim repeats
-(:func:`airtrace.demo.data.unique`), in the instruction format of
-:mod:`airtrace.demo.data` ("Question: <q>\\nAnswer: <a>", loss on the answer
+(:func:`airtrace.data.unique`), in the instruction format of
+:mod:`airtrace.data` ("Question: <q>\\nAnswer: <a>", loss on the answer
 tokens only). A seeded permutation splits them into ``n_query`` held-out query
 pairs and a training pool of ``n_train`` pairs.
 
@@ -47,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from airtrace._checks import positive_int_fields
+from airtrace.util.checks import positive_int_fields
 from airtrace.capture import IGNORE_INDEX, per_example_loss
-from airtrace.demo import data
-from airtrace.demo.data import Pair
+from airtrace import data
+from airtrace.data import Pair
 
 PAD, UNK = "<pad>", "<unk>"
 TOKEN_PATTERN = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
@@ -295,7 +296,7 @@ class LMTask:
 
     Args:
         config: an :class:`LMConfig` (default: the "default" size).
-        pairs: the corpus; default :func:`airtrace.demo.data.chatterbot_pairs` without repeats.
+        pairs: the corpus; default :func:`airtrace.data.chatterbot_pairs` without repeats.
 
     Attributes:
         config: the configuration.
@@ -339,7 +340,7 @@ class LMTask:
         return [data.tokens(pair, self.tokenizer, self.config.max_length) for pair in pairs]
 
     def encode(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask``, ``labels`` (B, T) int64 of pairs (:func:`airtrace.demo.data.encode`)."""
+        """``input_ids``, ``attention_mask``, ``labels`` (B, T) int64 of pairs (:func:`airtrace.data.encode`)."""
         return data.encode(pairs, self.tokenizer, max_length=self.config.max_length, pad_id=self.tokenizer.pad_id)
 
     def batches(self, pairs: Sequence[Pair], batch_size: int = 32) -> list[tuple[list[int], dict]]:

@@ -1,4 +1,5 @@
-"""LDS of airtrace's gradient methods on the causal-LM task (:mod:`airtrace.eval.tasks.lm`).
+"""LDS of airtrace's gradient methods on the causal-LM task (:mod:`airtrace.eval.tasks.lm`); imports
+``airtrace.attribute`` and the other eval modules.
 
 Pipeline (:func:`evaluate`):
 

@@ -1,0 +1,478 @@
+"""The ``Attributor``: featurize -> fit -> score of one model, end to end (see :mod:`airtrace.attribute`); imports the
+pipeline (capture, store, curvature, scoring), ``airtrace.distributed``, the kernels layer and ``airtrace.util``."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from airtrace import curvature as cv
+from airtrace import distributed
+from airtrace.attribute.batches import Batches, checked_rows, pairs, reiterable
+from airtrace.attribute.config import CURVATURES, DENSE, FACTORED, LossFn, essential, layer_specs, projection_config
+from airtrace.attribute.featurizer import Featurizer
+from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
+from airtrace.attribute.ranks import featurize_ranks
+from airtrace.capture import LayerSpec
+from airtrace.curvature import Curvature
+from airtrace.ops.backends import accumulation_dtype
+from airtrace.profiling import stage, timed_iter
+from airtrace.scoring import (
+    FullMatrixWriter,
+    GroupScores,
+    Scores,
+    SelfInfluence,
+    check_metric,
+    self_influence_key,
+    store_self_influence,
+    stream_scores,
+)
+from airtrace.store import (
+    Store,
+    StoreCompleteError,
+    StoreError,
+    StoreWriter,
+    default_rows_per_shard,
+    dtype_name,
+    model_fingerprint,
+)
+from airtrace.util.progress import progress_bar
+
+log = logging.getLogger("airtrace")
+
+
+# --------------------------------------------------------------------------- the attributor
+
+
+class Attributor:
+    """Gradient-based attribution of queries to training examples, end to end.
+
+    Args:
+        model: the model; moved to ``device``, put in eval mode during every pass.
+        layers: fnmatch pattern(s) of tracked layers (nn.Linear, Conv1D, nn.Conv2d,
+            nn.Embedding), see :func:`airtrace.capture.select_layers`; or LayerSpecs.
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (see the module docstring).
+        exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
+        bias: also attribute through the biases of the tracked layers.
+        projection: see :func:`projection_config`; default factored 16 x 16, seed 0.
+        curvature: "ekfac", "kfac", "fisher", "lowrank" or "identity".
+        damping: :class:`airtrace.curvature.Damping`, a number (absolute λ) or None
+            (0.1 × the layer's mean eigenvalue).
+        rank: eigenpairs kept per layer by "lowrank".
+        device: where the model, batches and store shards go.
+        backend: kernel backend for projection and scoring ("auto", "torch", "cpu", "cuda", "triton").
+
+    Attributes:
+        layers: the tracked LayerSpecs, in layout order.
+        projection: the normalised projection config.
+        curvature_method: the curvature method ``fit`` uses.
+        curvature: the fitted :class:`Curvature` (None until ``fit`` / ``load_curvature``).
+        featurizer: the :class:`airtrace.attribute.featurizer.Featurizer` that computes the features.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str] | Sequence[LayerSpec] = ("*",),
+        *,
+        loss_fn: LossFn,
+        exclude: str | Sequence[str] = (),
+        bias: bool = False,
+        projection: Mapping | str | None = None,
+        curvature: str = "ekfac",
+        damping: cv.Damping | float | None = None,
+        rank: int = 32,
+        device: str | torch.device = "cpu",
+        backend: str = "auto",
+    ):
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got {loss_fn!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        self.projection = projection_config(projection)
+        if self.projection["type"] == "dense" and curvature in ("kfac", "ekfac"):
+            raise ValueError(f"curvature {curvature!r} needs the factored projection (Kronecker factors per layer); "
+                             "use curvature='identity', 'fisher' or 'lowrank' with a dense projection")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.loss_fn, self.backend = loss_fn, backend
+        self.curvature_method, self.damping, self.rank = curvature, damping, rank
+        self.layers = layer_specs(model, layers, exclude, bias)
+        self.featurizer = Featurizer(self.model, self.layers, loss_fn, self.projection, self.device, backend)
+        self._dtype = self.featurizer.dtype
+        self.curvature: Curvature | None = None
+        self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
+
+    @classmethod
+    def from_store(cls, model: nn.Module, store: Store | str | os.PathLike, *, loss_fn: LossFn,
+                   **kwargs: Any) -> Attributor:
+        """An Attributor with the layers and projection a store was featurized with.
+
+        Args:
+            model: the model the store was written for.
+            store: a :class:`Store` or its path.
+            loss_fn: per-example loss function.
+            **kwargs: other constructor arguments (curvature, damping, device, ...).
+
+        Raises:
+            StoreError: the store was not written by :meth:`featurize`.
+        """
+        store = store if isinstance(store, Store) else Store.open(store)
+        record = store.meta.get("projection")
+        if not isinstance(record, Mapping) or "layers" not in record or "type" not in record:
+            raise StoreError(f"{store.path}: its manifest has no projection record; it was not written by "
+                             "Attributor.featurize")
+        defaults = FACTORED if record["type"] == "factored" else DENSE
+        projection = {key: record.get(key, default) for key, default in defaults.items()}
+        layers = [LayerSpec(**spec) for spec in record["layers"]]
+        return cls(model, layers, loss_fn=loss_fn, projection=projection, **kwargs)
+
+    # -- layout
+
+    @property
+    def dims(self) -> dict[str, tuple[int, int]]:
+        """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)}."""
+        return self.featurizer.dims
+
+    @property
+    def width(self) -> int:
+        """Feature columns per example."""
+        return self.featurizer.width
+
+    def features(self, batch: Any) -> torch.Tensor:
+        """Projected per-example gradients of one batch, not preconditioned.
+
+        Returns:
+            (B, width) float32 (float64 for float64 models) on ``device``, layout order.
+        """
+        return self.featurizer.features(batch)
+
+    # -- featurize
+
+    def featurize(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16",
+                  rows_per_shard: int | None = None, total: int | None = None, overwrite: bool = False,
+                  progress: bool = True) -> Store:
+        """Write per-example features of ``batches`` to a store; resumes an interrupted run.
+
+        Batches whose ids are all in the store already are skipped without a
+        forward pass; the finished store is byte-identical to an uninterrupted run.
+        Under an initialised process group (torchrun) the ranks split the
+        batches and rank 0 merges their sub-stores into the same store
+        (:mod:`airtrace.attribute.ranks`).
+
+        Args:
+            batches: iterable of (ids, batch); ids unique across the dataset.
+            path: store directory (new, empty, or an incomplete store from the same settings).
+            dtype: stored dtype, "float32", "bfloat16" or "float16".
+            rows_per_shard: rows per shard file; default 4096, fewer for wide rows so that a shard
+                stays within 128 MiB (:func:`airtrace.store.default_rows_per_shard`).
+            total: number of examples, for the progress bar's ETA.
+            overwrite: replace an existing store at ``path``.
+            progress: show a progress bar (examples/s, ETA).
+
+        Returns:
+            The finished :class:`Store`; its manifest meta records the projection
+            (config, seeds, layers) and ``"curvature": None``.
+
+        Raises:
+            StoreMismatchError: resuming a store written with other settings or weights.
+            StoreError: ``path`` is a finished store that lacks some of ``batches`` or has another dtype
+                or rows_per_shard (a finished store that holds them all is returned as it is).
+        """
+        if rows_per_shard is None:
+            rows_per_shard = default_rows_per_shard(self.width, dtype)
+        try:
+            if distributed.active():
+                write = functools.partial(self._write_features, dtype=dtype, rows_per_shard=rows_per_shard)
+                return featurize_ranks(write, batches, path, total=total, overwrite=overwrite, progress=progress)
+            return self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
+                                        overwrite=overwrite, progress=progress)
+        except StoreCompleteError:
+            return self._finished_store(path, batches, dtype, rows_per_shard)
+
+    def _finished_store(self, path: str | os.PathLike, batches: Batches, dtype: str | torch.dtype,
+                        rows_per_shard: int) -> Store:
+        """A finished store at ``path`` that already holds every example of ``batches`` with these settings.
+
+        Makes a repeated featurize (a retry loop, a rerun script) a no-op; reads
+        the batches' ids only, no forward pass.
+
+        Raises:
+            StoreError: other settings, or an example of ``batches`` missing from the store.
+        """
+        store = self._checked_store(path)
+        if (store.manifest["dtype"], store.rows_per_shard) != (dtype_name(dtype), rows_per_shard):
+            raise StoreError(f"{store.path}: the finished store has dtype {store.manifest['dtype']} and rows_per_shard "
+                             f"{store.rows_per_shard}, featurize asked for {dtype_name(dtype)} and {rows_per_shard}. "
+                             "Fix: pass the store's settings, or overwrite=True to write it again.")
+        stored = set(store.ids)
+        for ids, _ in pairs(batches, "batches"):
+            missing = [i for i in ids if i not in stored]
+            if missing:
+                raise StoreError(f"{store.path}: the store is finished but lacks example id {missing[0]!r} of "
+                                 "batches. Fix: write to a new directory, or pass overwrite=True to write it again.")
+        return store
+
+    def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
+                        rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
+        """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
+        returns the finished store."""
+        writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
+                             {"projection": self.featurizer.record(), "curvature": None}, overwrite=overwrite)
+        done = set(writer.done_ids)
+        kfac = self._kfac_alongside() if not done else None
+        self._featurized_kfac = None
+        with writer, progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
+            for ids, batch in pairs(batches, "batches"):
+                keep = [j for j, i in enumerate(ids) if i not in done]
+                if len(keep) < len(ids):
+                    kfac = None  # resumed: the factors would miss the rows written before
+                if keep:
+                    features = checked_rows(self.featurizer.features(batch, kfac), ids)
+                    with stage("store_write"):
+                        writer.append(features[keep], [ids[j] for j in keep])
+                    bar.update(len(keep))
+        store = Store.open(path)
+        if kfac is not None:
+            self._featurized_kfac = (os.path.abspath(writer.path), kfac)
+            save_kfac_sums(store, kfac)
+        return store
+
+    def _kfac_alongside(self) -> cv.KFACFitter | None:
+        """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
+        wanted = self.curvature_method in ("kfac", "ekfac") and self.featurizer.projections is not None
+        return cv.KFACFitter(self.damping) if wanted and not distributed.active() else None
+
+    # -- fit
+
+    def fit(self, batches: Batches | None = None, path: str | os.PathLike | None = None, *,
+            store: Store | str | os.PathLike | None = None, total: int | None = None,
+            progress: bool = True) -> Curvature:
+        """Fit the curvature (and keep it as ``self.curvature``).
+
+        Passes: "identity" none; "fisher" / "lowrank" one over per-example
+        features (from ``store`` when given, else ``batches``); "kfac" one over
+        ``batches`` (token-level projected a, g -> Kronecker factors); "ekfac" the
+        K-FAC pass, then the eigenvalue correction over per-example features
+        (from ``store`` when given, else a second pass over ``batches``). The
+        K-FAC pass is skipped when a featurize with curvature "kfac" or "ekfac"
+        wrote all of ``store`` (not resumed, one process): it accumulated the
+        same factors from its own forward/backward passes and kept their sums in
+        the store's K-FAC sidecar (:func:`airtrace.store.sidecars.kfac_sidecar`), which any later fit of
+        that store uses (the damping is applied here). Under
+        an initialised process group the ranks split the batches and the store's
+        shards, the fitters' sums are added over ranks, every rank gets the same
+        curvature and rank 0 saves it.
+
+        Args:
+            batches: iterable of (ids, batch) training batches (ids are not used).
+            path: save the factors here (safetensors) when given.
+            store: training features written by :meth:`featurize` of this model.
+            total: examples in ``batches``, for the progress bars' ETA (default: the store's rows).
+            progress: show progress bars.
+
+        Returns:
+            The fitted :class:`Curvature` (damping per layer in ``.damping``).
+        """
+        store = None if store is None else self._checked_store(store)
+        if store is not None and len(store) == 0:
+            raise StoreError(f"{store.path}: the store holds no rows (was the training set empty?); "
+                             "nothing to fit the curvature on")
+        total = len(store) if total is None and store is not None else total
+        method = self.curvature_method
+        if method == "identity":
+            curvature = cv.identity(self.dims)
+        elif method in ("fisher", "lowrank"):
+            fitter = cv.FisherFitter(self.damping) if method == "fisher" else cv.LowRankFitter(self.rank, self.damping)
+            curvature = self._fit_features(fitter, batches, store, total, progress)
+        else:
+            if method == "ekfac" and store is None:
+                reiterable(batches, "batches")
+            curvature = self._featurized_kfac_of(store) or self._fit_kfac(batches, total, progress)
+            if method == "ekfac":
+                fitter = cv.EKFACFitter(curvature, self.damping)
+                curvature = self._fit_features(fitter, batches, store, total, progress)
+        if path is not None:
+            with distributed.all_or_none("saving the curvature"):
+                if distributed.is_main():
+                    curvature.save(path)
+        self.curvature = curvature
+        return curvature
+
+    def _featurized_kfac_of(self, store: Store | None) -> Curvature | None:
+        """The K-FAC factors :meth:`featurize` accumulated while writing ``store`` in full, if it did
+        (kept in memory by this Attributor, or in the store's K-FAC sidecar by any)."""
+        if store is None:
+            return None
+        if self._featurized_kfac is not None:
+            path, fitter = self._featurized_kfac
+            if path == os.path.abspath(store.path) and fitter.n_examples == len(store):
+                return fitter.finalize()
+        fitter = load_kfac_sums(store, self.damping, float32_products=self._dtype != torch.float64)
+        if fitter is None or fitter.n_examples != len(store) or fitter.dims != self.dims:
+            return None
+        return fitter.finalize()
+
+    def _fit_kfac(self, batches: Batches, total: int | None, progress: bool) -> Curvature:
+        fitter = cv.KFACFitter(self.damping)
+        fitter.float32_products = self._dtype != torch.float64  # also on a rank that gets no batch
+        with self.featurizer.capture(keep_tokens=True) as cap, progress_bar(
+                distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
+            for _, batch in pairs(distributed.rank_batches(batches), "batches"):
+                n = self.featurizer.backward(batch, cap)
+                cap.collect()
+                with stage("fit_update"):
+                    fitter.update(*cap.collect_tokens())
+                bar.update(n)
+        distributed.reduce_fitter(fitter)
+        return fitter.finalize()
+
+    def _fit_features(self, fitter, batches: Batches | None, store: Store | None, total: int | None,
+                      progress: bool) -> Curvature:
+        """Feed per-example features (store shards, else batches; this rank's part) to a fitter; finalize it."""
+        with progress_bar(distributed.share(total), f"fit: {self.curvature_method}",
+                          progress and distributed.is_main()) as bar:
+            if store is not None:
+                for chunk in timed_iter(distributed.rank_shards(store).iter_shards(self.device)):
+                    with stage("fit_update"):
+                        fitter.update(self.featurizer.split(chunk.features))
+                    bar.update(chunk.features.shape[0])
+            else:
+                for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
+                    features = checked_rows(self.features(batch), ids)
+                    with stage("fit_update"):
+                        fitter.update(self.featurizer.split(features))
+                    bar.update(len(ids))
+        distributed.reduce_fitter(fitter)
+        return fitter.finalize()
+
+    def load_curvature(self, path: str | os.PathLike) -> Curvature:
+        """Use the curvature saved by ``fit(..., path)``; its method replaces ``curvature``.
+
+        Raises:
+            ValueError: unreadable file, or layers / dims that differ from this Attributor's.
+        """
+        curvature = Curvature.load(path)
+        if curvature.dims != self.dims:
+            raise ValueError(f"{os.fspath(path)}: the curvature covers {curvature.dims}, this Attributor's "
+                             f"features are {self.dims}; fit it on this store's layers and projection")
+        self.curvature, self.curvature_method = curvature, curvature.method
+        return curvature
+
+    def _fitted(self) -> Curvature:
+        if self.curvature is None:
+            if self.curvature_method != "identity":
+                raise ValueError(f"no {self.curvature_method!r} curvature yet: call fit(...) or "
+                                 "load_curvature(path) before scoring")
+            self.curvature = cv.identity(self.dims)
+        return self.curvature
+
+    def _precondition(self, features: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """H⁻¹ applied to (rows, width) features, block by block -> (rows, width); see Curvature.precondition."""
+        with stage("precondition"):
+            pre = self._fitted().precondition(self.featurizer.split(features), exact=exact)
+            return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
+
+    def _precondition_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """H⁻¹ on store rows for self-influence: float32 through the fused kernels (float64 stays exact)."""
+        return self._precondition(features, exact=False)
+
+    # -- score
+
+    def _checked_store(self, store: Store | str | os.PathLike) -> Store:
+        """Open a store and check it holds this model's features with this layout and projection."""
+        store = store if isinstance(store, Store) else Store.open(store)
+        store.check_fingerprint(model_fingerprint(self.model))
+        ours, theirs = essential(self.featurizer.record()), essential(store.meta.get("projection") or {})
+        if ours != theirs or [(b.name, b.shape) for b in store.layout] != list(self.dims.items()):
+            raise StoreError(f"{store.path}: the store was featurized with projection {theirs}, this Attributor "
+                             f"uses {ours}. Fix: Attributor.from_store(model, store, ...) or featurize again")
+        return store
+
+    def self_influence(self, store: Store | str | os.PathLike, *, progress: bool = True) -> torch.Tensor:
+        """``ĝ_xᵀ H⁻¹ ĝ_x`` of every training example (n,) float64, cached in a store sidecar."""
+        store = self._checked_store(store)
+        key = self_influence_key(store, self._fitted())
+        dtype = accumulation_dtype(self._dtype)
+        return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
+                                    progress=progress)
+
+    def _queries(self, query_batches: Batches) -> tuple[list, torch.Tensor]:
+        """Query ids and their preconditioned features (q, width)."""
+        ids, rows = [], []
+        for qids, batch in pairs(query_batches, "query_batches"):
+            rows.append(self._precondition(checked_rows(self.features(batch), qids)))
+            ids.extend(qids)
+        if not rows:
+            raise ValueError("query_batches yielded no examples")
+        return ids, torch.cat(rows)
+
+    def score(self, query_batches: Batches, store: Store | str | os.PathLike, *, topk: int = 10,
+              metric: str = "inner", full_matrix_path: str | os.PathLike | None = None,
+              groups: Sequence[Sequence[int]] | None = None, progress: bool = True) -> Scores:
+        """Score queries against every training example of a store, streamed shard by shard.
+
+        Query features go through the same capture and projection as the store,
+        then the fitted curvature: ``q̃ = H⁻¹ ĝ_q``. See :mod:`airtrace.scoring`
+        for the metrics. Memory is bounded by a shard, not by n × q. Under an
+        initialised process group every rank scores a contiguous block of the
+        shards and the per-rank top-k (global indices) and group sums are
+        combined on every rank (:mod:`airtrace.distributed`).
+
+        Args:
+            query_batches: iterable of (ids, batch) queries.
+            store: training features of this model (:meth:`featurize`).
+            topk: results per query.
+            metric: "inner", "cosine" or "relative".
+            full_matrix_path: also write the (q, n) score matrix (tensor "scores",
+                float32 / float64) to this safetensors file (single process only).
+            groups: G lists of train row indices; adds (q, G) group sums of the scores.
+            progress: show progress bars.
+
+        Returns:
+            :class:`Scores` with values / indices (q, topk), train ids, query ids and
+            group scores (q, G) when ``groups`` is given, on the CPU.
+
+        Raises:
+            StoreError: the store belongs to another model (fingerprint) or projection.
+            ValueError: ``full_matrix_path`` under a process group of several ranks.
+        """
+        check_metric(metric)
+        if full_matrix_path is not None and distributed.active():
+            raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
+                             "shards); score with one process to write the full matrix")
+        store = self._checked_store(store)
+        curvature = self._fitted()
+        query_ids, Q = self._queries(query_batches)
+        n, q = len(store), Q.shape[0]
+        sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
+        influence = None
+        if metric == "relative":
+            influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
+        full = None
+        if full_matrix_path is not None:
+            meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,
+                    "query_ids": query_ids, "curvature": curvature.method}
+            full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
+        try:
+            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric,
+                                            self_influence=influence, groups=sums, full_matrix=full,
+                                            backend=self.backend, progress=progress and distributed.is_main())
+        except BaseException:
+            if full is not None:
+                full.abort()
+            raise
+        if full is not None:
+            full.close()
+        values, indices = distributed.merge_topk(values, indices, topk)
+        if sums is not None:
+            distributed.all_reduce_sum(sums.values)
+        train_ids = store.ids
+        ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
+        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu())

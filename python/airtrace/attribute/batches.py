@@ -1,0 +1,57 @@
+"""Training and query batches as the Attributor takes them: iterables of ``(ids, batch)`` pairs, checked, moved to a
+device; imports ``airtrace.store`` (ids)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from airtrace.store import normalize_ids
+
+
+Batches = Iterable[tuple[Sequence, Any]]
+
+
+def pairs(batches: Batches, what: str) -> Iterator[tuple[list, Any]]:
+    """Yield (ids as a list, batch) from an iterable of (ids, batch) pairs."""
+    if batches is None:
+        raise ValueError(f"{what} is None; pass an iterable of (ids, batch) pairs")
+    for item in batches:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"{what} must yield (ids, batch) pairs, got {type(item).__name__}")
+        ids, batch = item
+        yield normalize_ids(ids, len(ids)), batch
+
+
+def reiterable(batches: Batches, what: str) -> Batches:
+    if iter(batches) is batches:
+        raise ValueError(
+            f"{what} is a one-shot iterator but two passes are needed (K-FAC factors, then EK-FAC eigenvalues); "
+            "pass a list or another re-iterable, or store=... for the second pass"
+        )
+    return batches
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors (also inside mappings, lists and tuples) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(value, device) for value in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(value, device) for value in obj)
+    return obj
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+def checked_rows(features: torch.Tensor, ids: list) -> torch.Tensor:
+    if features.shape[0] != len(ids):
+        raise ValueError(f"a batch has {len(ids)} ids but loss_fn returned {features.shape[0]} losses")
+    return features

@@ -1,0 +1,81 @@
+"""The Attributor's settings: curvature methods, projection configs (``projection_config``) and the parts of a
+projection record that decide the features; imports ``airtrace.capture``, ``airtrace.ops.hash`` and
+``airtrace.util``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from airtrace.capture import LayerSpec, select_layers
+from airtrace.ops.hash import KINDS, MAX_SEED
+from airtrace.util.checks import positive_int
+
+
+CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
+FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
+DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
+DENSE_BLOCK = "dense"
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def projection_config(projection: Mapping | str | None) -> dict:
+    """Normalise a projection spec to a full config dict.
+
+    Args:
+        projection: None or "factored" (k_in = k_out = 16, seed 0); "dense"
+            (k = 1024, seed 0, rademacher); or a dict with ``type`` ("factored" or
+            "dense"; default "dense" when it has ``k``, else "factored") and any of
+            ``k_in, k_out, seed, exact_small`` (factored; ``exact_small=True`` keeps a layer
+            side no wider than its k unprojected, see :func:`airtrace.capture.make_projections`)
+            or ``k, seed, kind`` (dense).
+
+    Returns:
+        ``{"type": "factored", "k_in", "k_out", "seed", "exact_small"}`` or
+        ``{"type": "dense", "k", "seed", "kind"}``.
+
+    Raises:
+        ValueError: unknown type or key, or a non-positive dimension / bad seed / kind.
+    """
+    if projection is None or isinstance(projection, str):
+        projection = {"type": projection or "factored"}
+    if not isinstance(projection, Mapping):
+        raise ValueError(f"projection must be a dict, 'factored' or 'dense', got {projection!r}")
+    kind = projection.get("type", "dense" if "k" in projection else "factored")
+    if kind not in ("factored", "dense"):
+        raise ValueError(f"projection type must be 'factored' or 'dense', got {kind!r}")
+    defaults = FACTORED if kind == "factored" else DENSE
+    unknown = sorted(set(projection) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {kind} projection keys {unknown}; allowed: {sorted(defaults)}")
+    config = {**defaults, **projection, "type": kind}
+    for key in ("k_in", "k_out") if kind == "factored" else ("k",):
+        positive_int(f"projection {key}", config[key])
+    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int) or not 0 <= config["seed"] < MAX_SEED:
+        raise ValueError(f"projection seed must be an int in [0, 2^32), got {config['seed']!r}")
+    if kind == "factored" and not isinstance(config["exact_small"], bool):
+        raise ValueError(f"projection exact_small must be a bool, got {config['exact_small']!r}")
+    if kind == "dense" and config["kind"] not in KINDS:
+        raise ValueError(f"dense projection kind must be one of {KINDS}, got {config['kind']!r}")
+    return config
+
+
+def layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpec]:
+    """LayerSpecs as given, or selected by name patterns."""
+    if isinstance(layers, Sequence) and not isinstance(layers, str) and layers and all(
+            isinstance(spec, LayerSpec) for spec in layers):
+        return list(layers)
+    return select_layers(model, layers, exclude, bias=bias)
+
+
+def essential(record: Mapping) -> dict:
+    """The parts of a projection record that decide the features (not provenance)."""
+    keys = ("type", "k_in", "k_out", "seed", "exact_small", "k", "kind", "layers")
+    essential = {key: record[key] for key in keys if key in record}
+    if essential.get("type") == "factored":
+        essential.setdefault("exact_small", False)  # records written before the option existed
+    return essential

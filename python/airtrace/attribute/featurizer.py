@@ -1,0 +1,149 @@
+"""Per-example features of one model (``Featurizer``): the capture hooks, the factored or dense projection and the
+feature layout; imports ``airtrace.capture``, ``airtrace.curvature``, the kernels layer and ``airtrace.profiling``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from airtrace.attribute.batches import attention_mask, to_device
+from airtrace.attribute.config import DENSE_BLOCK, LossFn
+from airtrace.capture import GradientCapture, LayerSpec, make_projections
+from airtrace.curvature import KFACFitter
+from airtrace.ops.backends import accumulation_dtype
+from airtrace.ops.hash import dense_entries
+from airtrace.ops.project_dense import project_dense
+from airtrace.profiling import stage
+
+DENSE_MATRIX_MAX_ENTRIES = 2**23
+"""Largest p·k for which the dense projection keeps its matrix (32 MiB in float32) instead of
+regenerating it per batch."""
+
+
+class Featurizer:
+    """Projected per-example gradients of a model's tracked layers, one batch at a time.
+
+    Args:
+        model: the model, already on ``device``; put in eval mode during every pass.
+        layers: the tracked LayerSpecs, in layout order.
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+        projection: a normalised projection config (:func:`airtrace.attribute.config.projection_config`).
+        device: where batches go.
+        backend: kernel backend of the projections.
+
+    Attributes:
+        projections: the factored projections (None for the dense projection).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[LayerSpec], loss_fn: LossFn, projection: Mapping,
+                 device: torch.device, backend: str):
+        self.model, self.layers, self.loss_fn = model, layers, loss_fn
+        self.projection, self.device, self.backend = projection, device, backend
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.projections = self._make_projections()
+        self._dense_r: torch.Tensor | None = None  # kept dense projection matrix (small models)
+
+    @property
+    def dims(self) -> dict[str, tuple[int, int]]:
+        """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)}."""
+        if self.projection["type"] == "dense":
+            return {DENSE_BLOCK: (1, self.projection["k"])}
+        return self.projections.dims()
+
+    @property
+    def width(self) -> int:
+        """Feature columns per example."""
+        return sum(math.prod(d) for d in self.dims.values())
+
+    def record(self) -> dict:
+        """The projection record kept in the store manifest's meta."""
+        layers = [asdict(spec) for spec in self.layers]
+        if self.projections is None:
+            return {**self.projection, "layers": layers}
+        return {"type": "factored", **self.projections.config()}
+
+    def _make_projections(self):
+        if self.projection["type"] == "dense":
+            return None
+        p = self.projection
+        return make_projections(self.layers, p["k_in"], p["k_out"], p["seed"], exact_small=p["exact_small"],
+                                dtype=accumulation_dtype(self.dtype), device=self.device)
+
+    def split(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, width) -> {block: (B, k_out, k_in)}."""
+        dims = self.dims
+        parts = torch.split(features, [math.prod(d) for d in dims.values()], dim=1)
+        return {name: part.reshape(-1, *d) for (name, d), part in zip(dims.items(), parts)}
+
+    @contextlib.contextmanager
+    def capture(self, keep_tokens: bool = False) -> Iterator[GradientCapture]:
+        """The gradient hooks on the tracked layers, with the model in eval mode, for the block."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with GradientCapture(self.model, self.layers, self.projections, backend=self.backend,
+                                 keep_tokens=keep_tokens) as cap:
+                yield cap
+        finally:
+            self.model.train(was_training)
+
+    def backward(self, batch: Any, cap: GradientCapture) -> int:
+        """One forward/backward of a batch under the capture; returns B."""
+        batch = to_device(batch, self.device)
+        cap.set_mask(attention_mask(batch))
+        with stage("capture"):
+            losses = self.loss_fn(self.model, batch)
+            if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
+            outputs = cap.take_outputs()
+            if outputs:  # none: collect() names the layers that were never called
+                torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        return losses.shape[0]
+
+    def _assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Captured per-layer blocks -> (B, width) features."""
+        if self.projections is not None:
+            return torch.cat(list(blocks.values()), dim=1)
+        p = self.projection
+        flat = list(blocks.values())
+        with stage("project"):
+            matrix = self._dense_matrix(sum(block.shape[1] for block in flat), flat[0])
+            if matrix is not None:
+                return torch.cat(flat, dim=1).to(matrix.dtype) @ matrix
+            return project_dense(flat, p["k"], p["seed"], p["kind"], backend=self.backend)
+
+    def _dense_matrix(self, p: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The dense projection's (p, k) matrix R (the entries of the ``project_dense`` op),
+        generated once and kept when p·k <= DENSE_MATRIX_MAX_ENTRIES: for a small model one product
+        with a kept R is cheaper than regenerating R on the fly for every batch. None otherwise."""
+        k = self.projection["k"]
+        if p * k > DENSE_MATRIX_MAX_ENTRIES:
+            return None
+        dtype = accumulation_dtype(like.dtype)
+        cached = self._dense_r
+        if cached is None or cached.shape[0] != p or cached.dtype != dtype or cached.device != like.device:
+            entries = dense_entries(torch.arange(p), k, self.projection["seed"], self.projection["kind"])
+            self._dense_r = cached = entries.to(like.device, dtype)
+        return cached
+
+    def features(self, batch: Any, kfac: KFACFitter | None = None) -> torch.Tensor:
+        """Projected per-example gradients of one batch, not preconditioned; also adds the batch's projected
+        tokens to ``kfac`` when given (the same pass).
+
+        Returns:
+            (B, width) float32 (float64 for float64 models) on ``device``, layout order.
+        """
+        with self.capture(keep_tokens=kfac is not None) as cap:
+            self.backward(batch, cap)
+            features = self._assemble(cap.collect())
+            if kfac is not None:
+                with stage("fit_update"):
+                    kfac.update(*cap.collect_tokens())
+            return features

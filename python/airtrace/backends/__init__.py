@@ -1,1 +1,0 @@
-"""Adapters from torch tensors to the compiled (C++/CUDA) and Triton kernels."""

@@ -1,0 +1,71 @@
+"""The ``airtrace`` command line: ``main`` and the parser, one module per command (plus ``args``, the shared argument
+types, and ``task``, what featurize / fit / score share); the apps layer, it imports the whole library and the other
+apps' commands.
+
+Commands:
+
+- ``airtrace env``: which kernel backends are available, and why not.
+- ``airtrace selfcheck``: every kernel backend against the float64 reference, timed.
+- ``airtrace demo [--full] [--out DIR]``: SmolLM2-135M-Instruct on chatterbot Q->A pairs, attributed with
+  LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
+- ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
+- ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
+- ``airtrace score --model M STORE [--curvature CURV]``: top-k training examples per query.
+- ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
+- ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
+  really retrained models (see :mod:`airtrace.eval.cli`).
+
+``--model`` names a factory ``package.module:function`` (importable, the current
+directory is searched too) called without arguments; it returns an
+:class:`airtrace.Task` or a tuple ``(model, loss_fn, train, queries)`` where
+``train`` / ``queries`` are re-iterables of ``(ids, batch)`` pairs and
+``loss_fn(model, batch)`` returns (B,) per-example losses (see
+:mod:`airtrace.attribute`). ``featurize``, ``fit`` and ``score`` also run
+distributed (``torchrun --nproc-per-node N -m airtrace featurize ...``; see
+:mod:`airtrace.distributed`) and take ``--profile TRACE.json`` (see :mod:`airtrace.profiling`).
+
+Exit status: 0 on success, 2 on usage errors (bad flags, a bad ``--model``),
+1 on runtime errors (a corrupt or mismatched store, bad data), whose message
+is printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from airtrace.cli import demo, env, featurize, fit, inspect, score, selfcheck
+from airtrace.cli.args import UsageError
+from airtrace.ops.backends import BackendUnavailable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airtrace", description="Training-data attribution engine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    env.add_parser(sub)
+    selfcheck.add_parser(sub)
+    demo.add_parser(sub)
+    featurize.add_parser(sub)
+    fit.add_parser(sub)
+    score.add_parser(sub)
+
+    from airtrace.eval.cli import add_parser as eval_parser
+
+    eval_parser(sub)
+
+    from airtrace.airrep.cli import add_parser as airrep_parser
+
+    airrep_parser(sub)
+    inspect.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        args.parser.error(str(exc))
+    except (ValueError, OSError, BackendUnavailable) as exc:
+        print(f"airtrace {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,61 @@
+"""``airtrace featurize``: per-example features of the training set -> a store; imports ``airtrace.attribute`` and the
+other ``airtrace.cli`` modules."""
+
+from __future__ import annotations
+
+import argparse
+
+from airtrace.cli.args import UsageError, non_negative_int, positive_int
+from airtrace.cli.task import add_model_options, load, scaled, train_size
+
+
+def _projection(args: argparse.Namespace) -> dict:
+    if args.dense is not None:
+        if args.exact_small:
+            raise UsageError("--exact-small applies to the factored projection, not to --dense")
+        return {"type": "dense", "k": args.dense, "seed": args.seed, "kind": args.kind}
+    return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed,
+            "exact_small": args.exact_small}
+
+
+def _cmd_featurize(args: argparse.Namespace) -> int:
+    from airtrace.attribute import Attributor
+
+    task = load(args)
+    if args.kfac and args.dense is not None:
+        raise UsageError("--kfac needs the factored projection (Kronecker factors per layer), not --dense")
+    attributor = Attributor(task.model, args.layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=args.bias,
+                            projection=_projection(args), curvature="kfac" if args.kfac else "identity",
+                            device=args.device, backend=args.backend)
+    store = attributor.featurize(task.train, args.store, dtype=args.dtype, rows_per_shard=args.rows_per_shard,
+                                 total=train_size(task), overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {store!r}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``airtrace featurize``."""
+    p = sub.add_parser("featurize", help="per-example projected gradients of the training set -> a store")
+    p.add_argument("store", metavar="STORE", help="store directory (resumed when incomplete)")
+    add_model_options(p)
+    p.add_argument("--layers", nargs="+", default=["*"], metavar="PATTERN",
+                   help="fnmatch patterns of tracked layer names (default: all supported layers)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="layer name patterns to drop")
+    p.add_argument("--bias", action="store_true", help="attribute through biases too")
+    p.add_argument("--k-in", type=positive_int, default=16, help="factored projection input dim (default 16)")
+    p.add_argument("--k-out", type=positive_int, default=16, help="factored projection output dim (default 16)")
+    p.add_argument("--exact-small", action="store_true",
+                   help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
+    p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
+    p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),
+                   help="dense projection entries (default rademacher)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="projection seed (default 0)")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                   help="stored dtype (default bfloat16)")
+    p.add_argument("--rows-per-shard", type=positive_int,
+                   help="rows per shard (default 4096, fewer for wide rows: a shard stays within 128 MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--kfac", action="store_true",
+                   help="also sum the K-FAC factors from the same passes and keep them beside the store, so that "
+                        "`fit --method kfac/ekfac` skips its model pass (one process, a run that writes the whole store)")
+    p.set_defaults(run=scaled(_cmd_featurize), parser=p)

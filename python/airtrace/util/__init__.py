@@ -1,0 +1,2 @@
+"""Helpers at the bottom of the stack (argument checks, progress bars, the cache folder); they import nothing from
+airtrace."""
