@@ -61,6 +61,28 @@ def test_default_build_is_portable_and_runs_the_generic_variant():
     assert all(error < 1e-5 for error in out["errors"].values()), out["errors"]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-x86_64 (apt-get install qemu-user)")
+def test_runs_on_a_cpu_without_avx():
+    """Under qemu emulating a Westmere CPU (SSE4.2, no AVX) _C picks the generic variant and every op
+    matches the reference: no AVX instruction runs outside the avx2/avx512 variants (a -march=native
+    build dies here with SIGILL). About 30 s: the whole interpreter is emulated."""
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    env = {k: v for k, v in os.environ.items() if k != "AIRTRACE_CPU_ISA"}
+    run = subprocess.run(["qemu-x86_64", "-cpu", "Westmere", sys.executable, "-c", _GENERIC_PROBE], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-3000:]}"
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["isa"] == "generic"
+    assert all(error < 1e-5 for error in out["errors"].values()), out["errors"]
+
+
 @pytest.mark.skipif(
     shutil.which("nvcc") is None and os.environ.get("AIRTRACE_REQUIRE_CUDA_BUILD") != "1",
     reason="nvcc not found: the CUDA extension is not expected here",
