@@ -18,7 +18,9 @@ def test_cpu_extension_is_built_with_openmp():
 
 _GENERIC_PROBE = """
 import json, torch
-from airtrace import _C, ops, ref
+import airtrace
+from airtrace import _C
+from airtrace.ops import group_pool_scores, precondition, project_dense, project_factored, score_topk
 g = torch.Generator().manual_seed(0)
 A, G = torch.randn(2, 70, 33, generator=g), torch.randn(2, 70, 21, generator=g)
 P_in, P_out = torch.randn(33, 5, generator=g), torch.randn(21, 4, generator=g)
@@ -28,12 +30,12 @@ Lam, Gh = torch.rand(4, 5, generator=g) + 0.1, torch.randn(3, 4, 5, generator=g)
 members, offsets = torch.randint(0, 300, (60,), generator=g), torch.tensor([0, 7, 7, 60])
 d = lambda *ts: [t.double() for t in ts]
 cases = {
-    "project_factored": (ops.project_factored(A, G, P_in, P_out, backend="cpu"), ref.project_factored(*d(A, G, P_in, P_out))),
-    "project_dense": (ops.project_dense(X, 64, seed=3, backend="cpu"), ref.project_dense(X.double(), 64, 3)),
-    "score_topk": (ops.score_topk(Q, X, 5, backend="cpu")[0], ref.score_topk(*d(Q, X), 5)[0]),
-    "precondition": (ops.precondition(Gh, Q_G, Q_A, Lam, 0.1, backend="cpu"), ref.precondition_ekfac(*d(Gh, Q_G, Q_A, Lam), 0.1)),
-    "group_pool_scores": (ops.group_pool_scores(Q, X, offsets, members, backend="cpu"),
-                          ref.group_pool_scores(*d(Q, X), offsets, members)),
+    "project_factored": (airtrace.project_factored(A, G, P_in, P_out, backend="cpu"), project_factored.reference(*d(A, G, P_in, P_out))),
+    "project_dense": (airtrace.project_dense(X, 64, seed=3, backend="cpu"), project_dense.reference(X.double(), 64, 3)),
+    "score_topk": (airtrace.score_topk(Q, X, 5, backend="cpu")[0], score_topk.reference(*d(Q, X), 5)[0]),
+    "precondition": (airtrace.precondition(Gh, Q_G, Q_A, Lam, 0.1, backend="cpu"), precondition.reference(*d(Gh, Q_G, Q_A, Lam), 0.1)),
+    "group_pool_scores": (airtrace.group_pool_scores(Q, X, offsets, members, backend="cpu"),
+                          group_pool_scores.reference(*d(Q, X), offsets, members)),
 }
 errors = {op: ((got.double() - want).abs().max() / want.abs().max()).item() for op, (got, want) in cases.items()}
 print(json.dumps({"isa": _C.isa(), "errors": errors}))
