@@ -8,7 +8,8 @@ prefetching shard reader with sha256 checks, ``score_topk`` per shard, running
 
 - rows/s, store GB/s and GFLOP/s (``2 q k`` per row) of the scoring pass;
 - peak RSS the pass adds (fresh interpreter, VmHWM) against one shard's bytes
-  (the reader holds at most ``prefetch + 1`` shards);
+  (the reader keeps up to ``prefetch + 2`` shards alive: the one scored, the one the loop
+  still holds, the one read ahead);
 - the machine's memory bandwidth from a plain large tensor copy (read + write
   bytes / s) and the fp32 GEMM rate of one shard-sized ``Q @ X.T``, and the
   scoring pass as a fraction of each (with q = 256 the pass is compute bound:
@@ -20,6 +21,9 @@ prefetching shard reader with sha256 checks, ``score_topk`` per shard, running
     python benches/bench_score_large.py --quick       # 65536 rows, writes nothing
     python benches/bench_score_large.py               # 10^6 rows -> results/<device>/score_large.csv
     python benches/bench_score_large.py --rows 200000 --profile
+
+Target (``--check`` exits with status 1 when it is missed): the pass's extra peak memory
+<= PEAK_SHARDS (4) shards, whatever the number of rows (3 alive shards plus the score tiles).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ COLUMNS = ("rows", "width", "queries", "topk", "rows_per_shard", "shard_mib", "s
            "peak_over_shard")
 GIB = 2**30
 SEED = 20251
+PEAK_SHARDS = 4.0
 
 
 def store_path(root: Path, rows: int, width: int, rows_per_shard: int) -> Path:
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed scoring passes (median; default 2)")
     parser.add_argument("--profile", action="store_true", help="also print the per-stage breakdown of one pass")
     parser.add_argument("--quick", action="store_true", help="65536 rows, one pass; write no CSV")
+    C.add_check_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.repeats = 65536, 1
@@ -159,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                 wall = (time.perf_counter() - start) * 1e3
             print("\n## one profiled pass (share of its wall time, %.0f ms)" % wall)
             print(profiling.format_stage_times(profiling.stage_times(trace), wall_ms=wall))
+    status = C.report_targets([C.target("extra peak memory / one shard", row["peak_over_shard"], PEAK_SHARDS,
+                                        higher_is_better=False, detail=f" ({row['peak_extra_mib']:.0f} MiB)")],
+                              args.check)
     if not args.quick:
         path = C.RESULTS / C.device_slug(head) / "score_large.csv"
         C.write_csv(path, [row], COLUMNS, head)
         print(f"# wrote {path}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
