@@ -13,7 +13,9 @@ Targets (the constants below; ``--check`` exits with status 1 when one is missed
   score_topk >= CPU_SCORE (1.5), group_pool_scores >= CPU_POOL (2); project_dense:
   t_materialised / t_cpu >= CPU_DENSE (3).
 - GPU, t_kernel / t_cublas_same_flops (cuda and triton): <= GPU_X_GEMM (2) for project_factored,
-  project_dense and score_topk; score_topk on bfloat16 with q >= 64: <= GPU_SCORE_X_GEMM (1.5).
+  project_dense and score_topk; score_topk on bfloat16 with q >= 64: <= GPU_SCORE_X_GEMM (1.5);
+  project_factored: t_kernel / t_batched_gemms (the op as torch.bmm in the input dtype)
+  <= GPU_FACTORED_X_BATCHED (2).
 - score_topk extra peak memory flat in n (every device): growth <= MEMORY_FLAT_SHARE (5%) of the
   naive top-k's growth, or MEMORY_NOISE_MIB (4 MiB).
 
@@ -41,12 +43,12 @@ import airtrace  # noqa: E402
 
 SECTIONS = ("factored", "dense", "score", "memory", "precondition", "pool")
 COLUMNS = ("op", "shape", "dtype", "backend", "tensor_device", "median_ms", "repeats",
-           "ratio_vs_ref", "ratio_vs_materialised", "x_gemm", "peak_extra_mib", "note")
+           "ratio_vs_ref", "ratio_vs_materialised", "x_gemm", "x_batched_gemm", "peak_extra_mib", "note")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOPK = 10
 SEED = 1234
 CPU_FACTORED, CPU_SCORE, CPU_POOL, CPU_DENSE = 1.5, 1.5, 2.0, 3.0
-GPU_X_GEMM, GPU_SCORE_X_GEMM, GPU_SCORE_MIN_Q = 2.0, 1.5, 64
+GPU_X_GEMM, GPU_SCORE_X_GEMM, GPU_SCORE_MIN_Q, GPU_FACTORED_X_BATCHED = 2.0, 1.5, 64, 2.0
 MEMORY_FLAT_SHARE, MEMORY_NOISE_MIB = 0.05, 4.0
 
 
@@ -85,7 +87,8 @@ def make_plan(device: str, quick: bool) -> Plan:
                 [(8, 10**6, 1024, "rademacher"), (32, 10**7, 1024, "rademacher"), (8, 10**7, 8192, "rademacher"),
                  (32, 10**7, 8192, "rademacher"), (8, 10**7, 8192, "gaussian")],
                 2**25,
-                [(n, q, 1024) for n in (10**5, 10**6) for q in (64, 256, 1024)] + [(10**5, 256, 8192)],
+                [(n, q, 1024) for n in (10**5, 10**6) for q in (64, 256, 1024)] + [(10**6, q, 1024) for q in (1, 8)]
+                + [(10**5, 256, 8192)],
                 [10**5, 10**6, 4 * 10**6], (256, 256),
                 [(256, 10**5, 384, 10**4, 100), (1024, 10**5, 384, 10**4, 100)],
                 [(8192, 16, 16), (4096, 64, 64), (512, 256, 256)])
@@ -182,14 +185,19 @@ class Bench:
                 shape = f"B={B} T={T} d={d} k={k}"
                 t_ref, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend="torch"))
                 self.add("project_factored", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
-                t_gemm = None
+                t_gemm = t_batched = None
                 if self.device == "cuda":  # (B*T, d) @ (d, k_in + k_out + k_in*k_out/d): the op's FLOPs
                     t_gemm = self.gemm("project_factored", shape, dname, B * T, 2 * k + round(k * k / d), d, dtype)
+                    # the op as batched GEMMs in the input dtype: (G P_out)^T (A P_in) per sample
+                    Pi, Po = P_in.to(dtype), P_out.to(dtype)
+                    t_batched, reps = self.time(lambda: torch.bmm((G @ Po).transpose(1, 2), A @ Pi))
+                    self.add("project_factored", shape, dname, "batched-gemm", t_batched, reps,
+                             note="torch.bmm((G P_out)^T, A P_in) in the input dtype")
                 for be in self.backends:
                     name = use_backend(be)
                     t, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend=name))
                     self.add("project_factored", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
-                             x_gemm=t / t_gemm if t_gemm else None)
+                             x_gemm=t / t_gemm if t_gemm else None, x_batched_gemm=t / t_batched if t_batched else None)
                 del A, G
 
     # ------------------------------------------------------------------ project_dense
@@ -405,6 +413,9 @@ def targets(rows: list[dict], quick: bool) -> list[str]:
                 lines.append(_check(f"{be} score_topk bf16 q>={GPU_SCORE_MIN_Q} t_kernel/t_cublas_same_flops",
                                     items("score_topk", be, "x_gemm", "cuda", wide_bf16), GPU_SCORE_X_GEMM,
                                     higher_is_better=False))
+                lines.append(_check(f"{be} project_factored t_kernel/t_batched_gemms",
+                                    items("project_factored", be, "x_batched_gemm", "cuda"), GPU_FACTORED_X_BATCHED,
+                                    higher_is_better=False))
         lines += _memory_check(rows, "cuda")
     if quick:
         lines.append("n/a   (--quick: tiny shapes, the figures above are a smoke test, not results)")
@@ -423,8 +434,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="tensor devices to benchmark (auto: cpu, plus cuda when a GPU is present)")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="time each fast call until the timed calls add up to this (default: 1 s, --quick 0)")
     C.add_check_flag(parser)
     args = parser.parse_args(argv)
+    if args.min_seconds is not None and args.min_seconds < 0:
+        parser.error(f"--min-seconds must be >= 0, got {args.min_seconds}")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.only if s not in SECTIONS]
     if bad or not args.only:
@@ -469,7 +484,10 @@ def main(argv=None) -> int:
     rows = []
     for device, backends in groups.items():
         print(f"# tensors on {device}: torch reference vs {', '.join(backends) or '(no compiled backend)'}", flush=True)
-        bench = Bench(device, backends, make_plan(device, args.quick))
+        plan = make_plan(device, args.quick)
+        if args.min_seconds is not None:
+            plan.min_seconds = args.min_seconds
+        bench = Bench(device, backends, plan)
         for section in args.only:
             getattr(bench, section)()
         rows += bench.rows

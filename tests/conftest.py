@@ -85,7 +85,8 @@ def assert_within_bound(actual: torch.Tensor, expected: bounds.Expected) -> None
     """|actual - float64 reference| <= the op's fp32-accumulation bound, element by element (airtrace.ops.bounds)."""
     ratio = bounds.excess(actual, expected)
     scale = float(expected.reference.abs().max()) if expected.reference.numel() else 0.0
-    error = float((actual.detach().to("cpu", torch.float64) - expected.reference).abs().max()) if scale else 0.0
+    actual = actual.detach().to(expected.reference.device, torch.float64)
+    error = float((actual - expected.reference).abs().max()) if scale else 0.0
     assert ratio <= 1, (
         f"|backend - float64 reference| reaches {ratio:.3g} times the fp32-accumulation bound "
         f"(max error {error:.3g}, max |reference| {scale:.3g})"

@@ -59,8 +59,8 @@ class Expected:
     """The float64 reference of one op call and the allowed error of each element.
 
     Attributes:
-        reference: float64 CPU tensor, the op's result computed from the rounded inputs.
-        bound: float64 CPU tensor of the same shape, ``>= 0``.
+        reference: float64 tensor, the op's result computed from the rounded inputs, on the inputs' device.
+        bound: float64 tensor of the same shape and device, ``>= 0``.
     """
 
     reference: torch.Tensor
@@ -68,13 +68,13 @@ class Expected:
 
 
 def _seen(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """``t`` as a backend receives it (cast to ``dtype`` first when the op casts it), in float64 on the CPU."""
+    """``t`` as a backend receives it (cast to ``dtype`` first when the op casts it), in float64 on its device."""
     if t is None:
         return None
     t = t.detach()
     if dtype is not None:
         t = t.to(dtype)
-    return t.to("cpu", F64)
+    return t.to(F64)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -93,7 +93,7 @@ def excess(actual: torch.Tensor, expected: Expected) -> float:
     Raises:
         ValueError: ``actual`` does not have the reference's shape.
     """
-    actual = actual.detach().to("cpu", F64)
+    actual = actual.detach().to(expected.reference.device, F64)
     if tuple(actual.shape) != tuple(expected.reference.shape):
         raise ValueError(f"result has shape {tuple(actual.shape)}, the reference {tuple(expected.reference.shape)}")
     if actual.numel() == 0:
@@ -116,7 +116,7 @@ def project_factored(
     """
     acc = _acc(A.dtype)
     A64, G64, Pi, Po, m = _seen(A), _seen(G), _seen(P_in, acc), _seen(P_out, acc), _seen(mask, acc)
-    weight = torch.ones(A64.shape[:2], dtype=F64) if m is None else m
+    weight = torch.ones(A64.shape[:2], dtype=F64, device=A64.device) if m is None else m
     a, g = A64 @ Pi, (G64 @ Po) * weight[:, :, None]  # (B, T, k_in), (B, T, k_out)
     err_a = _sum_bound(A64.shape[2], TF32X3) * (A64.abs() @ Pi.abs())
     err_g = _sum_bound(G64.shape[2], TF32X3 + 0.5) * (G64.abs() @ Po.abs()) * weight.abs()[:, :, None]
@@ -146,10 +146,10 @@ def project_dense(
     """
     X64 = _seen(X)
     B, p = X64.shape
-    reference, absolute, entries = (torch.zeros(B, k, dtype=F64) for _ in range(3))
+    reference, absolute, entries = (torch.zeros(B, k, dtype=F64, device=X64.device) for _ in range(3))
     for start in range(0, p, rows_per_chunk):
         stop = min(start + rows_per_chunk, p)
-        R = dense_entries(torch.arange(row_offset + start, row_offset + stop), k, seed, kind)
+        R = dense_entries(torch.arange(row_offset + start, row_offset + stop), k, seed, kind).to(X64.device)
         reference += X64[:, start:stop] @ R
         absolute += X64[:, start:stop].abs() @ R.abs()
         if kind == "gaussian":
@@ -187,9 +187,9 @@ def topk_excess(values: torch.Tensor, indices: torch.Tensor, expected: Expected,
     (an index out of range or repeated, padding where rows remain or rows where padding
     belongs, values not sorted descending) gives inf.
     """
-    values = values.detach().to("cpu", F64)
-    indices = indices.detach().to("cpu")
     s, bound = expected.reference, expected.bound
+    values = values.detach().to(s.device, F64)
+    indices = indices.detach().to(s.device)
     q, n = s.shape
     if values.shape != indices.shape or values.dim() != 2 or values.shape[0] != q:
         return math.inf
@@ -264,12 +264,13 @@ def group_pool_scores(
     """
     acc = _acc(torch.promote_types(queries.dtype, train.dtype))
     Q64, X64 = _seen(queries, acc), _seen(train)
-    offsets, members = offsets.detach().cpu().to(torch.int64), members.detach().cpu().to(torch.int64)
+    device = Q64.device
+    offsets, members = offsets.detach().to(device, torch.int64), members.detach().to(device, torch.int64)
     q, G = Q64.shape[0], offsets.numel() - 1
     sizes = offsets.diff()
-    group_of = torch.repeat_interleave(torch.arange(G), sizes)
+    group_of = torch.repeat_interleave(torch.arange(G, device=device), sizes)
     reference = _pool.reference(Q64, X64, offsets, members, tile)
-    carried, mass = torch.zeros(q, G, dtype=F64), torch.zeros(q, G, dtype=F64)
+    carried, mass = torch.zeros(q, G, dtype=F64, device=device), torch.zeros(q, G, dtype=F64, device=device)
     score_sum = _sum_bound(Q64.shape[1], TF32X3)
     bounds = offsets.tolist()
     for g0, g1 in _pool._group_tiles(bounds, tile):
@@ -281,10 +282,11 @@ def group_pool_scores(
         segment = (group_of[p0:p1] - g0).expand(q, -1)
 
         def group_sum(values: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(q, g1 - g0, dtype=F64).scatter_add_(1, segment, values)
+            return torch.zeros(q, g1 - g0, dtype=F64, device=device).scatter_add_(1, segment, values)
 
         a = s.abs()
-        peak = torch.full((q, g1 - g0), -math.inf, dtype=F64).scatter_reduce(1, segment, a, reduce="amax")
+        peak = torch.full((q, g1 - g0), -math.inf, dtype=F64, device=device).scatter_reduce(1, segment, a,
+                                                                                               reduce="amax")
         z = peak.gather(1, segment) - a
         e = torch.exp(-z)
         weight = e / group_sum(e).gather(1, segment)
