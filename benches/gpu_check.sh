@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # make gpu-check: on a machine with a CUDA GPU (torch and triton already installed), build airtrace into that Python,
-# run the GPU tests, the self-check and the GPU rows of bench_ops, each step under a hard timeout, and write every
-# log and result under benches/results/<gpu>/; a summary of each step's exit status comes last.
+# run the GPU tests, the self-check and the GPU rows of bench_ops, then the end-to-end figures (a ~1B-parameter model:
+# featurize overhead, fit, score; a 10^7-row store streamed to the GPU), each step under a hard timeout, and write
+# every log and result under benches/results/<gpu>/; a summary of each step's exit status comes last.
 #
-#   make gpu-check                       # PYTHON=python3 by default; about 8 minutes on one H100 at most
+#   make gpu-check                       # PYTHON=python3 by default; at most 590 s of step timeouts in all
 #   make gpu-check WHEELS=/path/wheels   # install missing build/test packages from local wheels (offline machine)
+#   GPU_CHECK_STEPS="tests bench" make gpu-check   # only these steps (env and deps always run), e.g. a rerun
 #   GPU_CHECK_DRY_RUN=1 make gpu-check   # no GPU: the steps a CPU can run, into benches/results/gpu-check-dry-run/
 #
 # torch, triton and numpy are never installed here: a missing one is an error of the machine. Other missing packages
@@ -15,9 +17,14 @@ cd "$(dirname "$0")/.."
 export PY=${PYTHON:-python3}
 export WHEELS=${WHEELS:-}
 DRY=${GPU_CHECK_DRY_RUN:-0}
-# Seconds per step (overridable from the environment); together at most 8 minutes.
-T_ENV=${T_ENV:-20} T_DEPS=${T_DEPS:-40} T_BUILD=${T_BUILD:-170} T_TESTS=${T_TESTS:-130}
-T_SELFCHECK=${T_SELFCHECK:-40} T_BENCH=${T_BENCH:-80}
+STEPS=" ${GPU_CHECK_STEPS:-build tests selfcheck bench e2e score} "
+# Seconds per step (overridable from the environment); together 590 s, so one run fits a 10-minute slot. The dry run
+# on a shared 2-core CPU gets longer limits for its smoke passes.
+T_ENV=${T_ENV:-25} T_DEPS=${T_DEPS:-25} T_BUILD=${T_BUILD:-150} T_TESTS=${T_TESTS:-110}
+T_SELFCHECK=${T_SELFCHECK:-40} T_BENCH=${T_BENCH:-80} T_E2E=${T_E2E:-60} T_SCORE=${T_SCORE:-100}
+if [ "$DRY" = 1 ]; then T_E2E=${T_E2E_DRY:-300} T_SCORE=${T_SCORE_DRY:-120}; fi
+# The cached 10^7 x 256 bf16 store of the score step (5.1 GB in 32 MiB shards).
+SCORE_DIR=${SCORE_DIR:-${TMPDIR:-/tmp}/airtrace-gpu-check-store}
 
 if [ "$DRY" = 1 ]; then
   GPU_NAME="gpu-check-dry-run"
@@ -36,14 +43,21 @@ LOG="$OUT/gpu-check.log"
 : > "$LOG"
 SUMMARY=()
 FAILED=0
+BEGIN=$SECONDS
 
 log() { printf '%s\n' "$*" | tee -a "$LOG"; }
 
 # step NAME SECONDS COMMAND...: run COMMAND (a program, or a function of this script) under a hard timeout, output in
-# $OUT/NAME.log, exit status recorded.
+# $OUT/NAME.log, exit status recorded; a step that GPU_CHECK_STEPS leaves out is recorded as skipped.
 step() {
   local name=$1 limit=$2
   shift 2
+  case $name in env|deps) ;; *)
+    if [[ $STEPS != *" $name "* ]]; then
+      SUMMARY+=("$(printf '%-10s %-9s' "$name" skipped)")
+      return
+    fi ;;
+  esac
   local start=$SECONDS rc
   log "== $(date -u +%H:%M:%S) $name (timeout ${limit}s): $*"
   if declare -F "$1" > /dev/null; then  # a function of this script (it may call pip_install)
@@ -128,10 +142,15 @@ step env "$T_ENV" env_report
 step deps "$T_DEPS" deps
 if [ "$DRY" = 1 ]; then
   # The CPU part: the installed package (make setup), the GPU tests collected (and skipped), the self-check on the
-  # CPU backends, a quick CPU bench pass with --check.
+  # CPU backends, quick CPU smoke passes of the benches (bench_ops without --check: tiny shapes on a shared CPU are no
+  # measurement).
   step tests "$T_TESTS" "$PY" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider
   step selfcheck "$T_SELFCHECK" "$PY" -m airtrace selfcheck --quick --repeats 1
-  step bench "$T_BENCH" "$PY" benches/bench_ops.py --device cpu --quick --only precondition,pool --check --out "$OUT"
+  step bench "$T_BENCH" "$PY" benches/bench_ops.py --device cpu --quick --only precondition,pool --out "$OUT"
+  step e2e "$T_E2E" "$PY" benches/bench_gpu_e2e.py --device cpu --quick --layers 1 --width 256 --vocab 512 \
+    --out "$OUT"
+  step score "$T_SCORE" "$PY" benches/bench_score_large.py --device cpu --quick --queries 64 --check --dir "$SCORE_DIR" \
+    --out "$OUT"
 else
   step build "$T_BUILD" build
   export TRITON_INTERPRET=0  # compiled Triton on the GPU (the test suite's default is the CPU interpreter)
@@ -139,9 +158,15 @@ else
     --junitxml="$OUT/pytest-gpu.xml"
   step selfcheck "$T_SELFCHECK" "$PY" -m airtrace selfcheck --repeats 5
   step bench "$T_BENCH" "$PY" benches/bench_ops.py --device cuda --min-seconds 0.2 --check --out "$OUT"
+  # ~1B parameters (20 blocks, d 2048), 128 sequences of 512 tokens: featurize overhead over forward + backward, fit,
+  # score; then a 10^7-row store (width 256, 64 queries) streamed through pinned buffers: rows/s vs file read and
+  # host -> GPU copy rates.
+  step e2e "$T_E2E" "$PY" benches/bench_gpu_e2e.py --examples 128 --check --out "$OUT"
+  step score "$T_SCORE" "$PY" benches/bench_score_large.py --device cuda --rows 10000000 --width 256 --queries 64 \
+    --rows-per-shard 65536 --repeats 1 --check --dir "$SCORE_DIR" --out "$OUT"
 fi
 
 log ""
-log "== summary ($GPU_NAME, $(date -u)): $FAILED step(s) failed or timed out"
+log "== summary ($GPU_NAME, $(date -u), $((SECONDS - BEGIN)) s): $FAILED step(s) failed or timed out"
 for line in "${SUMMARY[@]}"; do log "$line"; done
 [ "$FAILED" = 0 ]
