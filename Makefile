@@ -54,7 +54,7 @@ bench: setup
 	$(PY) benches/bench_ops.py
 
 # On a GPU machine, into its own Python (torch, triton preinstalled): build, GPU tests, selfcheck, GPU bench rows, the
-# end-to-end and 10^7-row scoring figures, each under a hard timeout (590 s in all) -> benches/results/<gpu>/
+# end-to-end and 10^7-row scoring figures, each under a hard timeout (580 s in all) -> benches/results/<gpu>/
 # (benches/gpu_check.sh). GPU_CHECK_STEPS="..." runs some steps only; GPU_CHECK_DRY_RUN=1 runs the CPU part.
 GPU_PYTHON ?= python3
 gpu-check:

@@ -4,9 +4,10 @@
 # featurize overhead, fit, score; a 10^7-row store streamed to the GPU), each step under a hard timeout, and write
 # every log and result under benches/results/<gpu>/; a summary of each step's exit status comes last.
 #
-#   make gpu-check                       # PYTHON=python3 by default; at most 590 s of step timeouts in all
+#   make gpu-check                       # PYTHON=python3 by default; at most 580 s of step timeouts in all
 #   make gpu-check WHEELS=/path/wheels   # install missing build/test packages from local wheels (offline machine)
 #   GPU_CHECK_STEPS="tests bench" make gpu-check   # only these steps (env and deps always run), e.g. a rerun
+#   GPU_CHECK_RESULTS=DIR make gpu-check           # write into DIR/<gpu>/ instead of benches/results/<gpu>/
 #   GPU_CHECK_DRY_RUN=1 make gpu-check   # no GPU: the steps a CPU can run, into benches/results/gpu-check-dry-run/
 #
 # torch, triton and numpy are never installed here: a missing one is an error of the machine. Other missing packages
@@ -18,11 +19,11 @@ export PY=${PYTHON:-python3}
 export WHEELS=${WHEELS:-}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 STEPS=" ${GPU_CHECK_STEPS:-build tests selfcheck bench e2e score} "
-# Seconds per step (overridable from the environment); together 590 s, so one run fits a 10-minute slot. The dry run
+# Seconds per step (overridable from the environment); together 580 s, so one run fits a 10-minute slot. The dry run
 # on a shared 2-core CPU gets longer limits for its smoke passes.
-T_ENV=${T_ENV:-25} T_DEPS=${T_DEPS:-25} T_BUILD=${T_BUILD:-150} T_TESTS=${T_TESTS:-110}
-T_SELFCHECK=${T_SELFCHECK:-40} T_BENCH=${T_BENCH:-80} T_E2E=${T_E2E:-60} T_SCORE=${T_SCORE:-100}
-if [ "$DRY" = 1 ]; then T_E2E=${T_E2E_DRY:-300} T_SCORE=${T_SCORE_DRY:-120}; fi
+T_ENV=${T_ENV:-20} T_DEPS=${T_DEPS:-20} T_BUILD=${T_BUILD:-140} T_TESTS=${T_TESTS:-100}
+T_SELFCHECK=${T_SELFCHECK:-40} T_BENCH=${T_BENCH:-110} T_E2E=${T_E2E:-60} T_SCORE=${T_SCORE:-90}
+if [ "$DRY" = 1 ]; then T_ENV=60 T_DEPS=60 T_E2E=300 T_SCORE=120; fi
 # The cached 10^7 x 256 bf16 store of the score step (5.1 GB in 32 MiB shards).
 SCORE_DIR=${SCORE_DIR:-${TMPDIR:-/tmp}/airtrace-gpu-check-store}
 
@@ -37,7 +38,7 @@ else
 fi
 SLUG=$(printf '%s' "$GPU_NAME" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 case $SLUG in gpu-*) ;; *) SLUG="gpu-$SLUG" ;; esac
-OUT="benches/results/$SLUG"
+OUT="${GPU_CHECK_RESULTS:-benches/results}/$SLUG"
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
 : > "$LOG"
