@@ -12,6 +12,7 @@ from airtrace.attribute import Attributor, Task
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
 from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
+from airtrace.ops.digest import digest
 from airtrace.ops.group_pool_scores import group_pool_scores
 from airtrace.ops.merge_topk import merge_topk
 from airtrace.ops.precondition import precondition
@@ -63,6 +64,7 @@ __all__ = [
     "merge_topk",
     "precondition",
     "group_pool_scores",
+    "digest",
     # backends
     "BACKENDS",
     "BackendUnavailable",

@@ -128,19 +128,20 @@ def _log_fallback_once(preferred: str, chosen: str, reason: str) -> None:
     log.warning("airtrace: backend %r unavailable (%s); using %r", preferred, reason, chosen)
 
 
-def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> str:
     """The backend that runs ``op`` on inputs of ``dtype`` on ``device``.
 
     "auto" takes "torch" for a dtype no compiled backend takes (float64), even when
     $AIRTRACE_BACKEND is set; otherwise $AIRTRACE_BACKEND, else the first available
-    backend of :data:`AUTO_ORDER` for the device.
+    backend of :data:`AUTO_ORDER` for the device. ``dtype`` None: an op on raw bytes,
+    which every backend takes.
 
     Raises:
         ValueError: an unknown backend name.
         BackendUnavailable: an explicit backend (argument or $AIRTRACE_BACKEND) cannot run.
     """
     if backend == "auto":
-        if dtype not in COMPILED_DTYPES:
+        if dtype is not None and dtype not in COMPILED_DTYPES:
             return "torch"
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":
