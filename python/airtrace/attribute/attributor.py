@@ -298,6 +298,8 @@ class Attributor:
             if method == "ekfac":
                 fitter = cv.EKFACFitter(curvature, self.damping)
                 curvature = self._fit_features(fitter, batches, store, total, progress)
+        curvature.fingerprint = model_fingerprint(self.model)
+        curvature.store_key = None if store is None else store.content_key()
         if path is not None:
             with distributed.all_or_none("saving the curvature"):
                 if distributed.is_main():
@@ -385,20 +387,29 @@ class Attributor:
 
     # -- score
 
-    def _checked_store(self, store: Store | str | os.PathLike) -> Store:
-        """Open a store and check it holds this model's features with this layout and projection."""
+    def _checked_store(self, store: Store | str | os.PathLike, fingerprint: str | None = None) -> Store:
+        """Open a store and check it holds this model's features (``fingerprint``: the model's, when known) with
+        this layout and projection."""
         store = store if isinstance(store, Store) else Store.open(store)
-        store.check_fingerprint(model_fingerprint(self.model))
+        store.check_fingerprint(fingerprint or model_fingerprint(self.model))
         ours, theirs = essential(self.featurizer.record()), essential(store.meta.get("projection") or {})
         if ours != theirs or [(b.name, b.shape) for b in store.layout] != list(self.dims.items()):
             raise StoreError(f"{store.path}: the store was featurized with projection {theirs}, this Attributor "
                              f"uses {ours}. Fix: Attributor.from_store(model, store, ...) or featurize again")
         return store
 
+    def _store_and_curvature(self, store: Store | str | os.PathLike) -> tuple[Store, Curvature]:
+        """The checked store and the fitted curvature, refused unless fitted for this model and this store."""
+        fingerprint = model_fingerprint(self.model)
+        store = self._checked_store(store, fingerprint)
+        curvature = self._fitted()
+        curvature.check_for(fingerprint, store.content_key(), store.path)
+        return store, curvature
+
     def self_influence(self, store: Store | str | os.PathLike, *, progress: bool = True) -> torch.Tensor:
         """``ĝ_xᵀ H⁻¹ ĝ_x`` of every training example (n,) float64, cached in a store sidecar."""
-        store = self._checked_store(store)
-        key = self_influence_key(store, self._fitted())
+        store, curvature = self._store_and_curvature(store)
+        key = self_influence_key(store, curvature)
         dtype = accumulation_dtype(self._dtype)
         return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
                                     progress=progress)
@@ -447,8 +458,7 @@ class Attributor:
         if full_matrix_path is not None and distributed.active():
             raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
                              "shards); score with one process to write the full matrix")
-        store = self._checked_store(store)
-        curvature = self._fitted()
+        store, curvature = self._store_and_curvature(store)
         query_ids, Q = self._queries(query_batches)
         n, q = len(store), Q.shape[0]
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)

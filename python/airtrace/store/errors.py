@@ -56,6 +56,10 @@ class StoreMismatchError(StoreError):
         )
 
 
+class SidecarError(StoreError):
+    """A sidecar file (derived data next to the shards) is unreadable, foreign or fails its checksum."""
+
+
 class IncompleteStoreError(StoreError):
     """The store's writer never finished (no ``close()``)."""
 
