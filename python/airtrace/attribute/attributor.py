@@ -14,7 +14,7 @@ from torch import nn
 
 from airtrace import curvature as cv
 from airtrace import distributed
-from airtrace.attribute.batches import Batches, checked_rows, pairs, reiterable
+from airtrace.attribute.batches import CONTENT, Batches, checked_rows, content_digests, pairs, reiterable
 from airtrace.attribute.config import CURVATURES, DENSE, FACTORED, LossFn, essential, layer_specs, projection_config
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
@@ -211,12 +211,13 @@ class Attributor:
             raise StoreError(f"{store.path}: the finished store has dtype {store.manifest['dtype']} and rows_per_shard "
                              f"{store.rows_per_shard}, featurize asked for {dtype_name(dtype)} and {rows_per_shard}. "
                              "Fix: pass the store's settings, or overwrite=True to write it again.")
-        stored = set(store.ids)
-        for ids, _ in pairs(batches, "batches"):
+        stored = dict(zip(store.ids, _stored_digests(store)))
+        for ids, batch in pairs(batches, "batches"):
             missing = [i for i in ids if i not in stored]
             if missing:
                 raise StoreError(f"{store.path}: the store is finished but lacks example id {missing[0]!r} of "
                                  "batches. Fix: write to a new directory, or pass overwrite=True to write it again.")
+            _check_same_data(store.path, ids, content_digests(batch, len(ids)), stored)
         return store
 
     def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
@@ -224,20 +225,27 @@ class Attributor:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
         writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
-                             {"projection": self.featurizer.record(), "curvature": None}, overwrite=overwrite)
-        done = set(writer.done_ids)
-        kfac = self._kfac_alongside() if not done else None
-        self._featurized_kfac = None
-        with writer, progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
-            for ids, batch in pairs(batches, "batches"):
-                keep = [j for j, i in enumerate(ids) if i not in done]
-                if len(keep) < len(ids):
-                    kfac = None  # resumed: the factors would miss the rows written before
-                if keep:
-                    features = checked_rows(self.featurizer.features(batch, kfac), ids)
-                    with stage("store_write"):
-                        writer.append(features[keep], [ids[j] for j in keep])
-                    bar.update(len(keep))
+                             {"projection": self.featurizer.record(), "curvature": None},
+                             extras={CONTENT: ("int64", (2,))}, overwrite=overwrite)
+        with writer:
+            done = {}
+            if writer.rows_done:
+                committed = Store.open(writer.path, allow_incomplete=True)
+                done = dict(zip(committed.ids, _stored_digests(committed)))
+            kfac = self._kfac_alongside() if not done else None
+            self._featurized_kfac = None
+            with progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
+                for ids, batch in pairs(batches, "batches"):
+                    digests = content_digests(batch, len(ids))
+                    _check_same_data(writer.path, ids, digests, done)
+                    keep = [j for j, i in enumerate(ids) if i not in done]
+                    if len(keep) < len(ids):
+                        kfac = None  # resumed: the factors would miss the rows written before
+                    if keep:
+                        features = checked_rows(self.featurizer.features(batch, kfac), ids)
+                        with stage("store_write"):
+                            writer.append(features[keep], [ids[j] for j in keep], **{CONTENT: digests[keep]})
+                        bar.update(len(keep))
         store = Store.open(path)
         if kfac is not None:
             self._featurized_kfac = (os.path.abspath(writer.path), kfac)
@@ -486,3 +494,17 @@ class Attributor:
         train_ids = store.ids
         ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
         return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu())
+
+
+def _stored_digests(store: Store) -> list[tuple[int, int]]:
+    """The content digest of every row of ``store``, in row order."""
+    return [tuple(row) for *_, extras in store.iter_shards(extras=[CONTENT]) for row in extras[CONTENT].tolist()]
+
+
+def _check_same_data(path: str, ids: list, digests: torch.Tensor, stored: Mapping) -> None:
+    """Refuse an example whose id is in ``stored`` ({id: content digest}) with other content."""
+    for example_id, row in zip(ids, digests.tolist()):
+        if example_id in stored and stored[example_id] != tuple(row):
+            raise StoreError(f"{path}: example id {example_id!r} holds other data than when it was featurized (the "
+                             "digest of its batch tensors differs), so its stored features are not its features. Fix: "
+                             "featurize into a new directory, or pass overwrite=True to write the store again")
