@@ -8,6 +8,10 @@ registers the kernels as ``torch.ops.airtrace.*`` custom ops (each op's module i
 for ``__version__``); the library imports its modules directly.
 """
 
+from airtrace.util.preflight import check_cli_memory
+
+check_cli_memory()  # before torch loads: the command's one-line error under a too-low ulimit -v
+
 from airtrace.attribute import Attributor, Task
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping

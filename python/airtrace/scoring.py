@@ -44,6 +44,7 @@ from airtrace.profiling import stage, timed_iter
 from airtrace.store import Store
 from airtrace.store.sidecars import SELF_INFLUENCE, self_influence_sidecar
 from airtrace.util.checked_file import load_checked, save_checked
+from airtrace.util.checks import check_groups
 from airtrace.util.progress import progress_bar
 
 log = logging.getLogger("airtrace")
@@ -174,7 +175,7 @@ class SelfInfluence:
         parts = [v for part in distributed.gather_objects(self._computed) for v in part]
         if sum(v.shape[0] for v in parts) != len(self.store):
             return
-        values = torch.cat(parts)
+        values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)  # an empty store: no rows
         if distributed.is_main():
             try:
                 save_checked({SELF_INFLUENCE: values}, self.path, SELF_INFLUENCE_KEY, {"rows": len(self.store)})
@@ -237,11 +238,9 @@ class GroupScores:
 
 def _group_members(groups: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (row, group) pairs of ``groups``, checked to lie in [0, n)."""
-    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
-        raise ValueError("groups must be a non-empty list of lists of train row indices")
     rows, owners = [], []
-    for g, members in enumerate(groups):
-        members = torch.as_tensor(members, dtype=torch.int64).reshape(-1)
+    for g, members in enumerate(check_groups(groups)):
+        members = torch.tensor(members, dtype=torch.int64)
         if members.numel() and (int(members.min()) < 0 or int(members.max()) >= n):
             raise ValueError(f"groups[{g}] holds row indices outside [0, {n}) (the store has {n} rows)")
         rows.append(members)

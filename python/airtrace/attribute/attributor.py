@@ -42,6 +42,7 @@ from airtrace.store import (
     dtype_name,
     model_fingerprint,
 )
+from airtrace.util.fix import with_fix
 from airtrace.util.progress import progress_bar
 
 log = logging.getLogger("airtrace")
@@ -505,6 +506,8 @@ def _check_same_data(path: str, ids: list, digests: torch.Tensor, stored: Mappin
     """Refuse an example whose id is in ``stored`` ({id: content digest}) with other content."""
     for example_id, row in zip(ids, digests.tolist()):
         if example_id in stored and stored[example_id] != tuple(row):
-            raise StoreError(f"{path}: example id {example_id!r} holds other data than when it was featurized (the "
-                             "digest of its batch tensors differs), so its stored features are not its features. Fix: "
-                             "featurize into a new directory, or pass overwrite=True to write the store again")
+            raise with_fix(StoreError(
+                f"{path}: example id {example_id!r} holds other data than when it was featurized (the digest of its "
+                "batch tensors differs), so its stored features are not its features. Fix: featurize into a new "
+                "directory, or pass overwrite=True to write the store again"),
+                "featurize into a new directory, or pass --overwrite to write the store again.")

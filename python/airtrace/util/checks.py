@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -81,3 +82,21 @@ def check_finite_rows(name: str, t: torch.Tensor, what: str = "row") -> None:
         plural = what[:-1] + "ies" if what.endswith("y") else what + "s"
         raise ValueError(f"{name} has NaN/Inf values in {bad.numel()} of its {t.shape[0]} {plural} (the first: "
                          f"{what} {int(bad[0])}); a non-finite {what} has no rank. Fix: drop or repair it")
+
+
+def check_groups(groups: Any) -> list[list[int]]:
+    """``groups`` as lists of ints: a non-empty sequence of sequences (or 1-D integer tensors / arrays) of integer train
+    row indices; a fraction, a bool or any other entry is a ValueError naming it (``groups[g][i] is ...``)."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+        raise ValueError("groups must be a non-empty list of lists of train row indices")
+    out = []
+    for g, members in enumerate(groups):
+        if isinstance(members, (torch.Tensor, np.ndarray)):
+            members = members.reshape(-1).tolist()
+        if isinstance(members, (str, bytes)) or not isinstance(members, Sequence):
+            raise ValueError(f"groups[{g}] is {members!r}, not a list of train row indices")
+        for i, m in enumerate(members):
+            if isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, np.integer)):
+                raise ValueError(f"groups[{g}][{i}] is {m!r}, not an integer train row index")
+        out.append([int(m) for m in members])
+    return out
