@@ -21,7 +21,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                        device=args.device, backend=args.backend)
     if args.curvature is not None:
         attributor.load_curvature(args.curvature)
-    scores = attributor.score(task.queries, args.store, topk=args.topk, metric=args.metric,
+    from airtrace.store import Store
+
+    topk = max(1, min(args.topk, len(Store.open(args.store))))  # a store of n rows has at most n results per query
+    scores = attributor.score(task.queries, args.store, topk=topk, metric=args.metric,
                               full_matrix_path=args.full_matrix, groups=read_groups(args.groups),
                               progress=not args.quiet)
     rows = scores.to_rows()
@@ -44,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("store", metavar="STORE", help="store written by featurize")
     add_model_options(p)
     p.add_argument("--curvature", metavar="CURV", help="factors written by fit (default: identity)")
-    p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
+    p.add_argument("--topk", type=positive_int, default=10,
+                   help="results per query (default 10; at most the store's rows)")
     p.add_argument("--metric", default="inner", choices=("inner", "cosine", "relative"),
                    help="score (default inner)")
     p.add_argument("--full-matrix", metavar="PATH", help="also write the (q, n) score matrix (safetensors)")

@@ -123,9 +123,9 @@ def _device_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def _dtype_reason(backend: str, dtype: torch.dtype) -> str | None:
+def _dtype_reason(backend: str, dtype: torch.dtype | None) -> str | None:
     dtypes = REGISTRY[backend].dtypes
-    if dtype in dtypes:
+    if dtype is None or dtype in dtypes:
         return None
     names = [str(d).removeprefix("torch.") for d in dtypes]
     names = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -137,14 +137,14 @@ def _log_fallback_once(preferred: str, chosen: str, reason: str) -> None:
     log.warning("airtrace: backend %r unavailable (%s); using %r", preferred, reason, chosen)
 
 
-def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> str:
     """The backend that runs ``op`` on inputs of ``dtype`` on ``device``: the one rule of backend capability.
 
     A backend can run a call when it is available here, takes tensors on ``device`` and takes
     ``dtype`` (its :class:`Backend` record). "auto" means $AIRTRACE_BACKEND when that backend
     takes ``dtype``, else the first backend of :data:`AUTO_ORDER` for the device that can run
     the call (so float64, which only "torch" takes, runs there even when $AIRTRACE_BACKEND
-    names a compiled backend).
+    names a compiled backend). ``dtype`` None: an op on raw bytes, which every backend takes.
 
     Raises:
         ValueError: an unknown backend name, or an explicit backend that does not take ``dtype``.
