@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from airtrace.ops import group_pool_scores, project_dense, project_factored, score_topk
+from airtrace.ops import group_pool_scores, project_dense, project_factored, project_sparse, score_topk
 from airtrace.ops.backends import BACKENDS, available, triton_interpreted
 
 TOLERANCE = 1e-4  # relative to max |reference|, fp32 accumulation
@@ -74,6 +74,12 @@ def _cases(scale: int) -> list[Case]:
             f"B=8 p={Xd.shape[1]} k=1024 rademacher",
             lambda b: project_dense.project_dense(Xd, 1024, seed=7, backend=b),
             lambda: project_dense.reference(Xd.double(), 1024, 7),
+        ),
+        Case(
+            "project_sparse",
+            f"B=8 p={Xd.shape[1]} k=1024 s=2",
+            lambda b: project_sparse.project_sparse(Xd, 1024, 2, seed=7, backend=b),
+            lambda: project_sparse.reference(Xd.double(), 1024, 2, 7),
         ),
         Case(
             "score_topk",
