@@ -9,7 +9,8 @@ Two pools, each scored for 64 queries with the "relative" metric (the demo's):
   distribution. An ivfpq index over all of it; flat and hnsw (full vectors, 1 KiB per row)
   over a prefix of ``--full-rows`` rows, where they fit in memory.
 - real (``--real``): the demo's store (SmolLM2-135M-Instruct, LoGra 16 x 16 on 42 layers,
-  EK-FAC) of ``--real-train`` chatterbot pairs; queries are 64 of its own rows.
+  EK-FAC) of ``--real-train`` chatterbot pairs; queries are 64 of its own rows (so each
+  query's own row is among its answers, for the exact pass and the index alike).
 
 For every index: build seconds (train + add, in a fresh process whose peak RSS is measured
 against the index size plus one shard), bytes on disk, the latency of searching 64 queries
@@ -209,22 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000, help="synthetic store rows (default 10^7)")
     parser.add_argument("--rows-per-shard", type=int, default=65536, help="rows per shard (default 65536: 32 MiB)")
-    parser.add_argument("--full-rows", type=int, default=200_000,
-                        help="prefix of the synthetic store that the flat and hnsw indexes cover (default 200k)")
+    parser.add_argument("--full-rows", type=int, default=131_072,
+                        help="prefix of the synthetic store that the flat and hnsw indexes cover (default 2^17)")
     parser.add_argument("--nlist", type=int, default=1024, help="ivfpq lists of the synthetic index (default 1024)")
     parser.add_argument("--m", type=int, default=64, help="ivfpq sub-quantizers (default 64: 64 B per row)")
+    parser.add_argument("--train-rows", type=int, default=32768, help="ivfpq training sample (default 32768)")
     parser.add_argument("--candidates", type=int, default=100, help="two-stage candidates per query (default 100)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "airtrace-bench-index",
                         help="where the synthetic store is built")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic store (and its indexes)")
     parser.add_argument("--real", action="store_true", help="also the demo model's store")
-    parser.add_argument("--real-train", type=int, default=1223, help="demo training pairs (default all 1223)")
+    parser.add_argument("--real-train", type=int, default=600, help="demo training pairs (default 600, the demo's)")
     parser.add_argument("--quick", action="store_true", help="200k rows, 20k for flat/hnsw; write no CSV")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the targets are met")
     parser.add_argument("--out", type=Path, help="CSV folder (default benches/results/<device>/)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.full_rows, args.nlist = 200_000, 20_000, 256
+        args.rows, args.full_rows, args.nlist, args.train_rows = 200_000, 20_000, 256, 16384
     head = C.header(gpu=False)
     C.print_header(head, f"bench_index: {args.rows} x {WIDTH} bf16 synthetic store, {QUERIES} queries, {METRIC}, CPU")
     work = args.dir
@@ -238,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     Q = store_preconditioner(store, curvature)(raw)
     exact_ms, top = exact_time(store, curvature, Q)
     print(f"# exact scan of {len(store)} rows: {exact_ms / 1e3:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-    ivf_knobs = [{"nprobe": p} for p in (4, 8, 16, 32, 64)]
+    ivf_knobs = [{"nprobe": p} for p in (8, 16, 32, 64, 128)]
     rows += measure_index("synthetic", store, curvature, None, raw, {"type": "ivfpq", "nlist": args.nlist,
-                          "m": args.m}, ivf_knobs, args.candidates, exact_ms, top, work)
+                          "m": args.m, "train_rows": args.train_rows}, ivf_knobs, args.candidates, exact_ms, top,
+                          work)
     prefix = store.shard_range(0, math.ceil(args.full_rows / store.rows_per_shard))
     prefix_ms, prefix_top = exact_time(prefix, curvature, Q)
     for spec, knobs in (({"type": "flat"}, [{}]), ({"type": "hnsw", "hnsw_m": 32}, [{"ef": e} for e in (64, 128)])):
