@@ -27,6 +27,7 @@ from the measured per-row costs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -57,13 +58,30 @@ TARGETS = {"recall_index": 0.95, "speedup_index": 20.0, "recall_two_stage": 0.99
 # --------------------------------------------------------------------------- pools
 
 
-def synthetic_rows(begin: int, n: int, width: int) -> torch.Tensor:
-    """Rows ``begin .. begin + n`` of the synthetic pool (seeded per block, so any block is reproducible)."""
+@functools.lru_cache(maxsize=1)
+def _components(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1000 cluster centers and a pool of 2^16 noise vectors, (.., width) float32, fixed by SEED."""
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randn(1000, width, generator=g), torch.randn(2**16, width, generator=g)
+
+
+def synthetic_rows(begin: int, n: int, width: int, fresh: bool = False) -> torch.Tensor:
+    """Rows ``begin .. begin + n`` of the synthetic pool (seeded per block, so any block is reproducible):
+    a center plus 0.7 x unit-variance noise, on a (1 + j)^-1/2 spectrum, times a log-normal row norm.
+
+    The noise is a signed mix of two vectors of a fixed pool (generating fresh Gaussians for
+    2.6 x 10^9 values would dominate the build on 2 cores); ``fresh`` draws it anew (the queries).
+    """
     g = torch.Generator().manual_seed(SEED + begin)
-    centers = torch.randn(1000, width, generator=torch.Generator().manual_seed(SEED))
-    spectrum = (1.0 + torch.arange(width)) ** -0.5
-    rows = centers[torch.randint(1000, (n,), generator=g)] + 0.7 * torch.randn(n, width, generator=g)
-    return rows * spectrum * torch.exp(0.5 * torch.randn(n, 1, generator=g))
+    centers, pool = _components(width)
+    if fresh:
+        noise = torch.randn(n, width, generator=g)
+    else:
+        pick = torch.randint(2**16, (2, n), generator=g)
+        signs = torch.randint(2, (2, n, 1), generator=g) * 2.0 - 1.0
+        noise = (signs[0] * pool[pick[0]] + signs[1] * pool[pick[1]]) / math.sqrt(2)
+    rows = centers[torch.randint(1000, (n,), generator=g)] + 0.7 * noise
+    return rows * (1.0 + torch.arange(width)) ** -0.5 * torch.exp(0.5 * torch.randn(n, 1, generator=g))
 
 
 def synthetic_store(path: Path, rows: int, rows_per_shard: int) -> Store:
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     store = synthetic_store(work / f"synthetic-{args.rows}x{WIDTH}-rps{args.rows_per_shard}", args.rows,
                             args.rows_per_shard)
     curvature = cv.identity({"g": (1, WIDTH)})
-    raw = synthetic_rows(-QUERIES - 1, QUERIES, WIDTH)  # seeds of no store block
+    raw = synthetic_rows(-QUERIES - 1, QUERIES, WIDTH, fresh=True)  # seeds of no store block
     Q = store_preconditioner(store, curvature)(raw)
     exact_ms, top = exact_time(store, curvature, Q)
     print(f"# exact scan of {len(store)} rows: {exact_ms / 1e3:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)

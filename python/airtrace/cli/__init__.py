@@ -69,6 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UsageError as exc:
         args.parser.error(str(exc))
-    except (ValueError, OSError, BackendUnavailable) as exc:
+    except (ValueError, OSError, ImportError, BackendUnavailable) as exc:
         print(f"airtrace {args.command}: error: {exc}", file=sys.stderr)
         return 1
