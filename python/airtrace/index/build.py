@@ -221,10 +221,10 @@ def build_index(store: Store, curvature: Curvature, spec: IndexSpec | None = Non
         StoreError: a curvature that does not match the store.
     """
     check_metric(metric)
-    spec = (spec or IndexSpec()).resolved(len(store), store.width)
-    precondition = precondition or store_preconditioner(store, curvature)
     if len(store) == 0:
         raise ValueError(f"{store.path}: the store holds no rows; nothing to index")
+    spec = (spec or IndexSpec()).resolved(len(store), store.width)
+    precondition = precondition or store_preconditioner(store, curvature)
     if max_memory is None:
         available = available_memory()
         max_memory = available // 2 if available else None
@@ -239,7 +239,7 @@ def build_index(store: Store, curvature: Curvature, spec: IndexSpec | None = Non
                 "spec": spec.to_json(), "width": store.width}
     record = files.read_record(final)
     if record is not None and not overwrite and _same(record, identity) and record["rows"] == len(store):
-        files.read_index(final, record)  # checks size and sha256
+        files.check_file(final, record)
         return final
     files.remove(final)
     index, rows_done = _resumed(partial, identity)

@@ -92,8 +92,8 @@ def read_record(path: str) -> dict | None:
     return record
 
 
-def read_index(path: str, record: dict):
-    """Load the faiss file ``path`` after checking its size and sha256 against ``record``.
+def check_file(path: str, record: dict) -> None:
+    """Check the faiss file ``path`` against the size and sha256 of its ``record``.
 
     Raises:
         IndexFileError: missing, truncated or changed file (names it).
@@ -103,7 +103,12 @@ def read_index(path: str, record: dict):
     size = os.path.getsize(path)
     if size != record["bytes"] or sha256_file(path) != record["sha256"]:
         raise IndexFileError(f"{path}: size or sha256 differs from its record ({size} bytes, the record says "
-                          f"{record['bytes']}): the file changed after it was written; build the index again")
+                             f"{record['bytes']}): the file changed after it was written; build the index again")
+
+
+def read_index(path: str, record: dict):
+    """Load the faiss file ``path`` after :func:`check_file`."""
+    check_file(path, record)
     return faiss_module().read_index(path)
 
 
