@@ -4,6 +4,7 @@ that tie an index to its store, curvature and metric, and a build resumed after 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -200,7 +201,7 @@ KILLED_BUILD = textwrap.dedent('''
 ''')
 
 
-def test_a_killed_build_resumes_to_the_same_index(pool, tmp_path):
+def test_a_killed_build_resumes_to_the_same_index(pool, tmp_path, caplog):
     """SIGKILL while adding shards (after at least one checkpoint), build again: the resumed build starts from the
     checkpoint and its file is byte-identical to an uninterrupted build's."""
     store, _, _, _ = pool
@@ -225,7 +226,9 @@ def test_a_killed_build_resumes_to_the_same_index(pool, tmp_path):
     assert 0 < record["rows"] < N
     final = index_path(killed, "ivfpq", "inner")
     assert files.read_record(final) is None
-    resumed = build_index(killed, curvature, spec, progress=False)
+    with caplog.at_level(logging.INFO, logger="airtrace"):
+        resumed = build_index(killed, curvature, spec, progress=False)
+    assert f"resuming the index build {partial} after {record['rows']} rows" in caplog.text
     assert not os.path.exists(partial)
     shutil.copytree(store.path, tmp_path / "whole")
     whole = build_index(Store.open(tmp_path / "whole"), curvature, spec, progress=False)
