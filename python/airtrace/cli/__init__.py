@@ -5,7 +5,8 @@ apps' commands.
 Commands:
 
 - ``airtrace env``: which kernel backends are available, and why not.
-- ``airtrace selfcheck``: every kernel backend against the float64 reference, timed.
+- ``airtrace selfcheck``: every kernel backend, on its own device, against the float64 reference under the error
+  bound, timed.
 - ``airtrace demo [--full] [--out DIR]``: SmolLM2-135M-Instruct on chatterbot Q->A pairs, attributed with
   LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
