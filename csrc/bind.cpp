@@ -40,6 +40,8 @@ PYBIND11_MODULE(_C, m) {
          uint32_t seed, RandomKind kind, float* out, void*) {
         project_dense_cpu(X, dtype, B, p, ldx, row_offset, k, seed, kind, out);
       },
+      [](const void* X, DType dtype, int64_t B, int64_t p, int64_t ldx, int64_t row_offset, int64_t k, int64_t s,
+         uint32_t seed, float* out, void*) { project_sparse_cpu(X, dtype, B, p, ldx, row_offset, k, s, seed, out); },
       [](const float* Q, const void* X, DType dtype, int64_t q, int64_t n, int64_t k, int64_t topk, bool normalize,
          int64_t index_offset, float* values, int64_t* indices, void*) {
         score_topk_cpu(Q, X, dtype, q, n, k, topk, normalize, index_offset, values, indices);

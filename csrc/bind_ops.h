@@ -13,6 +13,7 @@
 #include "airtrace/precondition.h"
 #include "airtrace/project_dense.h"
 #include "airtrace/project_factored.h"
+#include "airtrace/project_sparse.h"
 #include "airtrace/score_topk.h"
 
 namespace airtrace::bind {
@@ -39,10 +40,11 @@ inline void require(bool ok, const char* message) {
 }
 
 // Each kernel argument is a callable with the header's signature plus a trailing void* stream.
-template <typename ProjectFactored, typename ProjectDense, typename ScoreTopk, typename Precondition,
-          typename GroupPoolScores, typename Digest>
-void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense project_dense, ScoreTopk score_topk,
-                Precondition precondition, GroupPoolScores group_pool_scores, Digest digest) {
+template <typename ProjectFactored, typename ProjectDense, typename ProjectSparse, typename ScoreTopk,
+          typename Precondition, typename GroupPoolScores, typename Digest>
+void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense project_dense,
+                ProjectSparse project_sparse, ScoreTopk score_topk, Precondition precondition,
+                GroupPoolScores group_pool_scores, Digest digest) {
   m.def(
       "project_factored",
       [project_factored](std::uintptr_t A, std::uintptr_t G, int dtype, std::uintptr_t mask, std::uintptr_t P_in,
@@ -68,6 +70,19 @@ void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense p
                       ptr<float>(out), ptr<void>(stream));
       },
       "out (B,k) += X (B,p) @ R[row_offset:row_offset+p] with R hashed from (seed, row, col)");
+
+  m.def(
+      "project_sparse",
+      [project_sparse](std::uintptr_t X, int dtype, int64_t B, int64_t p, int64_t ldx, int64_t row_offset, int64_t k,
+                       int64_t s, uint32_t seed, std::uintptr_t out, std::uintptr_t stream) {
+        require(B >= 0 && p >= 0 && k >= 1 && row_offset >= 0 && ldx >= p,
+                "project_sparse: sizes must be B, p, row_offset >= 0, k >= 1 and ldx >= p");
+        require(s >= 1 && s <= 4 && s <= k, "project_sparse: s must be in 1..4 and at most k");
+        py::gil_scoped_release release;
+        project_sparse(ptr<const void>(X), to_dtype(dtype), B, p, ldx, row_offset, k, s, seed, ptr<float>(out),
+                       ptr<void>(stream));
+      },
+      "out (B,k) += X (B,p) @ R[row_offset:row_offset+p], R sparse: s hashed +-1/sqrt(s) per row");
 
   m.def(
       "score_topk",

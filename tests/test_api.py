@@ -72,7 +72,8 @@ def test_py_typed_marker_ships_with_the_package():
 def test_custom_ops_are_registered_by_import_airtrace():
     import torch
 
-    for name in ("project_factored", "project_dense", "score_topk", "precondition", "group_pool_scores"):
+    for name in ("project_factored", "project_dense", "project_sparse", "score_topk", "precondition",
+                 "group_pool_scores"):
         op = getattr(torch.ops.airtrace, name)
         assert name in str(op.default._schema) and name in _readme_api_section()
 

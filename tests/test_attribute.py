@@ -16,6 +16,7 @@ from torch import nn
 from airtrace import Attributor, StoreError, scoring
 from airtrace.capture import GradientCapture, make_projections, per_example_loss, response_labels, select_layers
 from airtrace.ops.project_dense import project_dense
+from airtrace.ops.project_sparse import project_sparse
 from airtrace.store import Store
 from airtrace.store.sidecars import kfac_sidecar
 
@@ -412,6 +413,22 @@ def test_dense_projection_with_fisher_equals_brute_force(tmp_path):
     assert_topk_matches(scores, torch.linalg.solve(H, Q.T).T @ X.T, 5)
     with pytest.raises(ValueError, match="needs the factored projection"):
         Attributor(setup.model, loss_fn=mlp_loss, projection=DENSE, curvature="ekfac")
+
+
+def test_sparse_projection_with_fisher_equals_brute_force(tmp_path):
+    sparse = dict(type="sparse", k=16, s=3, seed=SEED)
+    store = featurized("mlp", tmp_path / "store", projection=sparse)
+    at = attributor("mlp", "fisher", projection=sparse)
+    at.fit(store=store, progress=False)
+    scores = run_score(at, "mlp", store, topk=5)
+    train, queries = brute("mlp")
+    X = project_sparse(train.flat, 16, 3, SEED, backend="torch")
+    Q = project_sparse(queries.flat, 16, 3, SEED, backend="torch")
+    F = X.T @ X / X.shape[0]
+    H = F + FACTOR * float(F.diagonal().mean()) * torch.eye(F.shape[0], dtype=F64)
+    assert_topk_matches(scores, torch.linalg.solve(H, Q.T).T @ X.T, 5)
+    assert Attributor.from_store(mlp_setup().model, store, loss_fn=mlp_loss, curvature="identity").projection == sparse
+    assert store.layout[0].name == "sparse" and store.layout[0].shape == (1, 16)
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

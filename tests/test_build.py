@@ -20,7 +20,7 @@ _GENERIC_PROBE = """
 import json, torch
 import airtrace
 from airtrace import _C
-from airtrace.ops import group_pool_scores, precondition, project_dense, project_factored, score_topk
+from airtrace.ops import group_pool_scores, precondition, project_dense, project_factored, project_sparse, score_topk
 g = torch.Generator().manual_seed(0)
 A, G = torch.randn(2, 70, 33, generator=g), torch.randn(2, 70, 21, generator=g)
 P_in, P_out = torch.randn(33, 5, generator=g), torch.randn(21, 4, generator=g)
@@ -32,6 +32,7 @@ d = lambda *ts: [t.double() for t in ts]
 cases = {
     "project_factored": (airtrace.project_factored(A, G, P_in, P_out, backend="cpu"), project_factored.reference(*d(A, G, P_in, P_out))),
     "project_dense": (airtrace.project_dense(X, 64, seed=3, backend="cpu"), project_dense.reference(X.double(), 64, 3)),
+    "project_sparse": (airtrace.project_sparse(X, 64, 3, seed=3, backend="cpu"), project_sparse.reference(X.double(), 64, 3, 3)),
     "score_topk": (airtrace.score_topk(Q, X, 5, backend="cpu")[0], score_topk.reference(*d(Q, X), 5)[0]),
     "precondition": (airtrace.precondition(Gh, Q_G, Q_A, Lam, 0.1, backend="cpu"), precondition.reference(*d(Gh, Q_G, Q_A, Lam), 0.1)),
     "group_pool_scores": (airtrace.group_pool_scores(Q, X, offsets, members, backend="cpu"),
@@ -94,7 +95,8 @@ def test_cuda_extension_is_compiled_when_nvcc_is_present():
     assert importlib.util.find_spec("airtrace._C_cuda") is not None, "nvcc is present but airtrace._C_cuda was not built"
     from airtrace import _C_cuda
 
-    for name in ("project_factored", "project_dense", "score_topk", "precondition", "group_pool_scores"):
+    for name in ("project_factored", "project_dense", "project_sparse", "score_topk", "precondition",
+                 "group_pool_scores"):
         assert callable(getattr(_C_cuda, name))
     assert set(_C_cuda.cuda_archs.split(",")) >= {"80", "90"}
 

@@ -28,7 +28,8 @@ def test_environment_variable_overrides_auto(monkeypatch):
     assert name == "torch" and project_factored_op.IMPLEMENTATIONS[name] is project_factored_op.reference
 
 
-@pytest.mark.parametrize("op", ["project_factored", "project_dense", "score_topk", "precondition", "group_pool_scores"])
+@pytest.mark.parametrize("op", ["project_factored", "project_dense", "project_sparse", "score_topk", "precondition",
+                                "group_pool_scores"])
 def test_auto_runs_float64_on_the_reference_even_when_the_environment_names_a_compiled_backend(op, monkeypatch):
     if not airtrace.available("cpu"):
         pytest.skip("backend 'cpu' not built")

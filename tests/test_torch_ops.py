@@ -39,6 +39,7 @@ CASES = {
     "project_factored": (lambda: _factored(), {}),
     "project_factored_bf16_no_mask": (lambda: (*_factored(torch.bfloat16)[:4], None), {}),
     "project_dense": (lambda: (torch.randn(3, 17, generator=_gen(4)), 5, 7), {"kind": "gaussian", "row_offset": 3}),
+    "project_sparse": (lambda: (torch.randn(3, 17, generator=_gen(7)), 5, 3, 7), {"row_offset": 3}),
     "score_topk": (lambda: (torch.randn(2, 6, generator=_gen(5)), torch.randn(9, 6, generator=_gen(6)), 4), {}),
     "score_topk_cosine": (lambda: (torch.randn(2, 6, generator=_gen(5)), torch.randn(3, 6, generator=_gen(6)), 5),
                           {"normalize": True, "index_offset": 10}),
@@ -48,7 +49,7 @@ CASES = {
 
 
 def _op_name(case: str) -> str:
-    return next(name for name in ("project_factored", "project_dense", "score_topk", "precondition",
+    return next(name for name in ("project_factored", "project_dense", "project_sparse", "score_topk", "precondition",
                                   "group_pool_scores") if case.startswith(name))
 
 

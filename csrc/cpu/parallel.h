@@ -52,4 +52,24 @@ inline void thread_share(int64_t count, int index, int threads, int64_t* begin, 
   *end = count * (index + 1) / threads;
 }
 
+// out[0:size] += the sum over threads of fn(begin, end, acc, scratch): each thread runs fn on its contiguous
+// share [begin, end) of `count` items with its own scratch from make_scratch() (made before the region, see
+// per_thread), thread 0 accumulating into `out`, the others into zeroed buffers of `size` floats that are
+// added into `out` afterwards.
+template <typename Make, typename F>
+void share_and_sum(int64_t count, int64_t size, float* out, Make&& make_scratch, F&& fn) {
+  const int threads = max_threads();
+  Buffer<float> partial((threads - 1) * size, 0.0f);
+  auto scratch = per_thread(make_scratch);
+#pragma omp parallel
+  {
+    const int t = thread_index();
+    int64_t begin, end;
+    thread_share(count, t, team_size(), &begin, &end);
+    fn(begin, end, t == 0 ? out : partial.data() + (t - 1) * size, scratch[t]);
+  }
+  for (int t = 1; t < threads; ++t)
+    for (int64_t i = 0; i < size; ++i) out[i] += partial[(t - 1) * size + i];
+}
+
 }  // namespace airtrace::AIRTRACE_ISA::cpu

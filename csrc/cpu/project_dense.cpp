@@ -261,18 +261,8 @@ void project_dense_cpu(const void* X, DType dtype, int64_t B, int64_t p, int64_t
   const int64_t padded_k = round_up(k, kBlockCols);
   const DenseProblem pr{X, dtype, B, ldx, row_offset, k, seed_key(seed), kind,
                         static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))), column_keys(padded_k, kind)};
-  const int threads = cpu::max_threads();
-  cpu::Buffer<float> partial((threads - 1) * B * k, 0.0f);
-  cpu::Buffer<DenseScratch> scratch = cpu::per_thread([&] { return DenseScratch(B); });
-#pragma omp parallel
-  {
-    const int t = cpu::thread_index();
-    int64_t begin, end;
-    cpu::thread_share(p, t, cpu::team_size(), &begin, &end);
-    project_rows(pr, begin, end, t == 0 ? out : partial.data() + (t - 1) * B * k, scratch[t]);
-  }
-  for (int t = 1; t < threads; ++t)
-    for (int64_t i = 0; i < B * k; ++i) out[i] += partial[(t - 1) * B * k + i];
+  cpu::share_and_sum(p, B * k, out, [&] { return DenseScratch(B); },
+                     [&](int64_t begin, int64_t end, float* acc, DenseScratch& s) { project_rows(pr, begin, end, acc, s); });
 }
 
 }  // namespace airtrace::AIRTRACE_ISA

@@ -21,6 +21,7 @@ from airtrace.ops.group_pool_scores import group_pool_scores
 from airtrace.ops.merge_topk import merge_topk
 from airtrace.ops.precondition import precondition
 from airtrace.ops.project_dense import project_dense
+from airtrace.ops.project_sparse import project_sparse
 from airtrace.ops.project_factored import project_factored
 from airtrace.ops.score_topk import score_topk
 from airtrace.scoring import Scores
@@ -66,6 +67,7 @@ __all__ = [
     # kernels
     "project_factored",
     "project_dense",
+    "project_sparse",
     "score_topk",
     "merge_topk",
     "precondition",

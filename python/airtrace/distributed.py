@@ -28,7 +28,6 @@ timeout.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import itertools
 import os
@@ -189,11 +188,7 @@ def rank_shards(store):
     """
     if not active():
         return store
-    lo, hi = block(len(store.shards))
-    view = copy.copy(store)
-    view.shards = store.shards[lo:hi]
-    view.manifest = {**store.manifest, "total_rows": sum(info.rows for info in view.shards)}
-    return view
+    return store.shard_range(*block(len(store.shards)))
 
 
 def share(total: int | None) -> int | None:

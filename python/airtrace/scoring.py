@@ -70,6 +70,10 @@ class Scores:
         query_ids: the q query ids, in order.
         metric: "inner", "cosine" or "relative".
         groups: (q, G) sum of the metric's scores over each group, or None.
+        stage: what produced the top-k: "exact" (the streamed pass over every row), or a two-stage
+            search (:mod:`airtrace.index`): "index:<type>" / "embeddings" with "+exact" when the
+            candidates were re-scored exactly.
+        recall: recall@topk of a two-stage search against the exact pass, when measured, else None.
     """
 
     values: torch.Tensor
@@ -78,6 +82,8 @@ class Scores:
     query_ids: list
     metric: str
     groups: torch.Tensor | None = None
+    stage: str = "exact"
+    recall: float | None = None
 
     def to_rows(self) -> list[dict]:
         """One dict per (query, rank): ``query_id, rank`` (1-based), ``train_index, train_id, score``.
@@ -331,12 +337,12 @@ def _header(q: int, n: int, dtype: torch.dtype, metadata: dict) -> tuple[bytes, 
 # --------------------------------------------------------------------------- streamed scoring
 
 
-def _relative_rows(X: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
+def relative_rows(X: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
     """X (rows, width) divided row-wise by sqrt(max(si, 0)) clamped at 1e-12."""
     return X.to(si.dtype) / si.clamp_min(0).sqrt().clamp_min(NORM_EPS)[:, None]
 
 
-def _block(Q: torch.Tensor, X: torch.Tensor, normalize: bool) -> torch.Tensor:
+def score_block(Q: torch.Tensor, X: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Dense (q, rows) scores of one shard, as ``score_topk`` defines them."""
     X = X.to(Q.dtype)
     return normalized(Q) @ normalized(X).T if normalize else Q @ X.T
@@ -383,12 +389,12 @@ def stream_scores(
         for chunk in timed_iter(store.iter_shards(Q.device)):
             X = chunk.features
             if metric == "relative":
-                X = _relative_rows(X, self_influence.rows(chunk.row_offset, X.to(acc)))
+                X = relative_rows(X, self_influence.rows(chunk.row_offset, X.to(acc)))
             with stage("score"):
                 v, i = score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
                 values, indices = merge_topk([values, v.to(acc)], [indices, i], topk)
                 if groups is not None or full_matrix is not None:
-                    S = _block(Q, X, metric == "cosine")
+                    S = score_block(Q, X, metric == "cosine")
                     if groups is not None:
                         groups.add(chunk.row_offset, S)
                     if full_matrix is not None:

@@ -9,8 +9,12 @@
 // gaussian:   with j = c & ~1, u1 = ((bits(r, j) >> 8) + 1) * 2^-24,
 //             u2 = (bits(r, j + 1) >> 8) * 2^-24 (Box-Muller pair),
 //             R = sqrt(-2 ln u1) * (c even ? cos : sin)(2 pi u2) / sqrt(k)
-// The torch reference (python/airtrace/ref/hash.py) and the Triton kernels
-// implement the same integer recipe.
+// sparse (project_sparse, s nonzeros per row r, hash j = 0..s-1 in its own block of columns):
+//             bits_j = bits(r, j); start_j = floor(j k / s), size_j = start_{j+1} - start_j,
+//             col_j = start_j + (((bits_j & 0x7fffffff) * size_j) >> 31)      (uint64 product),
+//             R[r, col_j] = (bits_j >> 31 ? -1 : +1) / sqrt(s), every other entry of row r 0
+// The torch reference (python/airtrace/ops/hash.py) and the Triton kernels
+// (kernels/hash.py) implement the same integer recipe.
 #pragma once
 #include "airtrace/common.h"
 
@@ -44,6 +48,14 @@ AIRTRACE_HD float rademacher_sign(uint32_t bits) { return (bits >> 31) ? -1.0f :
 // Uniforms of the Box-Muller pair: u1 in (0, 1], u2 in [0, 1); both exact in fp32.
 AIRTRACE_HD float uniform_open0(uint32_t bits) { return static_cast<float>((bits >> 8) + 1u) * 5.9604644775390625e-08f; }
 AIRTRACE_HD float uniform_open1(uint32_t bits) { return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f; }
+
+// Column of hash j of a sparse row (see the top): the block [start, start + size) scaled by the low 31 bits.
+AIRTRACE_HD int64_t sparse_column(uint32_t bits, int64_t start, int64_t size) {
+  return start + static_cast<int64_t>((static_cast<uint64_t>(bits & 0x7fffffffu) * static_cast<uint64_t>(size)) >> 31);
+}
+
+// First column of hash j's block of the k columns: floor(j k / s).
+AIRTRACE_HD int64_t sparse_block_start(int64_t j, int64_t k, int64_t s) { return j * k / s; }
 
 constexpr float kTwoPi = 6.28318530717958647692f;
 

@@ -93,16 +93,21 @@ def _read_pairs(path: str) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def _embeddings(path: str, encoder, progress: bool) -> tuple[list[str], torch.Tensor]:
-    """(ids, (n, d) embeddings) of a JSONL file of pairs or an ``embed`` output."""
+def read_embeddings(path: str) -> tuple[list[str], torch.Tensor]:
+    """(ids, (n, d) float32 embeddings) of an ``airtrace airrep embed`` output."""
     from safetensors import safe_open
 
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "null") or "null")
+        if meta is None or EMBEDDINGS not in f.keys():
+            raise ValueError(f"{path}: not an embeddings file written by `airtrace airrep embed`")
+        return meta["ids"], f.get_tensor(EMBEDDINGS)
+
+
+def _embeddings(path: str, encoder, progress: bool) -> tuple[list[str], torch.Tensor]:
+    """(ids, (n, d) embeddings) of a JSONL file of pairs or an ``embed`` output."""
     if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "null") or "null")
-            if meta is None or EMBEDDINGS not in f.keys():
-                raise ValueError(f"{path}: not an embeddings file written by `airtrace airrep embed`")
-            return meta["ids"], f.get_tensor(EMBEDDINGS)
+        return read_embeddings(path)
     ids, texts = _read_pairs(path)
     return ids, encoder.embed(texts, progress=progress, desc=f"embed {os.path.basename(path)}")
 

@@ -38,7 +38,11 @@ its projected weight gradient:
 - dense (TRAK, ``projection=dict(type="dense", k=1024, seed=0, kind="rademacher")``):
   the flattened per-example gradients of all layers times an implicit random
   (p, k) matrix, one block named "dense" of shape (1, k). Small models only;
-  curvature identity, fisher or lowrank.
+  curvature identity, fisher or lowrank;
+- sparse (``projection=dict(type="sparse", k=1024, s=2, seed=0)``): the same flattened
+  gradients times an implicit sparse Johnson-Lindenstrauss matrix (s hashed ±1/sqrt(s) per
+  gradient coordinate, :func:`airtrace.ops.project_sparse.project_sparse`): O(p s) work per
+  example instead of O(p k); one block named "sparse" of shape (1, k); curvature as dense.
 
 Precision: features are float32 (float64 for float64 models) until the store
 casts them to its dtype; curvature sums accumulate in float64 over per-batch
@@ -47,7 +51,7 @@ inverted in float64; scores accumulate in float32 (float64 for float64 models).
 """
 
 from airtrace.attribute.attributor import Attributor
-from airtrace.attribute.config import CURVATURES, DENSE, DENSE_BLOCK, FACTORED, projection_config
+from airtrace.attribute.config import CURVATURES, DENSE, DENSE_BLOCK, FACTORED, SPARSE, projection_config
 from airtrace.attribute.featurizer import DENSE_MATRIX_MAX_ENTRIES, Featurizer
 from airtrace.attribute.task import Task, load_task
 
@@ -58,6 +62,7 @@ __all__ = [
     "DENSE_BLOCK",
     "DENSE_MATRIX_MAX_ENTRIES",
     "FACTORED",
+    "SPARSE",
     "Featurizer",
     "Task",
     "load_task",

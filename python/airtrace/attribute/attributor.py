@@ -14,13 +14,31 @@ from torch import nn
 
 from airtrace import curvature as cv
 from airtrace import distributed
-from airtrace.attribute.batches import CONTENT, Batches, checked_rows, content_digests, pairs, reiterable
-from airtrace.attribute.config import CURVATURES, DENSE, FACTORED, LossFn, essential, layer_specs, projection_config
+from airtrace.attribute.batches import (
+    CONTENT,
+    Batches,
+    check_same_data,
+    checked_rows,
+    content_digests,
+    pairs,
+    reiterable,
+    stored_digests,
+)
+from airtrace.attribute.config import (
+    CURVATURES,
+    FACTORED,
+    PROJECTIONS,
+    LossFn,
+    essential,
+    layer_specs,
+    projection_config,
+)
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
 from airtrace.capture import LayerSpec
 from airtrace.curvature import Curvature
+from airtrace.index import EmbeddingCandidates, Index, index_queries, two_stage
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
@@ -42,7 +60,6 @@ from airtrace.store import (
     dtype_name,
     model_fingerprint,
 )
-from airtrace.util.fix import with_fix
 from airtrace.util.progress import progress_bar
 
 log = logging.getLogger("airtrace")
@@ -97,9 +114,10 @@ class Attributor:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         self.projection = projection_config(projection)
-        if self.projection["type"] == "dense" and curvature in ("kfac", "ekfac"):
+        if self.projection["type"] != "factored" and curvature in ("kfac", "ekfac"):
             raise ValueError(f"curvature {curvature!r} needs the factored projection (Kronecker factors per layer); "
-                             "use curvature='identity', 'fisher' or 'lowrank' with a dense projection")
+                             f"use curvature='identity', 'fisher' or 'lowrank' with a {self.projection['type']} "
+                             "projection")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.loss_fn, self.backend = loss_fn, backend
@@ -129,7 +147,7 @@ class Attributor:
         if not isinstance(record, Mapping) or "layers" not in record or "type" not in record:
             raise StoreError(f"{store.path}: its manifest has no projection record; it was not written by "
                              "Attributor.featurize")
-        defaults = FACTORED if record["type"] == "factored" else DENSE
+        defaults = PROJECTIONS.get(record["type"], FACTORED)
         projection = {key: record.get(key, default) for key, default in defaults.items()}
         layers = [LayerSpec(**spec) for spec in record["layers"]]
         return cls(model, layers, loss_fn=loss_fn, projection=projection, **kwargs)
@@ -138,7 +156,7 @@ class Attributor:
 
     @property
     def dims(self) -> dict[str, tuple[int, int]]:
-        """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)}."""
+        """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)} / {"sparse": (1, k)}."""
         return self.featurizer.dims
 
     @property
@@ -212,13 +230,13 @@ class Attributor:
             raise StoreError(f"{store.path}: the finished store has dtype {store.manifest['dtype']} and rows_per_shard "
                              f"{store.rows_per_shard}, featurize asked for {dtype_name(dtype)} and {rows_per_shard}. "
                              "Fix: pass the store's settings, or overwrite=True to write it again.")
-        stored = dict(zip(store.ids, _stored_digests(store)))
+        stored = dict(zip(store.ids, stored_digests(store)))
         for ids, batch in pairs(batches, "batches"):
             missing = [i for i in ids if i not in stored]
             if missing:
                 raise StoreError(f"{store.path}: the store is finished but lacks example id {missing[0]!r} of "
                                  "batches. Fix: write to a new directory, or pass overwrite=True to write it again.")
-            _check_same_data(store.path, ids, content_digests(batch, len(ids)), stored)
+            check_same_data(store.path, ids, content_digests(batch, len(ids)), stored)
         return store
 
     def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
@@ -232,13 +250,13 @@ class Attributor:
             done = {}
             if writer.rows_done:
                 committed = Store.open(writer.path, allow_incomplete=True)
-                done = dict(zip(committed.ids, _stored_digests(committed)))
+                done = dict(zip(committed.ids, stored_digests(committed)))
             kfac = self._kfac_alongside() if not done else None
             self._featurized_kfac = None
             with progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
                 for ids, batch in pairs(batches, "batches"):
                     digests = content_digests(batch, len(ids))
-                    _check_same_data(writer.path, ids, digests, done)
+                    check_same_data(writer.path, ids, digests, done)
                     keep = [j for j, i in enumerate(ids) if i not in done]
                     if len(keep) < len(ids):
                         kfac = None  # resumed: the factors would miss the rows written before
@@ -423,19 +441,22 @@ class Attributor:
         return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
                                     progress=progress)
 
-    def _queries(self, query_batches: Batches) -> tuple[list, torch.Tensor]:
-        """Query ids and their preconditioned features (q, width)."""
-        ids, rows = [], []
+    def _queries(self, query_batches: Batches) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """Query ids, their preconditioned features q̃ (q, width) and their raw features ĝ_q (q, width)."""
+        ids, raw = [], []
         for qids, batch in pairs(query_batches, "query_batches"):
-            rows.append(self._precondition(checked_rows(self.features(batch), qids)))
+            raw.append(checked_rows(self.features(batch), qids))
             ids.extend(qids)
-        if not rows:
+        if not raw:
             raise ValueError("query_batches yielded no examples")
-        return ids, torch.cat(rows)
+        raw = torch.cat(raw)
+        return ids, self._precondition(raw), raw
 
     def score(self, query_batches: Batches, store: Store | str | os.PathLike, *, topk: int = 10,
               metric: str = "inner", full_matrix_path: str | os.PathLike | None = None,
-              groups: Sequence[Sequence[int]] | None = None, progress: bool = True) -> Scores:
+              groups: Sequence[Sequence[int]] | None = None, index: Any = None, nprobe: int | None = None,
+              ef: int | None = None, candidates: int | None = None, rerank: bool = True,
+              recall: bool | None = None, progress: bool = True) -> Scores:
         """Score queries against every training example of a store, streamed shard by shard.
 
         Query features go through the same capture and projection as the store,
@@ -445,6 +466,13 @@ class Attributor:
         shards and the per-rank top-k (global indices) and group sums are
         combined on every rank (:mod:`airtrace.distributed`).
 
+        With ``index`` the scores come from two stages (:mod:`airtrace.index`):
+        candidates from an ANN index built by :func:`airtrace.index.build_index`
+        (``airtrace index build``) for this store, curvature and metric, or from
+        embeddings (:class:`airtrace.index.EmbeddingCandidates`, e.g. AirRep's); then the
+        exact scores of only the candidate rows, read from the store. The result's
+        ``stage`` says which produced it, ``recall`` the measured recall@topk.
+
         Args:
             query_batches: iterable of (ids, batch) queries.
             store: training features of this model (:meth:`featurize`).
@@ -453,61 +481,72 @@ class Attributor:
             full_matrix_path: also write the (q, n) score matrix (tensor "scores",
                 float32 / float64) to this safetensors file (single process only).
             groups: G lists of train row indices; adds (q, G) group sums of the scores.
+            index: None (the exact streamed pass), "flat" / "ivfpq" / "hnsw" (that index beside the
+                store), a path to an index file, an :class:`airtrace.index.Index` or an
+                :class:`airtrace.index.EmbeddingCandidates`.
+            nprobe: inverted lists an ivfpq index searches (default 32).
+            ef: candidates an hnsw index keeps while searching (default max(64, candidates)).
+            candidates: candidates per query that are re-scored exactly (default max(100, 10 topk)).
+            rerank: re-score the candidates exactly (False: the index's own, approximate, scores).
+            recall: measure recall@topk with an exact pass too (None: when the store is small enough,
+                see :data:`airtrace.index.rerank.EXACT_AFFORDABLE`).
             progress: show progress bars.
 
         Returns:
-            :class:`Scores` with values / indices (q, topk), train ids, query ids and
-            group scores (q, G) when ``groups`` is given, on the CPU.
+            :class:`Scores` with values / indices (q, topk), train ids, query ids,
+            group scores (q, G) when ``groups`` is given, the stage and the recall, on the CPU.
 
         Raises:
             StoreError: the store belongs to another model (fingerprint) or projection.
-            ValueError: ``full_matrix_path`` under a process group of several ranks.
+            IndexFileError: an index built from another store content, curvature or metric.
+            ValueError: ``full_matrix_path`` under a process group of several ranks; ``groups``
+                or ``full_matrix_path`` with ``index``.
         """
         check_metric(metric)
         if full_matrix_path is not None and distributed.active():
             raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
                              "shards); score with one process to write the full matrix")
         store, curvature = self._store_and_curvature(store)
-        query_ids, Q = self._queries(query_batches)
+        query_ids, Q, raw = self._queries(query_batches)
         n, q = len(store), Q.shape[0]
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
-        influence = None
-        if metric == "relative":
-            influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
         full = None
         if full_matrix_path is not None:
             meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,
                     "query_ids": query_ids, "curvature": curvature.method}
             full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
-        try:
-            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric,
-                                            self_influence=influence, groups=sums, full_matrix=full,
-                                            backend=self.backend, progress=progress and distributed.is_main())
-        except BaseException:
+
+        def exact() -> tuple[torch.Tensor, torch.Tensor]:
+            influence = None
+            if metric == "relative":
+                influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
+            return stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric,
+                                 self_influence=influence, groups=sums, full_matrix=full, backend=self.backend,
+                                 progress=progress and distributed.is_main())
+
+        stage, measured = "exact", None
+        if index is not None:
+            source = index if hasattr(index, "search") else Index.beside(store, curvature, metric, index)
+            if isinstance(source, EmbeddingCandidates):
+                source.check(n, q)
+            found = two_stage(Q, index_queries(raw, Q, metric), store, source, topk=topk, metric=metric,
+                              precondition=self._precondition_rows, exact=exact, candidates=candidates,
+                              rerank_candidates=rerank, recall=recall, nprobe=nprobe, ef=ef)
+            values, indices, stage, measured = found.values, found.indices, found.stage, found.recall
+        else:
+            try:
+                values, indices = exact()
+            except BaseException:
+                if full is not None:
+                    full.abort()
+                raise
             if full is not None:
-                full.abort()
-            raise
-        if full is not None:
-            full.close()
-        values, indices = distributed.merge_topk(values, indices, topk)
-        if sums is not None:
-            distributed.all_reduce_sum(sums.values)
+                full.close()
+            values, indices = distributed.merge_topk(values, indices, topk)
+            if sums is not None:
+                distributed.all_reduce_sum(sums.values)
         train_ids = store.ids
         ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
-        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu())
+        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu(),
+                      stage, measured)
 
-
-def _stored_digests(store: Store) -> list[tuple[int, int]]:
-    """The content digest of every row of ``store``, in row order."""
-    return [tuple(row) for *_, extras in store.iter_shards(extras=[CONTENT]) for row in extras[CONTENT].tolist()]
-
-
-def _check_same_data(path: str, ids: list, digests: torch.Tensor, stored: Mapping) -> None:
-    """Refuse an example whose id is in ``stored`` ({id: content digest}) with other content."""
-    for example_id, row in zip(ids, digests.tolist()):
-        if example_id in stored and stored[example_id] != tuple(row):
-            raise with_fix(StoreError(
-                f"{path}: example id {example_id!r} holds other data than when it was featurized (the digest of its "
-                "batch tensors differs), so its stored features are not its features. Fix: featurize into a new "
-                "directory, or pass overwrite=True to write the store again"),
-                "featurize into a new directory, or pass --overwrite to write the store again.")

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from airtrace.ops.digest import digest
-from airtrace.store import normalize_ids
+from airtrace.store import Store, StoreError, normalize_ids
+from airtrace.util.fix import with_fix
 
 CONTENT = "content_digest"
 """The store extra (rows, 2) int64 that holds each example's :func:`content_digests`."""
@@ -90,3 +91,19 @@ def content_digests(batch: Any, n: int) -> torch.Tensor:
             parts.append(digest(t.reshape(1, -1)).expand(n, 2))
     rows = torch.cat([p.cpu() for p in parts], dim=1) if parts else torch.zeros(n, 0, dtype=torch.int64)
     return digest(rows)
+
+
+def stored_digests(store: Store) -> list[tuple[int, int]]:
+    """The content digest of every row of ``store``, in row order."""
+    return [tuple(row) for *_, extras in store.iter_shards(extras=[CONTENT]) for row in extras[CONTENT].tolist()]
+
+
+def check_same_data(path: str, ids: list, digests: torch.Tensor, stored: Mapping) -> None:
+    """Refuse an example whose id is in ``stored`` ({id: content digest}) with other content."""
+    for example_id, row in zip(ids, digests.tolist()):
+        if example_id in stored and stored[example_id] != tuple(row):
+            raise with_fix(StoreError(
+                f"{path}: example id {example_id!r} holds other data than when it was featurized (the digest of its "
+                "batch tensors differs), so its stored features are not its features. Fix: featurize into a new "
+                "directory, or pass overwrite=True to write the store again"),
+                "featurize into a new directory, or pass --overwrite to write the store again.")

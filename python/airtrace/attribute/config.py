@@ -1,6 +1,6 @@
 """The Attributor's settings: curvature methods, projection configs (``projection_config``) and the parts of a
-projection record that decide the features; imports ``airtrace.capture``, ``airtrace.ops.hash`` and
-``airtrace.util``."""
+projection record that decide the features; imports ``airtrace.capture``, ``airtrace.ops.hash``,
+``airtrace.ops.project_sparse`` and ``airtrace.util``."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from torch import nn
 
 from airtrace.capture import LayerSpec, select_layers
 from airtrace.ops.hash import KINDS, MAX_SEED
+from airtrace.ops.project_sparse import check_sparsity
 from airtrace.util.checks import positive_int
 
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
 FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
+SPARSE = {"type": "sparse", "k": 1024, "s": 2, "seed": 0}
+PROJECTIONS = {"factored": FACTORED, "dense": DENSE, "sparse": SPARSE}
 DENSE_BLOCK = "dense"
+"""The one feature block of a dense projection ("sparse" for the sparse one: the block is named after the type)."""
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -28,27 +32,28 @@ def projection_config(projection: Mapping | str | None) -> dict:
 
     Args:
         projection: None or "factored" (k_in = k_out = 16, seed 0); "dense"
-            (k = 1024, seed 0, rademacher); or a dict with ``type`` ("factored" or
-            "dense"; default "dense" when it has ``k``, else "factored") and any of
-            ``k_in, k_out, seed, exact_small`` (factored; ``exact_small=True`` keeps a layer
-            side no wider than its k unprojected, see :func:`airtrace.capture.make_projections`)
-            or ``k, seed, kind`` (dense).
+            (k = 1024, seed 0, rademacher); "sparse" (k = 1024, s = 2, seed 0); or a dict with
+            ``type`` ("factored", "dense" or "sparse"; default "sparse" when it has ``s``, "dense"
+            when it has ``k``, else "factored") and any of ``k_in, k_out, seed, exact_small``
+            (factored; ``exact_small=True`` keeps a layer side no wider than its k unprojected, see
+            :func:`airtrace.capture.make_projections`), ``k, seed, kind`` (dense) or ``k, s, seed``
+            (sparse: s nonzeros per gradient coordinate, 1..4, see :func:`airtrace.ops.project_sparse.project_sparse`).
 
     Returns:
-        ``{"type": "factored", "k_in", "k_out", "seed", "exact_small"}`` or
-        ``{"type": "dense", "k", "seed", "kind"}``.
+        ``{"type": "factored", "k_in", "k_out", "seed", "exact_small"}``,
+        ``{"type": "dense", "k", "seed", "kind"}`` or ``{"type": "sparse", "k", "s", "seed"}``.
 
     Raises:
-        ValueError: unknown type or key, or a non-positive dimension / bad seed / kind.
+        ValueError: unknown type or key, or a non-positive dimension / bad seed / kind / s.
     """
     if projection is None or isinstance(projection, str):
         projection = {"type": projection or "factored"}
     if not isinstance(projection, Mapping):
-        raise ValueError(f"projection must be a dict, 'factored' or 'dense', got {projection!r}")
-    kind = projection.get("type", "dense" if "k" in projection else "factored")
-    if kind not in ("factored", "dense"):
-        raise ValueError(f"projection type must be 'factored' or 'dense', got {kind!r}")
-    defaults = FACTORED if kind == "factored" else DENSE
+        raise ValueError(f"projection must be a dict, 'factored', 'dense' or 'sparse', got {projection!r}")
+    kind = projection.get("type", "sparse" if "s" in projection else "dense" if "k" in projection else "factored")
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection type must be one of {tuple(PROJECTIONS)}, got {kind!r}")
+    defaults = PROJECTIONS[kind]
     unknown = sorted(set(projection) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {kind} projection keys {unknown}; allowed: {sorted(defaults)}")
@@ -61,6 +66,11 @@ def projection_config(projection: Mapping | str | None) -> dict:
         raise ValueError(f"projection exact_small must be a bool, got {config['exact_small']!r}")
     if kind == "dense" and config["kind"] not in KINDS:
         raise ValueError(f"dense projection kind must be one of {KINDS}, got {config['kind']!r}")
+    if kind == "sparse":
+        try:
+            check_sparsity(config["s"], config["k"])
+        except ValueError as exc:
+            raise ValueError(f"sparse projection: {exc}") from None
     return config
 
 
@@ -74,7 +84,7 @@ def layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpec
 
 def essential(record: Mapping) -> dict:
     """The parts of a projection record that decide the features (not provenance)."""
-    keys = ("type", "k_in", "k_out", "seed", "exact_small", "k", "kind", "layers")
+    keys = ("type", "k_in", "k_out", "seed", "exact_small", "k", "kind", "s", "layers")
     essential = {key: record[key] for key in keys if key in record}
     if essential.get("type") == "factored":
         essential.setdefault("exact_small", False)  # records written before the option existed

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from airtrace.attribute.batches import attention_mask, to_device
-from airtrace.attribute.config import DENSE_BLOCK, LossFn
+from airtrace.attribute.config import LossFn
 from airtrace.capture import GradientCapture, LayerSpec, make_projections
 from airtrace.curvature import KFACFitter
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.ops.hash import dense_entries
 from airtrace.ops.project_dense import project_dense
+from airtrace.ops.project_sparse import project_sparse
 from airtrace.profiling import stage
 
 DENSE_MATRIX_MAX_ENTRIES = 2**23
@@ -38,7 +39,7 @@ class Featurizer:
         backend: kernel backend of the projections.
 
     Attributes:
-        projections: the factored projections (None for the dense projection).
+        projections: the factored projections (None for the dense and sparse projections).
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], loss_fn: LossFn, projection: Mapping,
@@ -51,9 +52,9 @@ class Featurizer:
 
     @property
     def dims(self) -> dict[str, tuple[int, int]]:
-        """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)}."""
-        if self.projection["type"] == "dense":
-            return {DENSE_BLOCK: (1, self.projection["k"])}
+        """{block: (k_out, k_in)} per layer (factored), or {"dense": (1, k)} / {"sparse": (1, k)}."""
+        if self.projection["type"] != "factored":
+            return {self.projection["type"]: (1, self.projection["k"])}
         return self.projections.dims()
 
     @property
@@ -69,7 +70,7 @@ class Featurizer:
         return {"type": "factored", **self.projections.config()}
 
     def _make_projections(self):
-        if self.projection["type"] == "dense":
+        if self.projection["type"] != "factored":
             return None
         p = self.projection
         return make_projections(self.layers, p["k_in"], p["k_out"], p["seed"], exact_small=p["exact_small"],
@@ -114,6 +115,8 @@ class Featurizer:
         p = self.projection
         flat = list(blocks.values())
         with stage("project"):
+            if p["type"] == "sparse":
+                return project_sparse(flat, p["k"], p["s"], p["seed"], backend=self.backend)
             matrix = self._dense_matrix(sum(block.shape[1] for block in flat), flat[0])
             if matrix is not None:
                 return torch.cat(flat, dim=1).to(matrix.dtype) @ matrix

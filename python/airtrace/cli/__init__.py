@@ -12,6 +12,8 @@ Commands:
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
 - ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
 - ``airtrace score --model M STORE [--curvature CURV]``: top-k training examples per query.
+- ``airtrace index build STORE [--curvature CURV] [--type flat|ivfpq|hnsw]``: an ANN index beside the store, for
+  ``airtrace score --index TYPE`` (two-stage: candidates, then their exact scores).
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
 - ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
   really retrained models (see :mod:`airtrace.eval.cli`).
@@ -38,7 +40,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airtrace.cli import demo, env, featurize, fit, inspect, score, selfcheck
+from airtrace.cli import demo, env, featurize, fit, index, inspect, score, selfcheck
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
 from airtrace.util.fix import cli_message
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     featurize.add_parser(sub)
     fit.add_parser(sub)
     score.add_parser(sub)
+    index.add_parser(sub)
 
     from airtrace.eval.cli import add_parser as eval_parser
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UsageError as exc:
         args.parser.error(str(exc))
-    except (ValueError, OSError, BackendUnavailable) as exc:
+    except (ValueError, OSError, ImportError, BackendUnavailable) as exc:
         print(f"airtrace {args.command}: error: {cli_message(exc)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as exc:

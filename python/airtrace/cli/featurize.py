@@ -10,9 +10,17 @@ from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 
 def _projection(args: argparse.Namespace) -> dict:
+    if args.dense is not None and args.sparse is not None:
+        raise UsageError("--dense and --sparse are two projections: give one")
+    if args.sparse_s is not None and args.sparse is None:
+        raise UsageError("--sparse-s applies to --sparse K")
+    flat = "--dense" if args.dense is not None else "--sparse" if args.sparse is not None else None
+    if flat and args.exact_small:
+        raise UsageError(f"--exact-small applies to the factored projection, not to {flat}")
+    if args.sparse is not None:
+        return {"type": "sparse", "k": args.sparse, "s": 2 if args.sparse_s is None else args.sparse_s,
+                "seed": args.seed}
     if args.dense is not None:
-        if args.exact_small:
-            raise UsageError("--exact-small applies to the factored projection, not to --dense")
         return {"type": "dense", "k": args.dense, "seed": args.seed, "kind": args.kind}
     return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed,
             "exact_small": args.exact_small}
@@ -22,8 +30,8 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     from airtrace.attribute import Attributor
 
     task = load(args)
-    if args.kfac and args.dense is not None:
-        raise UsageError("--kfac needs the factored projection (Kronecker factors per layer), not --dense")
+    if args.kfac and (args.dense is not None or args.sparse is not None):
+        raise UsageError("--kfac needs the factored projection (Kronecker factors per layer), not --dense / --sparse")
     attributor = Attributor(task.model, args.layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=args.bias,
                             projection=_projection(args), curvature="kfac" if args.kfac else "identity",
                             device=args.device, backend=args.backend)
@@ -47,6 +55,10 @@ def add_parser(sub) -> None:
     p.add_argument("--exact-small", action="store_true",
                    help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
     p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
+    p.add_argument("--sparse", type=positive_int, metavar="K",
+                   help="sparse Johnson-Lindenstrauss projection to K dims instead (O(p s) per example)")
+    p.add_argument("--sparse-s", type=positive_int, metavar="S",
+                   help="nonzeros per gradient coordinate of --sparse, 1..4 (default 2)")
     p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),
                    help="dense projection entries (default rademacher)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="projection seed (default 0)")

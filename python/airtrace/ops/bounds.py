@@ -45,7 +45,7 @@ import torch
 from airtrace.ops import group_pool_scores as _pool
 from airtrace.ops import precondition as _precondition
 from airtrace.ops import project_factored as _factored
-from airtrace.ops.hash import dense_entries
+from airtrace.ops.hash import dense_entries, sparse_entries
 from airtrace.ops.merge_topk import NORM_EPS
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23
@@ -156,6 +156,26 @@ def project_dense(
             entry = EPS32 * (GAUSSIAN_RELATIVE * R.abs() + GAUSSIAN_ABSOLUTE / math.sqrt(k))
             entries += X64[:, start:stop] ** 2 @ entry**2
     return Expected(reference, _sum_bound(p, TF32X3 + 2.0) * absolute + entries.sqrt())
+
+
+def project_sparse(X: torch.Tensor, k: int, s: int, seed: int, row_offset: int = 0,
+                   rows_per_chunk: int = 4096) -> Expected:
+    """Reference and bound of ``project_sparse(X, k, s, seed, row_offset=row_offset)``, (B, k).
+
+    One sum per output of at most p terms, added in any order (atomically on Triton and CUDA):
+    K = p, c0 = 2 for the float32 scale 1/sqrt(s) that every entry shares and the rounding of
+    each product before it is added; the entries' signs and columns are exact.
+    """
+    X64 = _seen(X)
+    B, p = X64.shape
+    reference, absolute = (torch.zeros(B, k, dtype=F64, device=X64.device) for _ in range(2))
+    for start in range(0, p, rows_per_chunk):
+        stop = min(start + rows_per_chunk, p)
+        columns, values = sparse_entries(torch.arange(row_offset + start, row_offset + stop), k, s, seed)
+        columns, values = columns.reshape(-1).to(X64.device), values.to(X64.device)
+        reference.index_add_(1, columns, (X64[:, start:stop, None] * values).reshape(B, -1))
+        absolute.index_add_(1, columns, (X64[:, start:stop, None].abs() * values.abs()).reshape(B, -1))
+    return Expected(reference, _sum_bound(p, 2.0) * absolute)
 
 
 def scores(Q: torch.Tensor, X: torch.Tensor, normalize: bool = False) -> Expected:

@@ -1,5 +1,5 @@
-"""The counter-based hash behind project_dense's implicit matrix, in pure torch (the reference recipe); imports only
-torch.
+"""The counter-based hash behind the implicit matrices of project_dense and project_sparse, in pure torch (the
+reference recipe); imports only torch.
 
 Emulates the uint32 arithmetic of ``csrc/include/airtrace/hash.h`` with int64
 tensors, so every backend's implicit matrix can be checked value for value.
@@ -16,6 +16,14 @@ GOLDEN = 0x9E3779B9
 COL_SALT = 0x632BE5AB
 KINDS = ("rademacher", "gaussian")
 MAX_SEED = 2**32
+MAX_SPARSITY = 4
+
+
+def check_seed(seed) -> int:
+    """``seed`` if it is an int in [0, 2^32), else a ValueError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
+    return seed
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -93,3 +101,28 @@ def dense_entries(
     theta = (2.0 * math.pi) * u2
     trig = torch.where((cols % 2 == 0)[None, :], torch.cos(theta), torch.sin(theta))
     return radius * trig * scale
+
+
+def sparse_entries(rows: torch.Tensor, k: int, s: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The s nonzeros of rows of the implicit sparse (p, k) projection matrix (``hash.h``, "sparse").
+
+    Hash j (0 <= j < s) of row r has ``bits = bits(r, j)`` (:func:`entry_bits`) and lands in
+    its own block of columns, ``start_j = floor(j k / s)`` .. ``start_{j+1}``, at
+    ``start_j + ((bits & 0x7fffffff) * size_j >> 31)``, with value ``(-1)^(bits >> 31) / sqrt(s)``.
+
+    Args:
+        rows: int64 row indices (any values in [0, 2^63)).
+        k: number of columns (>= s).
+        s: nonzeros per row, 1..4.
+        seed: 32-bit seed.
+
+    Returns:
+        columns (len(rows), s) int64 and values (len(rows), s) float64.
+    """
+    bits = entry_bits(rows, torch.arange(s, dtype=torch.int64), seed)
+    j = torch.arange(s, dtype=torch.int64)
+    start = j * k // s
+    size = (j + 1) * k // s - start
+    columns = start + (((bits & 0x7FFFFFFF) * size) >> 31)
+    values = (1.0 - 2.0 * (bits >> 31).to(torch.float64)) / math.sqrt(s)
+    return columns, values

@@ -10,7 +10,7 @@ import torch
 
 from airtrace.ops import backends
 from airtrace.ops.backends import accumulation_dtype
-from airtrace.ops.hash import KINDS, MAX_SEED, dense_entries
+from airtrace.ops.hash import KINDS, check_seed, dense_entries
 from airtrace.util.checks import check_offset, check_same_device, check_tensor, positive_int
 
 
@@ -42,6 +42,16 @@ def project_dense(
     Returns:
         (B, k) float32 (float64 for float64 inputs); meta tensors give a meta result.
     """
+    blocks = checked_blocks(X)
+    k = positive_int("k", k)
+    check_seed(seed)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return project_blocks("project_dense", IMPLEMENTATIONS, blocks, k, (seed, kind), row_offset, backend)
+
+
+def checked_blocks(X: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """X as a non-empty list of (B, p_i) blocks of one batch size and dtype, else a ValueError naming the block."""
     blocks = [X] if isinstance(X, torch.Tensor) else list(X)
     if not blocks:
         raise ValueError("X must be a tensor or a non-empty sequence of (B, p_i) tensors")
@@ -53,20 +63,26 @@ def project_dense(
             raise ValueError(
                 f"X[{i}] must be (B={B}, p_i) with dtype {dtype}, got shape {tuple(block.shape)} dtype {block.dtype}"
             )
-    k = positive_int("k", k)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return blocks
+
+
+def project_blocks(op: str, implementations: dict, blocks: list[torch.Tensor], k: int, params: tuple,
+                   row_offset: int, backend: str) -> torch.Tensor:
+    """(B, k) sum of ``run(block, k, *params, offset, out)`` over the blocks at consecutive row offsets.
+
+    The shared driver of the implicit-matrix projections: ``run`` is the backend's implementation
+    of ``op`` that adds ``block @ R[offset : offset + p_i]`` into ``out`` (zeros, accumulation dtype).
+    """
     row_offset = check_offset("row_offset", row_offset, sum(block.shape[1] for block in blocks))
     device = check_same_device(**{f"X[{i}]": b for i, b in enumerate(blocks)})
+    B, dtype = blocks[0].shape[0], blocks[0].dtype
     out = torch.zeros(B, k, dtype=accumulation_dtype(dtype), device=device)
     if B == 0 or device.type == "meta":
         return out
-    run = IMPLEMENTATIONS[backends.choose("project_dense", backend, device, dtype)]
+    run = implementations[backends.choose(op, backend, device, dtype)]
     for block in blocks:
         if block.shape[1] > 0:
-            run(block if block.stride(1) == 1 else block.contiguous(), k, seed, kind, row_offset, out)
+            run(block if block.stride(1) == 1 else block.contiguous(), k, *params, row_offset, out)
         row_offset += block.shape[1]
     return out
 

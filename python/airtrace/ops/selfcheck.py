@@ -24,9 +24,10 @@ from airtrace.ops.group_pool_scores import group_pool_scores
 from airtrace.ops.precondition import precondition
 from airtrace.ops.project_dense import project_dense
 from airtrace.ops.project_factored import project_factored
+from airtrace.ops.project_sparse import project_sparse
 from airtrace.ops.score_topk import score_topk
 
-OPS = ("project_factored", "project_dense", "score_topk", "precondition", "group_pool_scores")
+OPS = ("project_factored", "project_dense", "project_sparse", "score_topk", "precondition", "group_pool_scores")
 
 
 @dataclass
@@ -105,6 +106,8 @@ def cases(scale: int = 1, small: bool = False) -> list[Case]:
         Case("project_dense", f"B={Bd} p={p} k={kd} gaussian", (X_dense,),
              lambda b, x: project_dense(x, kd, 7, "gaussian", backend=b),
              lambda: bounds.project_dense(X_dense, kd, 7, "gaussian")),
+        Case("project_sparse", f"B={Bd} p={p} k={kd} s=2", (X_dense,),
+             lambda b, x: project_sparse(x, kd, 2, 7, backend=b), lambda: bounds.project_sparse(X_dense, kd, 2, 7)),
         Case("score_topk", f"q={q} n={n} k={k} bf16 top{topk}", (Q, X),
              lambda b, *x: score_topk(*x, topk, backend=b), lambda: bounds.scores(Q, X),
              lambda result, expected: bounds.topk_excess(*result, expected)),

@@ -4,6 +4,7 @@ other ``airtrace.store`` modules."""
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -153,14 +154,22 @@ class Store:
             digest.update(info.sha256.encode())
         return digest.hexdigest()[:24]
 
-    def sidecar_path(self, name: str) -> str:
-        """Path of the sidecar file ``sidecar-<name>.safetensors`` in the store directory.
+    def sidecar_path(self, name: str, suffix: str = "safetensors") -> str:
+        """Path of the sidecar file ``sidecar-<name>.<suffix>`` in the store directory.
 
         Sidecars hold data derived from the features (e.g. cached self-influence);
         they are not part of the manifest, and ``StoreWriter(..., overwrite=True)``
         deletes them with the store.
         """
-        return sidecar_path(self.path, name)
+        return sidecar_path(self.path, name, suffix)
+
+    def shard_range(self, lo: int, hi: int) -> Store:
+        """A read-only view holding only shards ``lo .. hi - 1``; streamed row offsets stay global and ``len()``
+        is the view's own row count."""
+        view = copy.copy(self)
+        view.shards = self.shards[lo:hi]
+        view.manifest = {**self.manifest, "total_rows": sum(info.rows for info in view.shards)}
+        return view
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Raise :class:`StoreError` unless the store was written for ``fingerprint``."""
@@ -259,16 +268,17 @@ class Store:
             chunk = ShardChunk(info.row_start, tensors[FEATURES], ids)
             yield chunk if not extras else (*chunk, {n: tensors[n] for n in extras})
 
-    def read_rows(self, indices: Sequence[int] | torch.Tensor, dtype: torch.dtype | None = None
-                  ) -> tuple[torch.Tensor, list]:
+    def read_rows(self, indices: Sequence[int] | torch.Tensor, dtype: torch.dtype | None = None, *,
+                  ids: bool = True) -> tuple[torch.Tensor, list | None]:
         """Read a few rows by global index, touching only those bytes (no sha256 check).
 
         Args:
             indices: row indices in ``[0, len(store))``.
             dtype: convert to this dtype; None keeps the stored dtype.
+            ids: also return the rows' ids (False skips reading the shards' ids files).
 
         Returns:
-            (features (len(indices), width), ids) in the order asked.
+            (features (len(indices), width), ids or None) in the order asked.
         """
         if isinstance(indices, torch.Tensor):
             indices = indices.tolist()
@@ -277,7 +287,7 @@ class Store:
         if bad:
             raise StoreError(f"row indices out of range [0, {n}) or not ints: {bad[:5]}")
         out = torch.empty(len(indices), self.width, dtype=self.dtype)
-        ids: list = [None] * len(indices)
+        found: list = [None] * len(indices)
         starts = [s.row_start for s in self.shards]
         by_shard: dict[int, list[int]] = {}
         for pos, row in enumerate(indices):
@@ -286,7 +296,7 @@ class Store:
         for s, positions in by_shard.items():
             info = self.shards[s]
             path = os.path.join(self.path, info.file)
-            shard_ids = load_ids(self.path, info)
+            shard_ids = load_ids(self.path, info) if ids else None
             with open(path, "rb", buffering=0) as f:
                 header = read_header(path, f)
                 check_header_matches(path, header, self._config, info)
@@ -295,5 +305,6 @@ class Store:
                     local = indices[pos] - info.row_start
                     f.seek(base + local * row_bytes)
                     _readinto_all(f, out[pos].view(torch.uint8), path)
-                    ids[pos] = shard_ids[local]
-        return (out if dtype is None else out.to(dtype)), ids
+                    if ids:
+                        found[pos] = shard_ids[local]
+        return (out if dtype is None else out.to(dtype)), (found if ids else None)

@@ -7,7 +7,9 @@ with the store. The named ones:
 - ``sidecar-kfac-sums-<content key>``: the K-FAC factor sums a featurize accumulated
   while writing the whole store (see ``airtrace.attribute``);
 - ``sidecar-self_influence-<key>``: the self-influence of every row under one
-  curvature (see ``airtrace.scoring``).
+  curvature (see ``airtrace.scoring``);
+- ``sidecar-index-<type>-<metric>.faiss`` and its ``.json`` record: an ANN index over the
+  preconditioned rows (see ``airtrace.index``).
 """
 
 from __future__ import annotations
@@ -18,20 +20,21 @@ import re
 from airtrace.store.errors import SidecarError, StoreError
 from airtrace.util.checked_file import load_checked
 
-SIDECAR_RE = re.compile(r"^sidecar-[A-Za-z0-9_.\-]+\.safetensors(?:\.\d+\.tmp)?$")
+SIDECAR_RE = re.compile(r"^sidecar-[A-Za-z0-9_.\-]+\.(?:safetensors|faiss|json)(?:\.\d+\.tmp)?$")
 """Sidecar files and their temp files (which an overwrite deletes too)."""
 SELF_INFLUENCE = "self_influence"
 
 
-def sidecar_path(directory: str, name: str) -> str:
-    """Path of the sidecar ``sidecar-<name>.safetensors`` of the store in ``directory``.
+def sidecar_path(directory: str, name: str, suffix: str = "safetensors") -> str:
+    """Path of the sidecar ``sidecar-<name>.<suffix>`` of the store in ``directory`` (suffix "safetensors",
+    "faiss" or "json").
 
     Raises:
         StoreError: ``name`` holds other characters than letters, digits, '_', '.' or '-'.
     """
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StoreError(f"sidecar name must be letters, digits, '_', '.' or '-', got {name!r}")
-    return os.path.join(directory, f"sidecar-{name}.safetensors")
+    return os.path.join(directory, f"sidecar-{name}.{suffix}")
 
 
 def kfac_sidecar(store) -> str:
