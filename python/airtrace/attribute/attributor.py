@@ -21,6 +21,8 @@ from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
 from airtrace.capture import LayerSpec
 from airtrace.curvature import Curvature
+from airtrace.curvature.damping import auto_factors
+from airtrace.curvature.fitting import as_damping
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
@@ -62,8 +64,11 @@ class Attributor:
         bias: also attribute through the biases of the tracked layers.
         projection: see :func:`projection_config`; default factored 16 x 16, seed 0.
         curvature: "ekfac", "kfac", "fisher", "lowrank" or "identity".
-        damping: :class:`airtrace.curvature.Damping`, a number (absolute λ) or None
-            (0.1 × the layer's mean eigenvalue).
+        damping: "auto" (default: a relative factor per layer chosen from the training features by
+            :func:`airtrace.curvature.damping.auto_factors` when fitting; the rule and its criterion
+            are kept in ``curvature.damping_rule``), :class:`airtrace.curvature.Damping`, a number
+            (absolute λ) or None (the method's fixed factor × the layer's mean eigenvalue,
+            :func:`airtrace.curvature.damping.default_factor`).
         rank: eigenpairs kept per layer by "lowrank".
         device: where the model, batches and store shards go.
         backend: kernel backend for projection and scoring ("auto", "torch", "cpu", "cuda", "triton").
@@ -86,7 +91,7 @@ class Attributor:
         bias: bool = False,
         projection: Mapping | str | None = None,
         curvature: str = "ekfac",
-        damping: cv.Damping | float | None = None,
+        damping: cv.Damping | float | str | None = "auto",
         rank: int = 32,
         device: str | torch.device = "cpu",
         backend: str = "auto",
@@ -99,6 +104,8 @@ class Attributor:
         if self.projection["type"] == "dense" and curvature in ("kfac", "ekfac"):
             raise ValueError(f"curvature {curvature!r} needs the factored projection (Kronecker factors per layer); "
                              "use curvature='identity', 'fisher' or 'lowrank' with a dense projection")
+        if isinstance(damping, str) and damping != "auto":
+            raise ValueError(f"damping must be 'auto', a Damping, a number (absolute λ) or None, got {damping!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.loss_fn, self.backend = loss_fn, backend
@@ -247,7 +254,7 @@ class Attributor:
     def _kfac_alongside(self) -> cv.KFACFitter | None:
         """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
         wanted = self.curvature_method in ("kfac", "ekfac") and self.featurizer.projections is not None
-        return cv.KFACFitter(self.damping) if wanted and not distributed.active() else None
+        return cv.KFACFitter() if wanted and not distributed.active() else None  # fit applies the damping
 
     # -- fit
 
@@ -265,7 +272,10 @@ class Attributor:
         wrote all of ``store`` (not resumed, one process): it accumulated the
         same factors from its own forward/backward passes and kept their sums in
         the store's K-FAC sidecar (:func:`airtrace.store.sidecars.kfac_sidecar`), which any later fit of
-        that store uses (the damping is applied here). Under
+        that store uses (the damping is applied here). With ``damping="auto"``
+        the moments of the per-example features that the rule reads
+        (:mod:`airtrace.curvature.damping`) are summed during the pass over
+        features (K-FAC: during its own pass, or one read of ``store``). Under
         an initialised process group the ranks split the batches and the store's
         shards, the fitters' sums are added over ranks, every rank gets the same
         curvature and rank 0 saves it.
@@ -286,18 +296,27 @@ class Attributor:
                              "nothing to fit the curvature on")
         total = len(store) if total is None and store is not None else total
         method = self.curvature_method
+        moments = cv.MomentAccumulator() if self.damping == "auto" and method != "identity" else None
+        fixed = None if moments is not None else self.damping
         if method == "identity":
             curvature = cv.identity(self.dims)
         elif method in ("fisher", "lowrank"):
-            fitter = cv.FisherFitter(self.damping) if method == "fisher" else cv.LowRankFitter(self.rank, self.damping)
-            curvature = self._fit_features(fitter, batches, store, total, progress)
+            fitter = cv.FisherFitter(fixed) if method == "fisher" else cv.LowRankFitter(self.rank, fixed)
+            curvature = self._fit_features(fitter, batches, store, total, progress, moments, method)
         else:
             if method == "ekfac" and store is None:
                 reiterable(batches, "batches")
-            curvature = self._featurized_kfac_of(store) or self._fit_kfac(batches, total, progress)
-            if method == "ekfac":
-                fitter = cv.EKFACFitter(curvature, self.damping)
-                curvature = self._fit_features(fitter, batches, store, total, progress)
+            featurized = self._featurized_kfac_of(store)
+            kfac_moments = moments if method == "kfac" and store is None else None
+            fitter = featurized or self._fit_kfac(batches, total, progress, kfac_moments)
+            if method == "kfac":
+                if moments is not None and store is not None:
+                    self._fit_features(moments, None, store, total, progress)
+                fitter.damping = self._auto_damping(method, moments) if moments is not None else as_damping(fixed)
+                curvature = fitter.finalize()
+            else:
+                ekfac = cv.EKFACFitter(fitter.finalize(), fixed)  # only the K-FAC eigenbases are used
+                curvature = self._fit_features(ekfac, batches, store, total, progress, moments, method)
         if path is not None:
             with distributed.all_or_none("saving the curvature"):
                 if distributed.is_main():
@@ -305,51 +324,75 @@ class Attributor:
         self.curvature = curvature
         return curvature
 
-    def _featurized_kfac_of(self, store: Store | None) -> Curvature | None:
-        """The K-FAC factors :meth:`featurize` accumulated while writing ``store`` in full, if it did
-        (kept in memory by this Attributor, or in the store's K-FAC sidecar by any)."""
+    def _featurized_kfac_of(self, store: Store | None) -> cv.KFACFitter | None:
+        """A fitter holding the K-FAC sums :meth:`featurize` accumulated while writing ``store`` in full, if it did
+        (kept in memory by this Attributor, or in the store's K-FAC sidecar by any); fit sets its damping."""
         if store is None:
             return None
         if self._featurized_kfac is not None:
-            path, fitter = self._featurized_kfac
-            if path == os.path.abspath(store.path) and fitter.n_examples == len(store):
-                return fitter.finalize()
-        fitter = load_kfac_sums(store, self.damping, float32_products=self._dtype != torch.float64)
+            path, kept = self._featurized_kfac
+            if path == os.path.abspath(store.path) and kept.n_examples == len(store):
+                fitter = cv.KFACFitter()
+                fitter.float32_products = kept.float32_products
+                fitter.load_states([kept.state()])
+                return fitter
+        fitter = load_kfac_sums(store, float32_products=self._dtype != torch.float64)
         if fitter is None or fitter.n_examples != len(store) or fitter.dims != self.dims:
             return None
-        return fitter.finalize()
+        return fitter
 
-    def _fit_kfac(self, batches: Batches, total: int | None, progress: bool) -> Curvature:
-        fitter = cv.KFACFitter(self.damping)
+    def _fit_kfac(self, batches: Batches, total: int | None, progress: bool,
+                  moments: cv.MomentAccumulator | None) -> cv.KFACFitter:
+        """The K-FAC pass over ``batches`` (this rank's part), summed over ranks; with ``moments``, the per-example
+        features of the same passes go there. fit sets the fitter's damping."""
+        fitter = cv.KFACFitter()
         fitter.float32_products = self._dtype != torch.float64  # also on a rank that gets no batch
-        with self.featurizer.capture(keep_tokens=True) as cap, progress_bar(
-                distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
-            for _, batch in pairs(distributed.rank_batches(batches), "batches"):
-                n = self.featurizer.backward(batch, cap)
-                cap.collect()
-                with stage("fit_update"):
-                    fitter.update(*cap.collect_tokens())
-                bar.update(n)
+        with progress_bar(distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
+            for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
+                features = checked_rows(self.featurizer.features(batch, fitter), ids)
+                if moments is not None:
+                    moments.update(self.featurizer.split(features))
+                bar.update(len(ids))
         distributed.reduce_fitter(fitter)
-        return fitter.finalize()
+        if moments is not None:
+            distributed.reduce_fitter(moments)
+        return fitter
+
+    def _auto_damping(self, method: str, moments: cv.MomentAccumulator) -> cv.Damping:
+        """The ``"auto"`` rule's per-layer factors of a ``method`` curvature from the moments of the training
+        features (summed over ranks)."""
+        factors, ratios = auto_factors(method, moments.finalize())
+        return cv.Damping(layer_factors=factors, rule="auto", criterion=ratios)
 
     def _fit_features(self, fitter, batches: Batches | None, store: Store | None, total: int | None,
-                      progress: bool) -> Curvature:
-        """Feed per-example features (store shards, else batches; this rank's part) to a fitter; finalize it."""
+                      progress: bool, moments: cv.MomentAccumulator | None = None, method: str | None = None):
+        """Feed per-example features (store shards, else batches; this rank's part) to a fitter and sum it over
+        ranks; with ``moments``, feed them the same features and give the fitter the ``"auto"`` damping of
+        ``method``.
+
+        Returns:
+            ``fitter.finalize()``.
+        """
+        sinks = [fitter] if moments is None else [fitter, moments]
         with progress_bar(distributed.share(total), f"fit: {self.curvature_method}",
                           progress and distributed.is_main()) as bar:
             if store is not None:
                 for chunk in timed_iter(distributed.rank_shards(store).iter_shards(self.device)):
                     with stage("fit_update"):
-                        fitter.update(self.featurizer.split(chunk.features))
+                        for sink in sinks:
+                            sink.update(self.featurizer.split(chunk.features))
                     bar.update(chunk.features.shape[0])
             else:
                 for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
                     features = checked_rows(self.features(batch), ids)
                     with stage("fit_update"):
-                        fitter.update(self.featurizer.split(features))
+                        for sink in sinks:
+                            sink.update(self.featurizer.split(features))
                     bar.update(len(ids))
-        distributed.reduce_fitter(fitter)
+        for sink in sinks:
+            distributed.reduce_fitter(sink)
+        if moments is not None:
+            fitter.damping = self._auto_damping(method, moments)
         return fitter.finalize()
 
     def load_curvature(self, path: str | os.PathLike) -> Curvature:
