@@ -68,6 +68,7 @@ class Scores:
         query_ids: the q query ids, in order.
         metric: "inner", "cosine" or "relative".
         groups: (q, G) sum of the metric's scores over each group, or None.
+        solves: curvature "exact": one convergence report per solve (method, iterations, residual, ...), else None.
     """
 
     values: torch.Tensor
@@ -76,6 +77,7 @@ class Scores:
     query_ids: list
     metric: str
     groups: torch.Tensor | None = None
+    solves: list[dict] | None = None
 
     def to_rows(self) -> list[dict]:
         """One dict per (query, rank): ``query_id, rank`` (1-based), ``train_index, train_id, score``.

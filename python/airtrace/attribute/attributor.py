@@ -14,8 +14,17 @@ from torch import nn
 
 from airtrace import curvature as cv
 from airtrace import distributed
-from airtrace.attribute.batches import Batches, checked_rows, pairs, reiterable
-from airtrace.attribute.config import CURVATURES, DENSE, FACTORED, LossFn, essential, layer_specs, projection_config
+from airtrace.attribute.batches import Batches, checked_rows, pairs, reiterable, to_device
+from airtrace.attribute.config import (
+    CURVATURES,
+    DENSE,
+    FACTORED,
+    LossFn,
+    essential,
+    exact_projection,
+    layer_specs,
+    projection_config,
+)
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
@@ -23,6 +32,7 @@ from airtrace.capture import LayerSpec
 from airtrace.curvature import Curvature
 from airtrace.curvature.damping import auto_factors
 from airtrace.curvature.fitting import as_damping
+from airtrace.ihvp import CurvatureProducts, InverseHVP, SolverConfig
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
@@ -62,8 +72,12 @@ class Attributor:
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (see the module docstring).
         exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
         bias: also attribute through the biases of the tracked layers.
-        projection: see :func:`projection_config`; default factored 16 x 16, seed 0.
-        curvature: "ekfac", "kfac", "fisher", "lowrank" or "identity".
+        projection: see :func:`projection_config`; default factored 16 x 16, seed 0; "exact" (the default with
+            curvature "exact") keeps every layer unprojected (:func:`airtrace.attribute.config.exact_projection`).
+        curvature: "ekfac", "kfac", "fisher", "lowrank", "identity" or "exact": ``(H + D)⁻¹`` of the training
+            loss's Gauss-Newton matrix or Hessian over the tracked parameters, solved per query by ``solver``
+            (:mod:`airtrace.ihvp`; needs unprojected features; ``fit`` fits EK-FAC as the solver's
+            preconditioner and damping D, and keeps its training batches for the curvature products).
         damping: "auto" (default: a relative factor per layer chosen from the training features by
             :func:`airtrace.curvature.damping.auto_factors` when fitting; the rule and its criterion
             are kept in ``curvature.damping_rule``), :class:`airtrace.curvature.Damping`, a number
@@ -72,12 +86,17 @@ class Attributor:
         rank: eigenpairs kept per layer by "lowrank".
         device: where the model, batches and store shards go.
         backend: kernel backend for projection and scoring ("auto", "torch", "cpu", "cuda", "triton").
+        solver: curvature "exact" only: :class:`airtrace.ihvp.SolverConfig`, a dict of its fields or a method
+            name ("cg" default, "lissa", "arnoldi", "dense").
 
     Attributes:
         layers: the tracked LayerSpecs, in layout order.
         projection: the normalised projection config.
         curvature_method: the curvature method ``fit`` uses.
-        curvature: the fitted :class:`Curvature` (None until ``fit`` / ``load_curvature``).
+        curvature: the fitted :class:`Curvature` (None until ``fit`` / ``load_curvature``; for "exact" the EK-FAC
+            preconditioner).
+        solver: the :class:`airtrace.ihvp.InverseHVP` of curvature "exact" after ``fit`` (None otherwise); its
+            ``reports`` hold the convergence of every solve.
         featurizer: the :class:`airtrace.attribute.featurizer.Featurizer` that computes the features.
     """
 
@@ -95,13 +114,17 @@ class Attributor:
         rank: int = 32,
         device: str | torch.device = "cpu",
         backend: str = "auto",
+        solver: SolverConfig | Mapping | str | None = None,
     ):
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got {loss_fn!r}")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        self.layers = layer_specs(model, layers, exclude, bias)
+        if projection == "exact" or (projection is None and curvature == "exact"):
+            projection = exact_projection(self.layers)
         self.projection = projection_config(projection)
-        if self.projection["type"] == "dense" and curvature in ("kfac", "ekfac"):
+        if self.projection["type"] == "dense" and curvature in ("kfac", "ekfac", "exact"):
             raise ValueError(f"curvature {curvature!r} needs the factored projection (Kronecker factors per layer); "
                              "use curvature='identity', 'fisher' or 'lowrank' with a dense projection")
         if isinstance(damping, str) and damping != "auto":
@@ -110,8 +133,14 @@ class Attributor:
         self.model = model.to(self.device)
         self.loss_fn, self.backend = loss_fn, backend
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
-        self.layers = layer_specs(model, layers, exclude, bias)
+        self.solver_config = SolverConfig.of(solver)
         self.featurizer = Featurizer(self.model, self.layers, loss_fn, self.projection, self.device, backend)
+        if curvature == "exact":
+            projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
+            if projected:
+                raise ValueError(f"curvature 'exact' needs unprojected features, the projection "
+                                 f"{self.projection} projects layer(s) {projected}: pass projection='exact'")
+        self.solver: InverseHVP | None = None
         self._dtype = self.featurizer.dtype
         self.curvature: Curvature | None = None
         self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
@@ -253,7 +282,7 @@ class Attributor:
 
     def _kfac_alongside(self) -> cv.KFACFitter | None:
         """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
-        wanted = self.curvature_method in ("kfac", "ekfac") and self.featurizer.projections is not None
+        wanted = self.curvature_method in ("kfac", "ekfac", "exact") and self.featurizer.projections is not None
         return cv.KFACFitter() if wanted and not distributed.active() else None  # fit applies the damping
 
     # -- fit
@@ -295,7 +324,12 @@ class Attributor:
             raise StoreError(f"{store.path}: the store holds no rows (was the training set empty?); "
                              "nothing to fit the curvature on")
         total = len(store) if total is None and store is not None else total
-        method = self.curvature_method
+        method = "ekfac" if self.curvature_method == "exact" else self.curvature_method
+        if self.curvature_method == "exact":
+            if batches is None:
+                raise ValueError("curvature 'exact' needs the training batches: its solver computes curvature "
+                                 "products over them (fit(train_batches, store=...))")
+            reiterable(batches, "batches")
         moments = cv.MomentAccumulator() if self.damping == "auto" and method != "identity" else None
         fixed = None if moments is not None else self.damping
         if method == "identity":
@@ -322,7 +356,20 @@ class Attributor:
                 if distributed.is_main():
                     curvature.save(path)
         self.curvature = curvature
+        if self.curvature_method == "exact":
+            self.solver = self._inverse_hvp(batches, curvature, len(store) if store is not None else None)
         return curvature
+
+    def _inverse_hvp(self, batches: Batches, preconditioner: Curvature, n: int | None) -> InverseHVP:
+        """The exact solver over ``batches`` with the damping (and, for "cg", the preconditioner) of the EK-FAC fit."""
+        if distributed.active():
+            raise ValueError("curvature 'exact' runs in one process (its solver passes over every batch per product)")
+        device_batches = _DeviceBatches(batches, self.device)
+        n = device_batches.count() if n is None else n
+        products = CurvatureProducts(self.model, self.layers, self.loss_fn, device_batches, n,
+                                     matrix=self.solver_config.matrix)
+        return InverseHVP(products, preconditioner.damping, self.solver_config,
+                          preconditioner if self.solver_config.method == "cg" else None)
 
     def _featurized_kfac_of(self, store: Store | None) -> cv.KFACFitter | None:
         """A fitter holding the K-FAC sums :meth:`featurize` accumulated while writing ``store`` in full, if it did
@@ -399,8 +446,12 @@ class Attributor:
         """Use the curvature saved by ``fit(..., path)``; its method replaces ``curvature``.
 
         Raises:
-            ValueError: unreadable file, or layers / dims that differ from this Attributor's.
+            ValueError: unreadable file, layers / dims that differ from this Attributor's, or curvature "exact"
+                (its solver needs the training batches: call ``fit``).
         """
+        if self.curvature_method == "exact":
+            raise ValueError("curvature 'exact' is fitted with fit(train_batches, store=...): its solver needs the "
+                             "training batches for its curvature products, not only a saved file")
         curvature = Curvature.load(path)
         if curvature.dims != self.dims:
             raise ValueError(f"{os.fspath(path)}: the curvature covers {curvature.dims}, this Attributor's "
@@ -409,6 +460,9 @@ class Attributor:
         return curvature
 
     def _fitted(self) -> Curvature:
+        if self.curvature_method == "exact" and self.solver is None:
+            raise ValueError("no exact solver yet: call fit(train_batches, store=...) before scoring (the solver "
+                             "needs the training batches for its curvature products)")
         if self.curvature is None:
             if self.curvature_method != "identity":
                 raise ValueError(f"no {self.curvature_method!r} curvature yet: call fit(...) or "
@@ -419,7 +473,10 @@ class Attributor:
     def _precondition(self, features: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """H⁻¹ applied to (rows, width) features, block by block -> (rows, width); see Curvature.precondition."""
         with stage("precondition"):
-            pre = self._fitted().precondition(self.featurizer.split(features), exact=exact)
+            curvature = self._fitted()
+            if self.solver is not None:
+                return self.solver.solve(features).to(accumulation_dtype(features.dtype))
+            pre = curvature.precondition(self.featurizer.split(features), exact=exact)
             return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
 
     def _precondition_rows(self, features: torch.Tensor) -> torch.Tensor:
@@ -479,11 +536,13 @@ class Attributor:
             progress: show progress bars.
 
         Returns:
-            :class:`Scores` with values / indices (q, topk), train ids, query ids and
-            group scores (q, G) when ``groups`` is given, on the CPU.
+            :class:`Scores` with values / indices (q, topk), train ids, query ids,
+            group scores (q, G) when ``groups`` is given, on the CPU, and for curvature
+            "exact" the convergence of its solves (``solves``).
 
         Raises:
             StoreError: the store belongs to another model (fingerprint) or projection.
+            SolverError: curvature "exact": a solve did not converge (see :mod:`airtrace.ihvp`).
             ValueError: ``full_matrix_path`` under a process group of several ranks.
         """
         check_metric(metric)
@@ -492,6 +551,7 @@ class Attributor:
                              "shards); score with one process to write the full matrix")
         store = self._checked_store(store)
         curvature = self._fitted()
+        solved_before = len(self.solver.reports) if self.solver is not None else 0
         query_ids, Q = self._queries(query_batches)
         n, q = len(store), Q.shape[0]
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
@@ -518,4 +578,21 @@ class Attributor:
             distributed.all_reduce_sum(sums.values)
         train_ids = store.ids
         ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
-        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu())
+        solves = None if self.solver is None else [r.as_dict() for r in self.solver.reports[solved_before:]]
+        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu(),
+                      solves)
+
+
+class _DeviceBatches:
+    """The batches of (ids, batch) pairs as a re-iterable of batches on ``device`` (the exact solver's passes)."""
+
+    def __init__(self, batches: Batches, device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __iter__(self):
+        for _, batch in pairs(self.batches, "batches"):
+            yield to_device(batch, self.device)
+
+    def count(self) -> int:
+        """Examples in the batches (their ids)."""
+        return sum(len(ids) for ids, _ in pairs(self.batches, "batches"))

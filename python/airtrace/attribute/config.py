@@ -15,7 +15,7 @@ from airtrace.ops.hash import KINDS, MAX_SEED
 from airtrace.util.checks import positive_int
 
 
-CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
+CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity", "exact")
 FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 DENSE_BLOCK = "dense"
@@ -62,6 +62,13 @@ def projection_config(projection: Mapping | str | None) -> dict:
     if kind == "dense" and config["kind"] not in KINDS:
         raise ValueError(f"dense projection kind must be one of {KINDS}, got {config['kind']!r}")
     return config
+
+
+def exact_projection(layers: Sequence[LayerSpec], seed: int = 0) -> dict:
+    """The factored projection that keeps every layer of ``layers`` unprojected: ``exact_small`` with k_in / k_out
+    the widest d_in / d_out (features are the weight and bias gradients themselves)."""
+    return {"type": "factored", "k_in": max(spec.d_in for spec in layers), "k_out": max(spec.d_out for spec in layers),
+            "seed": seed, "exact_small": True}
 
 
 def layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpec]:

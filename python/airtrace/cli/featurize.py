@@ -9,7 +9,11 @@ from airtrace.cli.args import UsageError, non_negative_int, positive_int
 from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 
-def _projection(args: argparse.Namespace) -> dict:
+def _projection(args: argparse.Namespace) -> dict | str:
+    if args.exact:
+        if args.dense is not None or args.exact_small:
+            raise UsageError("--exact keeps every layer unprojected: drop --dense / --exact-small")
+        return "exact"
     if args.dense is not None:
         if args.exact_small:
             raise UsageError("--exact-small applies to the factored projection, not to --dense")
@@ -47,6 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--exact-small", action="store_true",
                    help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
     p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
+    p.add_argument("--exact", action="store_true",
+                   help="no projection at all (every layer's full gradient): the store `score --exact` needs")
     p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),
                    help="dense projection entries (default rademacher)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="projection seed (default 0)")

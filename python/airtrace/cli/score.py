@@ -7,8 +7,18 @@ import argparse
 import json
 import os
 
-from airtrace.cli.args import UsageError, positive_int, read_groups
-from airtrace.cli.task import add_model_options, load, scaled
+from airtrace.cli.args import UsageError, bounded, positive_int, read_groups
+from airtrace.cli.fit import damping_value
+from airtrace.cli.task import add_model_options, load, scaled, train_size
+
+
+_tolerance = bounded(float, 0.0, "a relative residual in (0, 1)", 1.0)
+
+
+def _solver(args: argparse.Namespace) -> dict:
+    """The exact solver's settings from ``--exact``, ``--solver-tol``, ``--hessian``."""
+    tol = 1e-6 if args.solver_tol is None else args.solver_tol
+    return {"method": args.exact, "tol": tol, "matrix": "hessian" if args.hessian else "ggn"}
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -17,20 +27,34 @@ def _cmd_score(args: argparse.Namespace) -> int:
     task = load(args)
     if task.queries is None:
         raise UsageError(f"--model {args.model!r}: the factory returned no query batches to score")
-    attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn, curvature="identity",
-                                       device=args.device, backend=args.backend)
-    if args.curvature is not None:
-        attributor.load_curvature(args.curvature)
+    if args.exact is None:
+        given = [flag for flag, value in (("--damping", args.damping), ("--solver-tol", args.solver_tol),
+                                          ("--hessian", args.hessian or None)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to exact influence: add --exact SOLVER")
+        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn, curvature="identity",
+                                           device=args.device, backend=args.backend)
+        if args.curvature is not None:
+            attributor.load_curvature(args.curvature)
+    else:
+        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn, curvature="exact",
+                                           damping=args.damping or "auto", solver=_solver(args), device=args.device,
+                                           backend=args.backend)
+        attributor.fit(task.train, store=args.store, total=train_size(task), progress=not args.quiet)
     scores = attributor.score(task.queries, args.store, topk=args.topk, metric=args.metric,
                               full_matrix_path=args.full_matrix, groups=read_groups(args.groups),
                               progress=not args.quiet)
     rows = scores.to_rows()
+    for report in scores.solves or []:
+        print(f"solve: {report['method']} ({attributor.solver.config.matrix}), {report['columns']} queries, "
+              f"{report['iterations']} iterations, relative residual {report['residual']:.3g}")
     print("query_id\trank\ttrain_id\tscore")
     for row in rows:
         print(f"{row['query_id']}\t{row['rank']}\t{row['train_id']}\t{row['score']:.6g}")
     if args.output is not None:
-        result = {"metric": scores.metric, "curvature": attributor.curvature.method, "query_ids": scores.query_ids,
-                  "topk": rows, "groups": None if scores.groups is None else scores.groups.tolist()}
+        result = {"metric": scores.metric, "curvature": attributor.curvature_method if args.exact else
+                  attributor.curvature.method, "query_ids": scores.query_ids, "topk": rows,
+                  "groups": None if scores.groups is None else scores.groups.tolist(), "solves": scores.solves}
         from airtrace.store import atomic_write
 
         atomic_write(os.path.abspath(args.output), [json.dumps(result, indent=1).encode()])  # all or nothing
@@ -43,7 +67,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser("score", help="top-k training examples per query, streamed over STORE")
     p.add_argument("store", metavar="STORE", help="store written by featurize")
     add_model_options(p)
-    p.add_argument("--curvature", metavar="CURV", help="factors written by fit (default: identity)")
+    curvature = p.add_mutually_exclusive_group()
+    curvature.add_argument("--curvature", metavar="CURV", help="factors written by fit (default: identity)")
+    curvature.add_argument("--exact", metavar="SOLVER", choices=("cg", "lissa", "arnoldi", "dense"),
+                           help="exact influence (H + λ)⁻¹ by SOLVER (cg: preconditioned by EK-FAC) over the "
+                                "model's training batches; needs a store from `featurize --exact`")
+    p.add_argument("--damping", type=damping_value, metavar="LAMBDA|auto",
+                   help="with --exact: absolute λ, or 'auto' (default; EK-FAC's per-layer rule)")
+    p.add_argument("--solver-tol", type=_tolerance, help="with --exact: relative residual (default 1e-6)")
+    p.add_argument("--hessian", action="store_true",
+                   help="with --exact: the loss's Hessian instead of the Gauss-Newton matrix")
     p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--metric", default="inner", choices=("inner", "cosine", "relative"),
                    help="score (default inner)")
