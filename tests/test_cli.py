@@ -196,3 +196,32 @@ def test_exact_influence_through_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["score", store, "--model", MODEL, "--damping", "0.01"])
     assert "--damping apply to exact influence: add --exact SOLVER" in capsys.readouterr().err
+
+
+def test_ensemble_through_the_cli_equals_the_python_api(tmp_path, capsys):
+    """Two models (tiny_task and other_task) each featurized and fitted by the CLI, combined by `ensemble`."""
+    from airtrace.attribute import score_ensemble
+
+    stores, curvs, members = [], [], []
+    for name, factory in (("a", MODEL), ("b", "test_cli:other_task")):
+        store, curv = str(tmp_path / name), str(tmp_path / f"{name}.safetensors")
+        assert cli.main(["featurize", store, "--model", factory, "--k-in", "3", "--k-out", "2", "--dtype", "float32",
+                         "--quiet"]) == 0
+        assert cli.main(["fit", store, "--model", factory, "--out", curv, "--quiet"]) == 0
+        stores.append(store)
+        curvs.append(curv)
+    output = tmp_path / "ensemble.json"
+    assert cli.main(["ensemble", *stores, "--models", MODEL, "test_cli:other_task", "--curvatures", *curvs,
+                     "--weights", "0.25", "0.75", "--topk", "3", "--output", str(output), "--quiet"]) == 0
+    result = json.loads(output.read_text())
+    for task, store, curv in zip((tiny_task(), tiny_task(seed=1)), stores, curvs):
+        at = Attributor.from_store(task.model, store, loss_fn=task.loss_fn, curvature="identity")
+        at.load_curvature(curv)
+        members.append((at, store))
+    expected = score_ensemble(members, tiny_task().queries, topk=3, weights=[0.25, 0.75], progress=False)
+    assert [r["train_id"] for r in result["topk"]] == [i for row in expected.ids for i in row]
+    assert [r["score"] for r in result["topk"]] == pytest.approx(expected.values.reshape(-1).tolist(), rel=1e-6)
+    assert result["ensemble"] == 2 and result["weights"] == [0.25, 0.75]
+    with pytest.raises(SystemExit):
+        cli.main(["ensemble", *stores, "--models", MODEL])
+    assert "--models takes one value per store (2), got 1" in capsys.readouterr().err

@@ -10,7 +10,9 @@ Commands:
   LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
 - ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
-- ``airtrace score --model M STORE [--curvature CURV]``: top-k training examples per query.
+- ``airtrace score --model M STORE [--curvature CURV | --exact SOLVER]``: top-k training examples per query.
+- ``airtrace ensemble STORE... --models M... [--curvatures CURV...] [--weights W...]``: the scores of several
+  independently trained models (one store each), averaged or weighted.
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
 - ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
   really retrained models (see :mod:`airtrace.eval.cli`).
@@ -34,7 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airtrace.cli import demo, env, featurize, fit, inspect, score, selfcheck
+from airtrace.cli import demo, ensemble, env, featurize, fit, inspect, score, selfcheck
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     featurize.add_parser(sub)
     fit.add_parser(sub)
     score.add_parser(sub)
+    ensemble.add_parser(sub)
 
     from airtrace.eval.cli import add_parser as eval_parser
 

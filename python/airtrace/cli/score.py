@@ -44,22 +44,27 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scores = attributor.score(task.queries, args.store, topk=args.topk, metric=args.metric,
                               full_matrix_path=args.full_matrix, groups=read_groups(args.groups),
                               progress=not args.quiet)
-    rows = scores.to_rows()
     for report in scores.solves or []:
         print(f"solve: {report['method']} ({attributor.solver.config.matrix}), {report['columns']} queries, "
               f"{report['iterations']} iterations, relative residual {report['residual']:.3g}")
+    curvature = attributor.curvature_method if args.exact else attributor.curvature.method
+    report_scores(scores, args.output, {"curvature": curvature, "solves": scores.solves})
+    return 0
+
+
+def report_scores(scores, output: str | None, extra: dict) -> None:
+    """Print the top-k rows as a table and, with ``output``, write them (and ``extra``) as JSON, all or nothing."""
+    rows = scores.to_rows()
     print("query_id\trank\ttrain_id\tscore")
     for row in rows:
         print(f"{row['query_id']}\t{row['rank']}\t{row['train_id']}\t{row['score']:.6g}")
-    if args.output is not None:
-        result = {"metric": scores.metric, "curvature": attributor.curvature_method if args.exact else
-                  attributor.curvature.method, "query_ids": scores.query_ids, "topk": rows,
-                  "groups": None if scores.groups is None else scores.groups.tolist(), "solves": scores.solves}
+    if output is not None:
+        result = {"metric": scores.metric, **extra, "query_ids": scores.query_ids, "topk": rows,
+                  "groups": None if scores.groups is None else scores.groups.tolist()}
         from airtrace.store import atomic_write
 
-        atomic_write(os.path.abspath(args.output), [json.dumps(result, indent=1).encode()])  # all or nothing
-        print(f"wrote {args.output}")
-    return 0
+        atomic_write(os.path.abspath(output), [json.dumps(result, indent=1).encode()])
+        print(f"wrote {output}")
 
 
 def add_parser(sub) -> None:
