@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from airtrace.cli.args import UsageError, positive_int
-from airtrace.cli.score import report_scores
+from airtrace.cli.args import UsageError
+from airtrace.cli.score import add_output_options, report_scores
 from airtrace.cli.task import load_named
 
 
@@ -50,10 +50,6 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="device for the models and the store shards (default cpu)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"),
                    help="kernel backend (default auto)")
-    p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
-    p.add_argument("--metric", default="inner", choices=("inner", "cosine", "relative"),
-                   help="each model's score before combining (default inner)")
-    p.add_argument("--full-matrix", metavar="PATH", help="also write the combined (q, n) matrix (safetensors)")
-    p.add_argument("--output", metavar="JSON", help="write the results as JSON")
+    add_output_options(p)  # --metric: each model's score, before combining
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_ensemble, parser=p)

@@ -82,10 +82,15 @@ def add_parser(sub) -> None:
     p.add_argument("--solver-tol", type=_tolerance, help="with --exact: relative residual (default 1e-6)")
     p.add_argument("--hessian", action="store_true",
                    help="with --exact: the loss's Hessian instead of the Gauss-Newton matrix")
+    add_output_options(p)
+    p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train row indices: group sums")
+    p.set_defaults(run=scaled(_cmd_score), parser=p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """``--topk``, ``--metric``, ``--full-matrix`` and ``--output`` (what :func:`report_scores` writes)."""
     p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--metric", default="inner", choices=("inner", "cosine", "relative"),
                    help="score (default inner)")
     p.add_argument("--full-matrix", metavar="PATH", help="also write the (q, n) score matrix (safetensors)")
-    p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train row indices: group sums")
     p.add_argument("--output", metavar="JSON", help="write the results as JSON")
-    p.set_defaults(run=scaled(_cmd_score), parser=p)
