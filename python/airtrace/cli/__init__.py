@@ -13,6 +13,8 @@ Commands:
 - ``airtrace score --model M STORE [--curvature CURV | --exact SOLVER]``: top-k training examples per query.
 - ``airtrace ensemble STORE... --models M... [--curvatures CURV...] [--weights W...]``: the scores of several
   independently trained models (one store each), averaged or weighted.
+- ``airtrace calibrate --model M --labels GT --out DIR``: projection size x curvature x damping x metric chosen by
+  cross-validated LDS against retrained-subset labels; featurize / fit / score take ``--calibration DIR/calibration.json``.
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
 - ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
   really retrained models (see :mod:`airtrace.eval.cli`).
@@ -36,7 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airtrace.cli import demo, ensemble, env, featurize, fit, inspect, score, selfcheck
+from airtrace.cli import calibrate, demo, ensemble, env, featurize, fit, inspect, score, selfcheck
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     score.add_parser(sub)
     ensemble.add_parser(sub)
+    calibrate.add_parser(sub)
 
     from airtrace.eval.cli import add_parser as eval_parser
 

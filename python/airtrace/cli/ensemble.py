@@ -32,7 +32,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
         if args.curvatures is not None:
             attributor.load_curvature(args.curvatures[i])
         members.append((attributor, store))
-    scores = score_ensemble(members, queries, topk=args.topk, metric=args.metric, weights=args.weights,
+    scores = score_ensemble(members, queries, topk=args.topk, metric=args.metric or "inner", weights=args.weights,
                             full_matrix_path=args.full_matrix, progress=not args.quiet)
     report_scores(scores, args.output, {"ensemble": m, "weights": args.weights or [1 / m] * m})
     return 0

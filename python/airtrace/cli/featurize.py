@@ -28,8 +28,14 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     task = load(args)
     if args.kfac and args.dense is not None:
         raise UsageError("--kfac needs the factored projection (Kronecker factors per layer), not --dense")
-    attributor = Attributor(task.model, args.layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=args.bias,
-                            projection=_projection(args), curvature="kfac" if args.kfac else "identity",
+    layers, bias, projection = args.layers, args.bias, None
+    if args.calibration is not None:
+        from airtrace.attribute.calibration import Calibration
+
+        chosen = Calibration.load(args.calibration).attributor_kwargs()
+        layers, bias, projection = chosen["layers"], chosen["bias"], chosen["projection"]
+    attributor = Attributor(task.model, layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=bias,
+                            projection=projection or _projection(args), curvature="kfac" if args.kfac else "identity",
                             device=args.device, backend=args.backend)
     store = attributor.featurize(task.train, args.store, dtype=args.dtype, rows_per_shard=args.rows_per_shard,
                                  total=train_size(task), overwrite=args.overwrite, progress=not args.quiet)
@@ -51,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--exact-small", action="store_true",
                    help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
     p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="the layers, bias and projection chosen by `airtrace calibrate` (replace --layers, --bias "
+                        "and the projection options)")
     p.add_argument("--exact", action="store_true",
                    help="no projection at all (every layer's full gradient): the store `score --exact` needs")
     p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),

@@ -41,7 +41,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                            damping=args.damping or "auto", solver=_solver(args), device=args.device,
                                            backend=args.backend)
         attributor.fit(task.train, store=args.store, total=train_size(task), progress=not args.quiet)
-    scores = attributor.score(task.queries, args.store, topk=args.topk, metric=args.metric,
+    metric = args.metric or "inner"
+    if args.calibration is not None:
+        from airtrace.attribute.calibration import Calibration
+
+        metric = args.metric or Calibration.load(args.calibration).metric
+    scores = attributor.score(task.queries, args.store, topk=args.topk, metric=metric,
                               full_matrix_path=args.full_matrix, groups=read_groups(args.groups),
                               progress=not args.quiet)
     for report in scores.solves or []:
@@ -83,6 +88,8 @@ def add_parser(sub) -> None:
     p.add_argument("--hessian", action="store_true",
                    help="with --exact: the loss's Hessian instead of the Gauss-Newton matrix")
     add_output_options(p)
+    p.add_argument("--calibration", metavar="FILE",
+                   help="score with the metric chosen by `airtrace calibrate` (unless --metric is given)")
     p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train row indices: group sums")
     p.set_defaults(run=scaled(_cmd_score), parser=p)
 
@@ -90,7 +97,6 @@ def add_parser(sub) -> None:
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """``--topk``, ``--metric``, ``--full-matrix`` and ``--output`` (what :func:`report_scores` writes)."""
     p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
-    p.add_argument("--metric", default="inner", choices=("inner", "cosine", "relative"),
-                   help="score (default inner)")
+    p.add_argument("--metric", choices=("inner", "cosine", "relative"), help="score (default inner)")
     p.add_argument("--full-matrix", metavar="PATH", help="also write the (q, n) score matrix (safetensors)")
     p.add_argument("--output", metavar="JSON", help="write the results as JSON")
