@@ -84,6 +84,13 @@ def _per_query(scores: torch.Tensor, masks: torch.Tensor, outputs: torch.Tensor)
     return metrics.spearman_columns(metrics.group_scores(scores, masks), outputs)
 
 
+def _check_grid(sizes, curvatures, factors, auto, metrics_) -> None:
+    bad = sorted(set(curvatures) - set(CURVATURES)) + sorted(set(metrics_) - set(METRICS))
+    if bad or not curvatures or not metrics_ or not (sizes and (factors or auto)):
+        raise ValueError(f"curvatures must be of {CURVATURES}, metrics of {METRICS}, and sizes and a damping given; "
+                         f"got {bad or 'an empty grid'}")
+
+
 def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn: Callable | None,
               measure_fn: Callable | None, out: str | os.PathLike, *, budget: int = 64, fraction: float = 0.5,
               seed: int = 0, folds: int = 4, labels: str | os.PathLike | None = None, columns: slice | None = None,
@@ -122,13 +129,7 @@ def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn:
         ValueError: no labels and no train_fn / measure_fn, labels of another training set or queries,
             bad folds, or an unknown curvature / metric.
     """
-    bad = sorted(set(curvatures) - set(CURVATURES)) + sorted(set(metrics_) - set(METRICS))
-    if bad or not curvatures or not metrics_ or not (sizes and (factors or auto)):
-        raise ValueError(f"curvatures must be of {CURVATURES}, metrics of {METRICS}, and sizes and a damping given; "
-                         f"got {bad or 'an empty grid'}")
-    out = Path(out)
-    base = Attributor(model, layers, loss_fn=loss_fn, bias=bias, curvature="identity")
-    n = sum(len(ids) for ids, _ in pairs(train_batches, "train_batches"))
+    _check_grid(sizes, curvatures, factors, auto, metrics_)
     if labels is not None:
         outputs, plan, _ = load_ground_truth(labels)
         outputs = outputs[:, columns] if columns is not None else outputs
@@ -137,10 +138,37 @@ def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn:
         if train_fn is None or measure_fn is None:
             raise ValueError("calibrate needs train_fn and measure_fn to retrain the subsets, or labels= a ground "
                              "truth of the same training set and queries")
+        n = sum(len(ids) for ids, _ in pairs(train_batches, "train_batches"))
         plan = sample_subsets(n, budget, fraction, seed)
-        outputs = retrain(plan, train_fn, measure_fn, out / "subsets", progress=progress, config=config)
-        label_path = out / "subsets"
-    masks = plan.masks
+        outputs = retrain(plan, train_fn, measure_fn, Path(out) / "subsets", progress=progress, config=config)
+        label_path = Path(out) / "subsets"
+    calibration = choose(model, loss_fn, train_batches, query_batches, outputs, plan.masks, folds=folds, seed=seed,
+                         layers=layers, bias=bias, sizes=sizes, curvatures=curvatures, factors=factors, auto=auto,
+                         metrics_=metrics_, labels=os.fspath(Path(label_path).resolve()))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    calibration.save(Path(out) / CALIBRATION_FILE)
+    return calibration
+
+
+def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: torch.Tensor, masks: torch.Tensor, *,
+           folds: int = 4, seed: int = 0, layers: str | Sequence[str] = ("*",), bias: bool = False,
+           sizes: Sequence[int] = SIZES, curvatures: Sequence[str] = CURVATURES, factors: Sequence[float] = FACTORS,
+           auto: bool = True, metrics_: Sequence[str] = METRICS, labels: str = "") -> Calibration:
+    """The search of :func:`calibrate` on given labels: outputs (m, q) float64 and masks (m, n) bool.
+
+    Args:
+        labels: where the labels come from, recorded in the calibration.
+
+    Returns:
+        The :class:`Calibration` (not saved).
+
+    Raises:
+        ValueError: labels of another training set or queries, bad folds, or an unknown curvature / metric.
+    """
+    _check_grid(sizes, curvatures, factors, auto, metrics_)
+    base = Attributor(model, layers, loss_fn=loss_fn, bias=bias, curvature="identity")
+    n = sum(len(ids) for ids, _ in pairs(train_batches, "train_batches"))
+    label_path = labels or "the labels"
     if masks.shape[1] != n:
         raise ValueError(f"{label_path}: the labels cover {masks.shape[1]} training examples, the batches {n}")
     m = masks.shape[0]
@@ -186,14 +214,11 @@ def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn:
     best = max(range(len(candidates)), key=lambda c: candidates[c]["lds"])
     choice = candidates[best]
     lo, hi = metrics.bootstrap_ci(held_out)
-    calibration = Calibration(
+    return Calibration(
         settings={"layers": names, "bias": bias,
                   "projection": {"type": "factored", "k_in": choice["k"], "k_out": choice["k"], "seed": 0,
                                  "exact_small": False},
                   "curvature": choice["curvature"], "damping": choice["damping"], "metric": choice["metric"]},
         lds={"mean": float(held_out.mean()), "ci": [lo, hi], "folds": folds, "subsets": m,
              "queries": int(held_out.numel()), "in_sample": choice["lds"]},
-        grid=candidates, labels=os.fspath(Path(label_path).resolve()))
-    out.mkdir(parents=True, exist_ok=True)
-    calibration.save(out / CALIBRATION_FILE)
-    return calibration
+        grid=candidates, labels=labels)
