@@ -46,7 +46,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         from airtrace.attribute.calibration import Calibration
 
         metric = args.metric or Calibration.load(args.calibration).metric
-    scores = attributor.score(task.queries, args.store, topk=args.topk, metric=metric,
+    from airtrace.store import Store
+
+    topk = max(1, min(args.topk, len(Store.open(args.store))))  # a store of n rows has at most n results per query
+    scores = attributor.score(task.queries, args.store, topk=topk, metric=metric,
                               full_matrix_path=args.full_matrix, groups=read_groups(args.groups),
                               progress=not args.quiet)
     for report in scores.solves or []:
@@ -96,7 +99,8 @@ def add_parser(sub) -> None:
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
     """``--topk``, ``--metric``, ``--full-matrix`` and ``--output`` (what :func:`report_scores` writes)."""
-    p.add_argument("--topk", type=positive_int, default=10, help="results per query (default 10)")
+    p.add_argument("--topk", type=positive_int, default=10,
+                   help="results per query (default 10; at most the store's rows)")
     p.add_argument("--metric", choices=("inner", "cosine", "relative"), help="score (default inner)")
     p.add_argument("--full-matrix", metavar="PATH", help="also write the (q, n) score matrix (safetensors)")
     p.add_argument("--output", metavar="JSON", help="write the results as JSON")
