@@ -1,5 +1,6 @@
 """Benchmark tasks on scikit-learn's bundled wine (3 classes) and diabetes (regression) tables, nothing downloaded;
-imports ``airtrace.capture``, ``airtrace.eval.tasks.digits`` (its batching) and ``airtrace.util``.
+imports ``airtrace.capture``, ``airtrace.eval.tasks.digits`` (its models, training steps and batching) and
+``airtrace.util``.
 
 Data: ``load_wine`` (178 rows, 13 features) or ``load_diabetes`` (442 rows, 10
 features, a continuous target). A seeded permutation (``split_seed``) picks
@@ -33,7 +34,7 @@ from torch import nn
 
 from airtrace.util.checks import positive_int_fields
 from airtrace.capture import per_example_loss
-from airtrace.eval.tasks.digits import _batches
+from airtrace.eval.tasks.digits import LogReg, MLP, _batches, adam, check_positive, new_model, training_rows
 
 F64 = torch.float64
 DATASETS = {"wine": "classification", "diabetes": "regression"}
@@ -78,9 +79,7 @@ class TabularConfig:
         if self.model == "logreg" and DATASETS[self.dataset] != "classification":
             raise ValueError(f"model 'logreg' needs a classification dataset (wine), got {self.dataset!r}")
         positive_int_fields(self, ("n_query", "hidden", "steps"))
-        for name in ("l2", "lr", "tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive(self, ("l2", "lr", "tol"))
 
     def as_dict(self) -> dict:
         """JSON-able config, tagged with the task name (the cache key)."""
@@ -99,29 +98,6 @@ def tabular_config(dataset: str, model: str = "mlp", **overrides) -> TabularConf
     elif model == "logreg":
         base = replace(base, l2=1e-2)
     return replace(base, **overrides)
-
-
-class MLP(nn.Module):
-    """``fc2(tanh(fc1(x)))``: (B, d) -> (B, c)."""
-
-    def __init__(self, d: int, hidden: int, c: int):
-        super().__init__()
-        self.fc1 = nn.Linear(d, hidden, dtype=F64)
-        self.fc2 = nn.Linear(hidden, c, dtype=F64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-class LogReg(nn.Module):
-    """``fc(x)``: (B, d) -> (B, c) logits."""
-
-    def __init__(self, d: int, c: int):
-        super().__init__()
-        self.fc = nn.Linear(d, c, dtype=F64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
 
 
 class TabularTask:
@@ -173,16 +149,9 @@ class TabularTask:
 
     def new_model(self, seed: int) -> nn.Module:
         """An untrained model; MLP weights drawn from ``seed``, the logistic regression starts at zero."""
-        d = self.x_train.shape[1]
-        if self.config.model == "logreg":
-            model = LogReg(d, self.n_outputs)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.zero_()
-            return model
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
-            torch.manual_seed(seed)
-            return MLP(d, self.config.hidden, self.n_outputs)
+        d, logreg = self.x_train.shape[1], self.config.model == "logreg"
+        return new_model(logreg, seed, (lambda: LogReg(d, self.n_outputs)) if logreg else
+                         (lambda: MLP(d, self.config.hidden, self.n_outputs)))
 
     def losses(self, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B,) per-example loss of rows x (B, d), y (B,) under ``model`` (a callable x -> (B, c)):
@@ -211,20 +180,13 @@ class TabularTask:
             ValueError: indices empty, out of range or repeated.
             RuntimeError: the logistic regression did not converge.
         """
-        rows = torch.as_tensor(indices, dtype=torch.long).flatten()
-        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.n_train \
-                or rows.unique().numel() != rows.numel():
-            raise ValueError(f"indices must be unique rows in [0, {self.n_train}), got {rows.numel()} entries")
+        rows = training_rows(indices, self.n_train)
         c = self.config
         model = self.new_model(seed if c.init_seed is None else c.init_seed)
         if c.model == "logreg":
             self._newton(model, rows)
         else:
-            optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
-            for _ in range(c.steps):
-                optimizer.zero_grad()
-                self.objective(model, rows).backward()
-                optimizer.step()
+            adam(model, lambda: self.objective(model, rows), c.steps, c.lr)
         return model.eval()
 
     def _newton(self, model: nn.Module, rows: torch.Tensor) -> None:
