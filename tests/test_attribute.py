@@ -15,6 +15,7 @@ from torch import nn
 
 from airtrace import Attributor, StoreError, scoring
 from airtrace.capture import GradientCapture, make_projections, per_example_loss, response_labels, select_layers
+from airtrace.curvature import damping as rules
 from airtrace.ops.project_dense import project_dense
 from airtrace.ops.project_sparse import project_sparse
 from airtrace.store import Store
@@ -25,7 +26,6 @@ K_IN, K_OUT, SEED = 3, 4, 5
 FACTORED = dict(k_in=K_IN, k_out=K_OUT, seed=SEED)
 DENSE = dict(type="dense", k=16, seed=SEED, kind="gaussian")
 ROWS_PER_SHARD = 5
-FACTOR = 0.1  # default relative damping
 
 
 # ------------------------------------------------------------------ models and data
@@ -183,8 +183,15 @@ def _vec(x):
     return x.reshape(x.shape[0], -1)
 
 
+def auto_lambda(method, feats, mean_eigenvalue):
+    """λ of the default "auto" rule: κ_method × ρ^½ × mean eigenvalue, ρ = ‖mean ĝ‖² / mean ‖ĝ‖² (by definition)."""
+    v = _vec(feats)
+    rho = float(v.mean(0).square().sum() / v.square().sum(1).mean())
+    return rules.AUTO_KAPPA[method] * rho**0.5 * mean_eigenvalue
+
+
 def dense_inverse(method, train: Brute, name):
-    """(F + λI)⁻¹ of one layer as an explicit (n, n) matrix: identity, K-FAC or EK-FAC by definition."""
+    """(F + λI)⁻¹ of one layer as an explicit (n, n) matrix: identity, K-FAC or EK-FAC by definition, λ by "auto"."""
     feats = train.features[name]
     N, n = feats.shape[0], feats[0].numel()
     if method == "identity":
@@ -197,7 +204,7 @@ def dense_inverse(method, train: Brute, name):
         Lam = torch.kron(e_G.clamp_min(0), e_A.clamp_min(0))
     else:
         Lam = ((_vec(feats) @ K) ** 2).mean(0)
-    lam = FACTOR * float(Lam.mean())
+    lam = auto_lambda(method, feats, float(Lam.mean()))
     return torch.linalg.inv(K @ torch.diag(Lam) @ K.T + lam * torch.eye(n, dtype=F64))
 
 
@@ -409,7 +416,7 @@ def test_dense_projection_with_fisher_equals_brute_force(tmp_path):
     X = project_dense(train.flat, DENSE["k"], SEED, "gaussian", backend="torch")
     Q = project_dense(queries.flat, DENSE["k"], SEED, "gaussian", backend="torch")
     F = X.T @ X / X.shape[0]
-    H = F + FACTOR * float(F.diagonal().mean()) * torch.eye(F.shape[0], dtype=F64)
+    H = F + auto_lambda("fisher", X, float(F.diagonal().mean())) * torch.eye(F.shape[0], dtype=F64)
     assert_topk_matches(scores, torch.linalg.solve(H, Q.T).T @ X.T, 5)
     with pytest.raises(ValueError, match="needs the factored projection"):
         Attributor(setup.model, loss_fn=mlp_loss, projection=DENSE, curvature="ekfac")

@@ -12,6 +12,7 @@ from torch import nn
 
 from airtrace import Attributor, Task, cli
 from airtrace.capture import per_example_loss
+from safetensors.torch import load_file
 
 MODEL = "test_cli:tiny_task"
 N_TRAIN, N_QUERY, BATCH = 20, 3, 6
@@ -156,6 +157,9 @@ def test_runtime_errors_exit_1_with_the_message_and_no_traceback(workdir, tmp_pa
     (["inspect", "s", "--bogus"], "unrecognized arguments: --bogus"),
     (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact-small"], "--exact-small applies to the factored"),
     (["featurize", "s", "--model", MODEL, "--dense", "8", "--kfac"], "--kfac needs the factored projection"),
+    (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact"], "--exact keeps every layer unprojected"),
+    (["score", "s", "--model", MODEL, "--exact", "cg", "--curvature", "c"], "not allowed with argument"),
+    (["score", "s", "--model", MODEL, "--exact", "cg", "--solver-tol", "2"], "expected a relative residual"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -170,3 +174,54 @@ def test_console_entry_point(workdir):
     assert ok.returncode == 0 and "rows         20" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "airtrace", "inspect"], capture_output=True, text=True)
     assert bad.returncode == 2 and "STORE" in bad.stderr
+
+
+def test_exact_influence_through_the_cli(tmp_path, capsys):
+    """featurize --exact + score --exact: CG (EK-FAC-preconditioned) equals the explicit dense inverse, the
+    convergence is printed, and the solver flags without --exact are a usage error."""
+    store = str(tmp_path / "store")
+    assert cli.main(["featurize", store, "--model", MODEL, "--exact", "--dtype", "float32", "--quiet"]) == 0
+    matrices = {}
+    for solver in ("cg", "dense"):
+        capsys.readouterr()
+        path = tmp_path / f"{solver}.safetensors"
+        assert cli.main(["score", store, "--model", MODEL, "--exact", solver, "--damping", "0.01",
+                         "--solver-tol", "1e-5", "--full-matrix", str(path), "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert f"solve: {solver} (ggn), {N_QUERY} queries" in out
+        matrices[solver] = load_file(str(path))["scores"]
+    # CG stops at a relative residual of 1e-5; the scores are float32 inner products of its solution
+    scale = float(matrices["dense"].abs().max())
+    torch.testing.assert_close(matrices["cg"], matrices["dense"], rtol=1e-4, atol=1e-4 * scale)
+    with pytest.raises(SystemExit):
+        cli.main(["score", store, "--model", MODEL, "--damping", "0.01"])
+    assert "--damping apply to exact influence: add --exact SOLVER" in capsys.readouterr().err
+
+
+def test_ensemble_through_the_cli_equals_the_python_api(tmp_path, capsys):
+    """Two models (tiny_task and other_task) each featurized and fitted by the CLI, combined by `ensemble`."""
+    from airtrace.attribute import score_ensemble
+
+    stores, curvs, members = [], [], []
+    for name, factory in (("a", MODEL), ("b", "test_cli:other_task")):
+        store, curv = str(tmp_path / name), str(tmp_path / f"{name}.safetensors")
+        assert cli.main(["featurize", store, "--model", factory, "--k-in", "3", "--k-out", "2", "--dtype", "float32",
+                         "--quiet"]) == 0
+        assert cli.main(["fit", store, "--model", factory, "--out", curv, "--quiet"]) == 0
+        stores.append(store)
+        curvs.append(curv)
+    output = tmp_path / "ensemble.json"
+    assert cli.main(["ensemble", *stores, "--models", MODEL, "test_cli:other_task", "--curvatures", *curvs,
+                     "--weights", "0.25", "0.75", "--topk", "3", "--output", str(output), "--quiet"]) == 0
+    result = json.loads(output.read_text())
+    for task, store, curv in zip((tiny_task(), tiny_task(seed=1)), stores, curvs):
+        at = Attributor.from_store(task.model, store, loss_fn=task.loss_fn, curvature="identity")
+        at.load_curvature(curv)
+        members.append((at, store))
+    expected = score_ensemble(members, tiny_task().queries, topk=3, weights=[0.25, 0.75], progress=False)
+    assert [r["train_id"] for r in result["topk"]] == [i for row in expected.ids for i in row]
+    assert [r["score"] for r in result["topk"]] == pytest.approx(expected.values.reshape(-1).tolist(), rel=1e-6)
+    assert result["ensemble"] == 2 and result["weights"] == [0.25, 0.75]
+    with pytest.raises(SystemExit):
+        cli.main(["ensemble", *stores, "--models", MODEL])
+    assert "--models takes one value per store (2), got 1" in capsys.readouterr().err

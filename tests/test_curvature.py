@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from airtrace import curvature as cv
+from airtrace.curvature.damping import default_factor
 from airtrace.curvature.methods import kfac as kfac_method
 from airtrace.ops.precondition import reference as precondition_ekfac
 from airtrace.ops.project_factored import reference as project_factored_reference
@@ -180,7 +181,7 @@ def test_fisher_inverse_equals_dense_inverse(data):
     out = fit.precondition(data.features)
     for name, x in data.features.items():
         Fm = _dense_fisher(x)
-        lam = 0.1 * float(Fm.trace()) / Fm.shape[0]
+        lam = default_factor("fisher") * float(Fm.trace()) / Fm.shape[0]
         assert fit.damping[name] == pytest.approx(lam, rel=1e-12)
         _close(out[name], _apply(torch.linalg.inv(Fm + lam * _eye(Fm.shape[0])), x))
 
@@ -191,7 +192,7 @@ def test_kfac_equals_explicit_kronecker_inverse(data):
     for name, x in data.features.items():
         S_G, S_A = _token_factors(data, name)
         K = torch.kron(S_G, S_A)  # pairs with the row-major vec(ĝ)
-        lam = 0.1 * float(torch.linalg.eigvalsh(K).mean())
+        lam = default_factor("kfac") * float(torch.linalg.eigvalsh(K).mean())
         assert fit.damping[name] == pytest.approx(lam, rel=1e-9)
         _close(out[name], _apply(torch.linalg.inv(K + lam * _eye(K.shape[0])), x))
 
@@ -209,7 +210,7 @@ def test_ekfac_equals_its_definition(data):
         _close(base.eigvecs_A.T @ S_A @ base.eigvecs_A, torch.diag(torch.linalg.eigvalsh(S_A)))
         Q = torch.kron(base.eigvecs_G, base.eigvecs_A)
         vec_lam = ((_vec(x) @ Q) ** 2).mean(0)  # (1/N) Σ_b (Qᵀ vec ĝ_b)²
-        lam = 0.1 * float(vec_lam.mean())
+        lam = default_factor("ekfac") * float(vec_lam.mean())
         assert fit.damping[name] == pytest.approx(lam, rel=1e-12)
         _close(fit.inverses[name].eigenvalues.reshape(-1), vec_lam)
         _close(out[name], _apply(Q @ torch.diag(1 / (vec_lam + lam)) @ Q.T, x))
@@ -246,7 +247,7 @@ def test_woodbury_equals_dense_low_rank_inverse(data):
     for name, x in data.features.items():
         e, V = torch.linalg.eigh(_dense_fisher(x))
         U, s = V[:, -RANK:], e[-RANK:]
-        lam = 0.1 * float(e.mean())
+        lam = default_factor("lowrank") * float(e.mean())
         assert fit.damping[name] == pytest.approx(lam, rel=1e-9)
         assert fit.inverses[name].eigvecs.shape == (x.shape[1] * x.shape[2], RANK)
         _close(out[name], _apply(torch.linalg.inv(U @ torch.diag(s) @ U.T + lam * _eye(len(e))), x))
@@ -294,14 +295,17 @@ def test_identity_returns_features():
 def test_relative_damping_is_factor_times_mean_eigenvalue_and_reported(method, tmp_path):
     data = random_data()
     default, half, absolute = _fit(method, data), _fit(method, data, cv.Damping(factor=0.5)), _fit(method, data, 0.3)
-    assert default.damping_factor == 0.1 and half.damping_factor == 0.5 and absolute.damping_factor is None
+    assert default.damping_factor == default_factor(method) and half.damping_factor == 0.5
+    assert absolute.damping_factor is None
     for name in data.features:
-        assert half.damping[name] == pytest.approx(5 * default.damping[name], rel=1e-12)
+        assert half.damping[name] == pytest.approx(0.5 / default_factor(method) * default.damping[name], rel=1e-12)
         assert absolute.damping[name] == 0.3
     default.save(tmp_path / "c.safetensors")
     with safe_open(tmp_path / "c.safetensors", framework="pt") as f:
         meta = json.loads(f.metadata()[cv.METADATA_KEY])
-    assert meta["method"] == method and meta["damping_factor"] == 0.1
+    assert meta["method"] == method and meta["damping_factor"] == default_factor(method)
+    assert meta["damping_rule"] == {"rule": "default", "factor": default_factor(method), "criterion": None}
+    assert half.damping_rule["rule"] == "relative" and absolute.damping_rule["rule"] == "absolute"
     assert meta["damping"] == default.damping and meta["layers"] == ["a", "b.proj"]
     assert meta["dims"] == {"a": [3, 4], "b.proj": [2, 5]} and meta["n_examples"] == 24
 

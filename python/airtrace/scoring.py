@@ -74,6 +74,7 @@ class Scores:
             search (:mod:`airtrace.index`): "index:<type>" / "embeddings" with "+exact" when the
             candidates were re-scored exactly.
         recall: recall@topk of a two-stage search against the exact pass, when measured, else None.
+        solves: curvature "exact": one convergence report per solve (method, iterations, residual, ...), else None.
     """
 
     values: torch.Tensor
@@ -84,6 +85,7 @@ class Scores:
     groups: torch.Tensor | None = None
     stage: str = "exact"
     recall: float | None = None
+    solves: list[dict] | None = None
 
     def to_rows(self) -> list[dict]:
         """One dict per (query, rank): ``query_id, rank`` (1-based), ``train_index, train_id, score``.

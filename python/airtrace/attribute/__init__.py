@@ -52,6 +52,7 @@ inverted in float64; scores accumulate in float32 (float64 for float64 models).
 
 from airtrace.attribute.attributor import Attributor
 from airtrace.attribute.config import CURVATURES, DENSE, DENSE_BLOCK, FACTORED, SPARSE, projection_config
+from airtrace.attribute.ensemble import score_ensemble
 from airtrace.attribute.featurizer import DENSE_MATRIX_MAX_ENTRIES, Featurizer
 from airtrace.attribute.task import Task, load_task
 
@@ -67,4 +68,5 @@ __all__ = [
     "Task",
     "load_task",
     "projection_config",
+    "score_ensemble",
 ]

@@ -23,6 +23,7 @@ from airtrace.attribute.batches import (
     pairs,
     reiterable,
     stored_digests,
+    to_device,
 )
 from airtrace.attribute.config import (
     CURVATURES,
@@ -30,6 +31,7 @@ from airtrace.attribute.config import (
     PROJECTIONS,
     LossFn,
     essential,
+    exact_projection,
     layer_specs,
     projection_config,
 )
@@ -38,6 +40,9 @@ from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
 from airtrace.capture import LayerSpec
 from airtrace.curvature import Curvature
+from airtrace.curvature.damping import auto_factors
+from airtrace.curvature.fitting import as_damping
+from airtrace.ihvp import CurvatureProducts, InverseHVP, SolverConfig
 from airtrace.index import EmbeddingCandidates, Index, index_queries, two_stage
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
@@ -78,19 +83,31 @@ class Attributor:
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (see the module docstring).
         exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
         bias: also attribute through the biases of the tracked layers.
-        projection: see :func:`projection_config`; default factored 16 x 16, seed 0.
-        curvature: "ekfac", "kfac", "fisher", "lowrank" or "identity".
-        damping: :class:`airtrace.curvature.Damping`, a number (absolute λ) or None
-            (0.1 × the layer's mean eigenvalue).
+        projection: see :func:`projection_config`; default factored 16 x 16, seed 0; "exact" (the default with
+            curvature "exact") keeps every layer unprojected (:func:`airtrace.attribute.config.exact_projection`).
+        curvature: "ekfac", "kfac", "fisher", "lowrank", "identity" or "exact": ``(H + D)⁻¹`` of the training
+            loss's Gauss-Newton matrix or Hessian over the tracked parameters, solved per query by ``solver``
+            (:mod:`airtrace.ihvp`; needs unprojected features; ``fit`` fits EK-FAC as the solver's
+            preconditioner and damping D, and keeps its training batches for the curvature products).
+        damping: "auto" (default: a relative factor per layer chosen from the training features by
+            :func:`airtrace.curvature.damping.auto_factors` when fitting; the rule and its criterion
+            are kept in ``curvature.damping_rule``), :class:`airtrace.curvature.Damping`, a number
+            (absolute λ) or None (the method's fixed factor × the layer's mean eigenvalue,
+            :func:`airtrace.curvature.damping.default_factor`).
         rank: eigenpairs kept per layer by "lowrank".
         device: where the model, batches and store shards go.
         backend: kernel backend for projection and scoring ("auto", "torch", "cpu", "cuda", "triton").
+        solver: curvature "exact" only: :class:`airtrace.ihvp.SolverConfig`, a dict of its fields or a method
+            name ("cg" default, "lissa", "arnoldi", "dense").
 
     Attributes:
         layers: the tracked LayerSpecs, in layout order.
         projection: the normalised projection config.
         curvature_method: the curvature method ``fit`` uses.
-        curvature: the fitted :class:`Curvature` (None until ``fit`` / ``load_curvature``).
+        curvature: the fitted :class:`Curvature` (None until ``fit`` / ``load_curvature``; for "exact" the EK-FAC
+            preconditioner).
+        solver: the :class:`airtrace.ihvp.InverseHVP` of curvature "exact" after ``fit`` (None otherwise); its
+            ``reports`` hold the convergence of every solve.
         featurizer: the :class:`airtrace.attribute.featurizer.Featurizer` that computes the features.
     """
 
@@ -104,26 +121,38 @@ class Attributor:
         bias: bool = False,
         projection: Mapping | str | None = None,
         curvature: str = "ekfac",
-        damping: cv.Damping | float | None = None,
+        damping: cv.Damping | float | str | None = "auto",
         rank: int = 32,
         device: str | torch.device = "cpu",
         backend: str = "auto",
+        solver: SolverConfig | Mapping | str | None = None,
     ):
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got {loss_fn!r}")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        self.layers = layer_specs(model, layers, exclude, bias)
+        if projection == "exact" or (projection is None and curvature == "exact"):
+            projection = exact_projection(self.layers)
         self.projection = projection_config(projection)
-        if self.projection["type"] != "factored" and curvature in ("kfac", "ekfac"):
+        if self.projection["type"] != "factored" and curvature in ("kfac", "ekfac", "exact"):
             raise ValueError(f"curvature {curvature!r} needs the factored projection (Kronecker factors per layer); "
                              f"use curvature='identity', 'fisher' or 'lowrank' with a {self.projection['type']} "
                              "projection")
+        if isinstance(damping, str) and damping != "auto":
+            raise ValueError(f"damping must be 'auto', a Damping, a number (absolute λ) or None, got {damping!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.loss_fn, self.backend = loss_fn, backend
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
-        self.layers = layer_specs(model, layers, exclude, bias)
+        self.solver_config = SolverConfig.of(solver)
         self.featurizer = Featurizer(self.model, self.layers, loss_fn, self.projection, self.device, backend)
+        if curvature == "exact":
+            projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
+            if projected:
+                raise ValueError(f"curvature 'exact' needs unprojected features, the projection "
+                                 f"{self.projection} projects layer(s) {projected}: pass projection='exact'")
+        self.solver: InverseHVP | None = None
         self._dtype = self.featurizer.dtype
         self.curvature: Curvature | None = None
         self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
@@ -273,8 +302,8 @@ class Attributor:
 
     def _kfac_alongside(self) -> cv.KFACFitter | None:
         """A K-FAC fitter for featurize to fill from the same forward/backward passes, when fit will need one."""
-        wanted = self.curvature_method in ("kfac", "ekfac") and self.featurizer.projections is not None
-        return cv.KFACFitter(self.damping) if wanted and not distributed.active() else None
+        wanted = self.curvature_method in ("kfac", "ekfac", "exact") and self.featurizer.projections is not None
+        return cv.KFACFitter() if wanted and not distributed.active() else None  # fit applies the damping
 
     # -- fit
 
@@ -292,7 +321,10 @@ class Attributor:
         wrote all of ``store`` (not resumed, one process): it accumulated the
         same factors from its own forward/backward passes and kept their sums in
         the store's K-FAC sidecar (:func:`airtrace.store.sidecars.kfac_sidecar`), which any later fit of
-        that store uses (the damping is applied here). Under
+        that store uses (the damping is applied here). With ``damping="auto"``
+        the moments of the per-example features that the rule reads
+        (:mod:`airtrace.curvature.damping`) are summed during the pass over
+        features (K-FAC: during its own pass, or one read of ``store``). Under
         an initialised process group the ranks split the batches and the store's
         shards, the fitters' sums are added over ranks, every rank gets the same
         curvature and rank 0 saves it.
@@ -312,19 +344,33 @@ class Attributor:
             raise StoreError(f"{store.path}: the store holds no rows (was the training set empty?); "
                              "nothing to fit the curvature on")
         total = len(store) if total is None and store is not None else total
-        method = self.curvature_method
+        method = "ekfac" if self.curvature_method == "exact" else self.curvature_method
+        if self.curvature_method == "exact":
+            if batches is None:
+                raise ValueError("curvature 'exact' needs the training batches: its solver computes curvature "
+                                 "products over them (fit(train_batches, store=...))")
+            reiterable(batches, "batches")
+        moments = cv.MomentAccumulator() if self.damping == "auto" and method != "identity" else None
+        fixed = None if moments is not None else self.damping
         if method == "identity":
             curvature = cv.identity(self.dims)
         elif method in ("fisher", "lowrank"):
-            fitter = cv.FisherFitter(self.damping) if method == "fisher" else cv.LowRankFitter(self.rank, self.damping)
-            curvature = self._fit_features(fitter, batches, store, total, progress)
+            fitter = cv.FisherFitter(fixed) if method == "fisher" else cv.LowRankFitter(self.rank, fixed)
+            curvature = self._fit_features(fitter, batches, store, total, progress, moments, method)
         else:
             if method == "ekfac" and store is None:
                 reiterable(batches, "batches")
-            curvature = self._featurized_kfac_of(store) or self._fit_kfac(batches, total, progress)
-            if method == "ekfac":
-                fitter = cv.EKFACFitter(curvature, self.damping)
-                curvature = self._fit_features(fitter, batches, store, total, progress)
+            featurized = self._featurized_kfac_of(store)
+            kfac_moments = moments if method == "kfac" and store is None else None
+            fitter = featurized or self._fit_kfac(batches, total, progress, kfac_moments)
+            if method == "kfac":
+                if moments is not None and store is not None:
+                    self._fit_features(moments, None, store, total, progress)
+                fitter.damping = self._auto_damping(method, moments) if moments is not None else as_damping(fixed)
+                curvature = fitter.finalize()
+            else:
+                ekfac = cv.EKFACFitter(fitter.finalize(), fixed)  # only the K-FAC eigenbases are used
+                curvature = self._fit_features(ekfac, batches, store, total, progress, moments, method)
         curvature.fingerprint = model_fingerprint(self.model)
         curvature.store_key = None if store is None else store.content_key()
         if path is not None:
@@ -332,61 +378,102 @@ class Attributor:
                 if distributed.is_main():
                     curvature.save(path)
         self.curvature = curvature
+        if self.curvature_method == "exact":
+            self.solver = self._inverse_hvp(batches, curvature, len(store) if store is not None else None)
         return curvature
 
-    def _featurized_kfac_of(self, store: Store | None) -> Curvature | None:
-        """The K-FAC factors :meth:`featurize` accumulated while writing ``store`` in full, if it did
-        (kept in memory by this Attributor, or in the store's K-FAC sidecar by any)."""
+    def _inverse_hvp(self, batches: Batches, preconditioner: Curvature, n: int | None) -> InverseHVP:
+        """The exact solver over ``batches`` with the damping (and, for "cg", the preconditioner) of the EK-FAC fit."""
+        if distributed.active():
+            raise ValueError("curvature 'exact' runs in one process (its solver passes over every batch per product)")
+        device_batches = _DeviceBatches(batches, self.device)
+        n = device_batches.count() if n is None else n
+        products = CurvatureProducts(self.model, self.layers, self.loss_fn, device_batches, n,
+                                     matrix=self.solver_config.matrix)
+        return InverseHVP(products, preconditioner.damping, self.solver_config,
+                          preconditioner if self.solver_config.method == "cg" else None)
+
+    def _featurized_kfac_of(self, store: Store | None) -> cv.KFACFitter | None:
+        """A fitter holding the K-FAC sums :meth:`featurize` accumulated while writing ``store`` in full, if it did
+        (kept in memory by this Attributor, or in the store's K-FAC sidecar by any); fit sets its damping."""
         if store is None:
             return None
         if self._featurized_kfac is not None:
-            path, fitter = self._featurized_kfac
-            if path == os.path.abspath(store.path) and fitter.n_examples == len(store):
-                return fitter.finalize()
-        fitter = load_kfac_sums(store, self.damping, float32_products=self._dtype != torch.float64)
+            path, kept = self._featurized_kfac
+            if path == os.path.abspath(store.path) and kept.n_examples == len(store):
+                fitter = cv.KFACFitter()
+                fitter.float32_products = kept.float32_products
+                fitter.load_states([kept.state()])
+                return fitter
+        fitter = load_kfac_sums(store, float32_products=self._dtype != torch.float64)
         if fitter is None or fitter.n_examples != len(store) or fitter.dims != self.dims:
             return None
-        return fitter.finalize()
+        return fitter
 
-    def _fit_kfac(self, batches: Batches, total: int | None, progress: bool) -> Curvature:
-        fitter = cv.KFACFitter(self.damping)
+    def _fit_kfac(self, batches: Batches, total: int | None, progress: bool,
+                  moments: cv.MomentAccumulator | None) -> cv.KFACFitter:
+        """The K-FAC pass over ``batches`` (this rank's part), summed over ranks; with ``moments``, the per-example
+        features of the same passes go there. fit sets the fitter's damping."""
+        fitter = cv.KFACFitter()
         fitter.float32_products = self._dtype != torch.float64  # also on a rank that gets no batch
-        with self.featurizer.capture(keep_tokens=True) as cap, progress_bar(
-                distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
-            for _, batch in pairs(distributed.rank_batches(batches), "batches"):
-                n = self.featurizer.backward(batch, cap)
-                cap.collect()
-                with stage("fit_update"):
-                    fitter.update(*cap.collect_tokens())
-                bar.update(n)
+        with progress_bar(distributed.share(total), "fit: K-FAC factors", progress and distributed.is_main()) as bar:
+            for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
+                features = checked_rows(self.featurizer.features(batch, fitter), ids)
+                if moments is not None:
+                    moments.update(self.featurizer.split(features))
+                bar.update(len(ids))
         distributed.reduce_fitter(fitter)
-        return fitter.finalize()
+        if moments is not None:
+            distributed.reduce_fitter(moments)
+        return fitter
+
+    def _auto_damping(self, method: str, moments: cv.MomentAccumulator) -> cv.Damping:
+        """The ``"auto"`` rule's per-layer factors of a ``method`` curvature from the moments of the training
+        features (summed over ranks)."""
+        factors, ratios = auto_factors(method, moments.finalize())
+        return cv.Damping(layer_factors=factors, rule="auto", criterion=ratios)
 
     def _fit_features(self, fitter, batches: Batches | None, store: Store | None, total: int | None,
-                      progress: bool) -> Curvature:
-        """Feed per-example features (store shards, else batches; this rank's part) to a fitter; finalize it."""
+                      progress: bool, moments: cv.MomentAccumulator | None = None, method: str | None = None):
+        """Feed per-example features (store shards, else batches; this rank's part) to a fitter and sum it over
+        ranks; with ``moments``, feed them the same features and give the fitter the ``"auto"`` damping of
+        ``method``.
+
+        Returns:
+            ``fitter.finalize()``.
+        """
+        sinks = [fitter] if moments is None else [fitter, moments]
         with progress_bar(distributed.share(total), f"fit: {self.curvature_method}",
                           progress and distributed.is_main()) as bar:
             if store is not None:
                 for chunk in timed_iter(distributed.rank_shards(store).iter_shards(self.device)):
                     with stage("fit_update"):
-                        fitter.update(self.featurizer.split(chunk.features))
+                        for sink in sinks:
+                            sink.update(self.featurizer.split(chunk.features))
                     bar.update(chunk.features.shape[0])
             else:
                 for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
                     features = checked_rows(self.features(batch), ids)
                     with stage("fit_update"):
-                        fitter.update(self.featurizer.split(features))
+                        for sink in sinks:
+                            sink.update(self.featurizer.split(features))
                     bar.update(len(ids))
-        distributed.reduce_fitter(fitter)
+        for sink in sinks:
+            distributed.reduce_fitter(sink)
+        if moments is not None:
+            fitter.damping = self._auto_damping(method, moments)
         return fitter.finalize()
 
     def load_curvature(self, path: str | os.PathLike) -> Curvature:
         """Use the curvature saved by ``fit(..., path)``; its method replaces ``curvature``.
 
         Raises:
-            ValueError: unreadable file, or layers / dims that differ from this Attributor's.
+            ValueError: unreadable file, layers / dims that differ from this Attributor's, or curvature "exact"
+                (its solver needs the training batches: call ``fit``).
         """
+        if self.curvature_method == "exact":
+            raise ValueError("curvature 'exact' is fitted with fit(train_batches, store=...): its solver needs the "
+                             "training batches for its curvature products, not only a saved file")
         curvature = Curvature.load(path)
         if curvature.dims != self.dims:
             raise ValueError(f"{os.fspath(path)}: the curvature covers {curvature.dims}, this Attributor's "
@@ -395,6 +482,9 @@ class Attributor:
         return curvature
 
     def _fitted(self) -> Curvature:
+        if self.curvature_method == "exact" and self.solver is None:
+            raise ValueError("no exact solver yet: call fit(train_batches, store=...) before scoring (the solver "
+                             "needs the training batches for its curvature products)")
         if self.curvature is None:
             if self.curvature_method != "identity":
                 raise ValueError(f"no {self.curvature_method!r} curvature yet: call fit(...) or "
@@ -405,7 +495,10 @@ class Attributor:
     def _precondition(self, features: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """H⁻¹ applied to (rows, width) features, block by block -> (rows, width); see Curvature.precondition."""
         with stage("precondition"):
-            pre = self._fitted().precondition(self.featurizer.split(features), exact=exact)
+            curvature = self._fitted()
+            if self.solver is not None:
+                return self.solver.solve(features).to(accumulation_dtype(features.dtype))
+            pre = curvature.precondition(self.featurizer.split(features), exact=exact)
             return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
 
     def _precondition_rows(self, features: torch.Tensor) -> torch.Tensor:
@@ -494,11 +587,13 @@ class Attributor:
 
         Returns:
             :class:`Scores` with values / indices (q, topk), train ids, query ids,
-            group scores (q, G) when ``groups`` is given, the stage and the recall, on the CPU.
+            group scores (q, G) when ``groups`` is given, the stage and the recall, on the CPU, and for
+            curvature "exact" the convergence of its solves (``solves``).
 
         Raises:
             StoreError: the store belongs to another model (fingerprint) or projection.
             IndexFileError: an index built from another store content, curvature or metric.
+            SolverError: curvature "exact": a solve did not converge (see :mod:`airtrace.ihvp`).
             ValueError: ``full_matrix_path`` under a process group of several ranks; ``groups``
                 or ``full_matrix_path`` with ``index``.
         """
@@ -507,6 +602,7 @@ class Attributor:
             raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
                              "shards); score with one process to write the full matrix")
         store, curvature = self._store_and_curvature(store)
+        solved_before = len(self.solver.reports) if self.solver is not None else 0
         query_ids, Q, raw = self._queries(query_batches)
         n, q = len(store), Q.shape[0]
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
@@ -547,6 +643,22 @@ class Attributor:
                 distributed.all_reduce_sum(sums.values)
         train_ids = store.ids
         ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
+        solves = None if self.solver is None else [r.as_dict() for r in self.solver.reports[solved_before:]]
         return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu(),
-                      stage, measured)
+                      stage=stage, recall=measured, solves=solves)
+
+
+class _DeviceBatches:
+    """The batches of (ids, batch) pairs as a re-iterable of batches on ``device`` (the exact solver's passes)."""
+
+    def __init__(self, batches: Batches, device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __iter__(self):
+        for _, batch in pairs(self.batches, "batches"):
+            yield to_device(batch, self.device)
+
+    def count(self) -> int:
+        """Examples in the batches (their ids)."""
+        return sum(len(ids) for ids, _ in pairs(self.batches, "batches"))
 

@@ -16,7 +16,7 @@ from airtrace.ops.project_sparse import check_sparsity
 from airtrace.util.checks import positive_int
 
 
-CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity")
+CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity", "exact")
 FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 SPARSE = {"type": "sparse", "k": 1024, "s": 2, "seed": 0}
@@ -72,6 +72,13 @@ def projection_config(projection: Mapping | str | None) -> dict:
         except ValueError as exc:
             raise ValueError(f"sparse projection: {exc}") from None
     return config
+
+
+def exact_projection(layers: Sequence[LayerSpec], seed: int = 0) -> dict:
+    """The factored projection that keeps every layer of ``layers`` unprojected: ``exact_small`` with k_in / k_out
+    the widest d_in / d_out (features are the weight and bias gradients themselves)."""
+    return {"type": "factored", "k_in": max(spec.d_in for spec in layers), "k_out": max(spec.d_out for spec in layers),
+            "seed": seed, "exact_small": True}
 
 
 def layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpec]:

@@ -22,13 +22,14 @@ def save_kfac_sums(store: Store, fitter: cv.KFACFitter) -> None:
                     store.path, exc)
 
 
-def load_kfac_sums(store: Store, damping, *, float32_products: bool) -> cv.KFACFitter | None:
-    """The sums of the store's K-FAC sidecar as a fitter (``float32_products``: they were summed from
-    float32 products, i.e. the model is not float64); None when there is none (a bad one is ignored)."""
+def load_kfac_sums(store: Store, *, float32_products: bool) -> cv.KFACFitter | None:
+    """The sums of the store's K-FAC sidecar as a fitter without damping (the caller sets it;
+    ``float32_products``: they were summed from float32 products, i.e. the model is not float64);
+    None when there is none (a bad one is ignored)."""
     path = kfac_sidecar(store)
     if not os.path.exists(path):
         return None
-    fitter = cv.KFACFitter(damping)
+    fitter = cv.KFACFitter()
     fitter.float32_products = float32_products
     try:
         fitter.load_states([cv.KFACFitter.read_state(path)])

@@ -11,9 +11,13 @@ Commands:
   LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
 - ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
-- ``airtrace score --model M STORE [--curvature CURV]``: top-k training examples per query.
+- ``airtrace score --model M STORE [--curvature CURV | --exact SOLVER]``: top-k training examples per query.
 - ``airtrace index build STORE [--curvature CURV] [--type flat|ivfpq|hnsw]``: an ANN index beside the store, for
   ``airtrace score --index TYPE`` (two-stage: candidates, then their exact scores).
+- ``airtrace ensemble STORE... --models M... [--curvatures CURV...] [--weights W...]``: the scores of several
+  independently trained models (one store each), averaged or weighted.
+- ``airtrace calibrate --model M --labels GT --out DIR``: projection size x curvature x damping x metric chosen by
+  cross-validated LDS against retrained-subset labels; featurize / fit / score take ``--calibration DIR/calibration.json``.
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
 - ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
   really retrained models (see :mod:`airtrace.eval.cli`).
@@ -40,7 +44,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airtrace.cli import demo, env, featurize, fit, index, inspect, score, selfcheck
+from airtrace.cli import calibrate, demo, ensemble, env, featurize, fit, index, inspect, score, selfcheck
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
 from airtrace.util.fix import cli_message
@@ -56,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     score.add_parser(sub)
     index.add_parser(sub)
+    ensemble.add_parser(sub)
+    calibrate.add_parser(sub)
 
     from airtrace.eval.cli import add_parser as eval_parser
 

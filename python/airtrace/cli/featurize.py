@@ -9,7 +9,11 @@ from airtrace.cli.args import UsageError, non_negative_int, positive_int
 from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 
-def _projection(args: argparse.Namespace) -> dict:
+def _projection(args: argparse.Namespace) -> dict | str:
+    if args.exact:
+        if args.dense is not None or args.sparse is not None or args.exact_small:
+            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --exact-small")
+        return "exact"
     if args.dense is not None and args.sparse is not None:
         raise UsageError("--dense and --sparse are two projections: give one")
     if args.sparse_s is not None and args.sparse is None:
@@ -32,8 +36,14 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     task = load(args)
     if args.kfac and (args.dense is not None or args.sparse is not None):
         raise UsageError("--kfac needs the factored projection (Kronecker factors per layer), not --dense / --sparse")
-    attributor = Attributor(task.model, args.layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=args.bias,
-                            projection=_projection(args), curvature="kfac" if args.kfac else "identity",
+    layers, bias, projection = args.layers, args.bias, None
+    if args.calibration is not None:
+        from airtrace.attribute.calibration import Calibration
+
+        chosen = Calibration.load(args.calibration).attributor_kwargs()
+        layers, bias, projection = chosen["layers"], chosen["bias"], chosen["projection"]
+    attributor = Attributor(task.model, layers, loss_fn=task.loss_fn, exclude=args.exclude, bias=bias,
+                            projection=projection or _projection(args), curvature="kfac" if args.kfac else "identity",
                             device=args.device, backend=args.backend)
     store = attributor.featurize(task.train, args.store, dtype=args.dtype, rows_per_shard=args.rows_per_shard,
                                  total=train_size(task), overwrite=args.overwrite, progress=not args.quiet)
@@ -59,6 +69,11 @@ def add_parser(sub) -> None:
                    help="sparse Johnson-Lindenstrauss projection to K dims instead (O(p s) per example)")
     p.add_argument("--sparse-s", type=positive_int, metavar="S",
                    help="nonzeros per gradient coordinate of --sparse, 1..4 (default 2)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="the layers, bias and projection chosen by `airtrace calibrate` (replace --layers, --bias "
+                        "and the projection options)")
+    p.add_argument("--exact", action="store_true",
+                   help="no projection at all (every layer's full gradient): the store `score --exact` needs")
     p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),
                    help="dense projection entries (default rademacher)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="projection seed (default 0)")

@@ -54,10 +54,15 @@ def scaled(command):
 
 
 def load(args: argparse.Namespace):
+    return load_named(args.model)
+
+
+def load_named(factory: str):
+    """The task of a ``package.module:function`` factory; a bad name is a usage error."""
     from airtrace.attribute import load_task
 
     try:
-        return load_task(args.model)
+        return load_task(factory)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -1,6 +1,6 @@
 """Curvature in projected-gradient space, per layer: identity, damped Fisher, K-FAC, EK-FAC, low rank; one module per
-method (``methods/``) plus the shared fitting machinery (``fitting``) and the fitted ``Curvature`` (``fitted``),
-re-exported here; they import the kernels layer and ``airtrace.util``.
+method (``methods/``) plus the shared fitting machinery (``fitting``), the damping rules (``damping``, ``moments``) and
+the fitted ``Curvature`` (``fitted``), re-exported here; they import the kernels layer and ``airtrace.util``.
 
 Every method ends in a :class:`Curvature`: one damped inverse per layer, applied
 to per-example projected gradients by :meth:`Curvature.precondition` and saved
@@ -24,10 +24,13 @@ Conventions:
       products in the features' precision (float32 unless float64) before
       adding them to float64 sums. ``precondition`` returns float32 (float64 for
       float64 inputs).
-    * Damping (:class:`Damping`): by default ``λ = 0.1 × mean eigenvalue`` of the
-      layer's spectrum (F for Fisher and low rank; the Kronecker spectrum
-      ``e_G e_Aᵀ`` for K-FAC; Λ for EK-FAC), or an absolute value. The λ used per
-      layer is kept in ``Curvature.damping`` and in the saved metadata.
+    * Damping (:class:`Damping`): ``λ = f × mean eigenvalue`` of the layer's
+      spectrum (F for Fisher and low rank; the Kronecker spectrum ``e_G e_Aᵀ``
+      for K-FAC; Λ for EK-FAC) with the method's fixed factor f
+      (:mod:`airtrace.curvature.damping`) unless given, or per-layer factors
+      (its ``"auto"`` rule, which the Attributor applies by default), or an
+      absolute value. The λ used per layer and the rule are kept in
+      ``Curvature.damping`` / ``damping_rule`` and in the saved metadata.
     * A factor whose lowest eigenvalue is below ``-PSD_TOL × max|eigenvalue|`` is
       rejected (``PSD_TOL_FLOAT32`` for K-FAC factors summed from float32
       products); smaller negative eigenvalues (round-off) are clamped to 0.
@@ -64,6 +67,7 @@ from airtrace.curvature.methods.fisher import CholeskyInverse, FisherFitter, dam
 from airtrace.curvature.methods.identity import IdentityInverse, identity
 from airtrace.curvature.methods.kfac import EigenbasisInverse, KFACFitter, kfac
 from airtrace.curvature.methods.lowrank import LowRankFitter, LowRankInverse, low_rank
+from airtrace.curvature.moments import MomentAccumulator
 
 __all__ = [
     "AccumulatorState",
@@ -84,6 +88,7 @@ __all__ = [
     "LowRankFitter",
     "LowRankInverse",
     "METADATA_KEY",
+    "MomentAccumulator",
     "PSD_TOL",
     "PSD_TOL_FLOAT32",
     "STATE_KEY",

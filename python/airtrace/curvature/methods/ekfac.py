@@ -45,9 +45,9 @@ def ekfac(
         if tuple(Lam.shape) != base.dims:
             raise ValueError(f"layer {name!r}: corrections must be (k_out, k_in) = {base.dims}, got {tuple(Lam.shape)}")
         Lam = checked_spectrum(name, "EK-FAC eigenvalues", Lam.to(F64))
-        lam = damping.resolve(name, float(Lam.mean()))
+        lam = damping.resolve(name, float(Lam.mean()), "ekfac")
         inverses[name] = EigenbasisInverse(base.dims, lam, base.eigvecs_G, base.eigvecs_A, Lam)
-    return Curvature("ekfac", inverses, damping.relative_factor, n_examples)
+    return Curvature("ekfac", inverses, damping.factor_for("ekfac"), n_examples, damping.record("ekfac"))
 
 
 class EKFACFitter(Accumulator):
@@ -55,7 +55,7 @@ class EKFACFitter(Accumulator):
 
     Args:
         eigenbases: the K-FAC from phase 1 (``KFACFitter(...).finalize()`` or ``Curvature.load``).
-        damping: :class:`Damping`, a number (absolute λ) or None (0.1 × mean of Λ).
+        damping: :class:`Damping`, a number (absolute λ) or None (the method's fixed factor × mean of Λ).
     """
 
     def __init__(self, eigenbases: Curvature, damping: Damping | float | None = None) -> None:

@@ -44,7 +44,7 @@ def damped_fisher(
     Args:
         fisher: {layer: (k_out, k_in, k_out, k_in)} F[i, j, k, l] = mean over examples of ĝ[i, j] ĝ[k, l]
             (symmetrised); λ relative to its mean eigenvalue trace(F) / n.
-        damping: :class:`Damping`, a number (absolute λ) or None (0.1 × mean eigenvalue).
+        damping: :class:`Damping`, a number (absolute λ) or None (the method's fixed factor × mean eigenvalue).
         n_examples: recorded in the metadata.
 
     Raises:
@@ -56,7 +56,7 @@ def damped_fisher(
     for name, F in fisher.items():
         M, dims = fisher_matrix(name, F)
         n = M.shape[0]
-        lam = damping.resolve(name, float(M.diagonal().mean()))
+        lam = damping.resolve(name, float(M.diagonal().mean()), "fisher")
         L, info = torch.linalg.cholesky_ex(M + lam * torch.eye(n, dtype=F64, device=M.device))
         if int(info) != 0:
             raise ValueError(
@@ -65,7 +65,7 @@ def damped_fisher(
                 "damping (a larger Damping(factor=...) or Damping(value=...))"
             )
         inverses[name] = CholeskyInverse(dims, lam, L)
-    return Curvature("fisher", inverses, damping.relative_factor, n_examples)
+    return Curvature("fisher", inverses, damping.factor_for("fisher"), n_examples, damping.record("fisher"))
 
 
 class FisherAccumulator(Accumulator):
@@ -85,7 +85,7 @@ class FisherFitter(FisherAccumulator):
     """Streams F; ``finalize()`` returns the damped Fisher inverse (:func:`damped_fisher`).
 
     Args:
-        damping: :class:`Damping`, a number (absolute λ) or None (0.1 × mean eigenvalue of F).
+        damping: :class:`Damping`, a number (absolute λ) or None (the method's fixed factor × mean eigenvalue of F).
     """
 
     def __init__(self, damping: Damping | float | None = None) -> None:

@@ -86,16 +86,16 @@ def kfac(
         e_G, Q_G = eigh(name, "S_G", square(name, "S_G", pair[0]), psd_tol)
         e_A, Q_A = eigh(name, "S_A", square(name, "S_A", pair[1]), psd_tol)
         eigenvalues = torch.outer(e_G, e_A)
-        lam = damping.resolve(name, float(eigenvalues.mean()))
+        lam = damping.resolve(name, float(eigenvalues.mean()), "kfac")
         inverses[name] = EigenbasisInverse((len(e_G), len(e_A)), lam, Q_G, Q_A, eigenvalues)
-    return Curvature("kfac", inverses, damping.relative_factor, n_examples)
+    return Curvature("kfac", inverses, damping.factor_for("kfac"), n_examples, damping.record("kfac"))
 
 
 class KFACFitter(Accumulator):
     """Streams the Kronecker factors S_G, S_A (phase 1 of EK-FAC); ``finalize()`` returns K-FAC.
 
     Args:
-        damping: :class:`Damping`, a number (absolute λ) or None (0.1 × mean of e_G e_Aᵀ).
+        damping: :class:`Damping`, a number (absolute λ) or None (the method's fixed factor × mean of e_G e_Aᵀ).
 
     Attributes:
         float32_products: some of the sums come from float32 products (set by :meth:`update`; set it

@@ -62,10 +62,10 @@ def low_rank(
     for name, F in fisher.items():
         M, dims = fisher_matrix(name, F)
         eigenvalues, eigvecs = eigh(name, "Fisher", M)
-        lam = damping.resolve(name, float(eigenvalues.mean()))
+        lam = damping.resolve(name, float(eigenvalues.mean()), "lowrank")
         r = min(rank, M.shape[0])
         inverses[name] = LowRankInverse(dims, lam, eigvecs[:, -r:].contiguous(), eigenvalues[-r:].contiguous())
-    return Curvature("lowrank", inverses, damping.relative_factor, n_examples)
+    return Curvature("lowrank", inverses, damping.factor_for("lowrank"), n_examples, damping.record("lowrank"))
 
 
 class LowRankFitter(FisherAccumulator):
@@ -73,7 +73,7 @@ class LowRankFitter(FisherAccumulator):
 
     Args:
         rank: eigenpairs kept per layer (at most k_out * k_in).
-        damping: :class:`Damping`, a number (absolute λ) or None (0.1 × mean eigenvalue of F).
+        damping: :class:`Damping`, a number (absolute λ) or None (the method's fixed factor × mean eigenvalue of F).
     """
 
     def __init__(self, rank: int, damping: Damping | float | None = None) -> None:

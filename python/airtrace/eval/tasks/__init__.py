@@ -3,6 +3,8 @@ the other eval modules.
 
 - :mod:`airtrace.eval.tasks.digits`: scikit-learn ``load_digits`` with an MLP or
   an L2-regularised multinomial logistic regression (exact Hessian available).
+- :mod:`airtrace.eval.tasks.tabular`: scikit-learn's ``load_wine`` (an MLP or an L2
+  logistic regression) and ``load_diabetes`` (an MLP under squared error).
 - :mod:`airtrace.eval.tasks.lm`: a small GPT-style causal LM on chatterbot-corpus pairs;
   :mod:`airtrace.eval.tasks.lm_eval` runs LoGra + identity / EK-FAC and the dense
   (TRAK) projection on it against cached retrained subsets (LDS).

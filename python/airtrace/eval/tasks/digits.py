@@ -81,9 +81,7 @@ class DigitsConfig:
             raise ValueError(f"n_train + n_query must be <= 1797 digits, got {self.n_train + self.n_query}")
         if not 0 <= self.flip_fraction < 1:
             raise ValueError(f"flip_fraction must be in [0, 1), got {self.flip_fraction!r}")
-        for name in ("l2", "lr", "tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive(self, ("l2", "lr", "tol"))
 
     def as_dict(self) -> dict:
         """JSON-able config, tagged with the task name (the cache key)."""
@@ -97,26 +95,64 @@ def digits_config(model: str = "mlp", **overrides) -> DigitsConfig:
 
 
 class MLP(nn.Module):
-    """``fc2(tanh(fc1(x)))``: (B, 64) -> (B, 10) logits."""
+    """``fc2(tanh(fc1(x)))``: (B, d) -> (B, c), float64 (digits: d = 64, c = 10)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, d: int, hidden: int, c: int):
         super().__init__()
-        self.fc1 = nn.Linear(N_PIXELS, hidden, dtype=F64)
-        self.fc2 = nn.Linear(hidden, N_CLASSES, dtype=F64)
+        self.fc1 = nn.Linear(d, hidden, dtype=F64)
+        self.fc2 = nn.Linear(hidden, c, dtype=F64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
 class LogReg(nn.Module):
-    """``fc(x)``: (B, 64) -> (B, 10) logits."""
+    """``fc(x)``: (B, d) -> (B, c) logits, float64 (digits: d = 64, c = 10)."""
 
-    def __init__(self):
+    def __init__(self, d: int, c: int):
         super().__init__()
-        self.fc = nn.Linear(N_PIXELS, N_CLASSES, dtype=F64)
+        self.fc = nn.Linear(d, c, dtype=F64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
+
+
+def check_positive(config, names: tuple[str, ...]) -> None:
+    """Every field of ``config`` in ``names`` is > 0, else a ValueError naming it."""
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)!r}")
+
+
+def training_rows(indices, n_train: int) -> torch.Tensor:
+    """``indices`` as (n_j,) int64 unique rows in [0, n_train), else a ValueError."""
+    rows = torch.as_tensor(indices, dtype=torch.long).flatten()
+    if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= n_train \
+            or rows.unique().numel() != rows.numel():
+        raise ValueError(f"indices must be unique rows in [0, {n_train}), got {rows.numel()} entries")
+    return rows
+
+
+def new_model(logreg: bool, seed: int, make) -> nn.Module:
+    """``make()``: a logistic regression started at zero, or an MLP with weights drawn from ``seed``."""
+    if logreg:
+        model = make()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return model
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
+        torch.manual_seed(seed)
+        return make()
+
+
+def adam(model: nn.Module, objective, steps: int, lr: float) -> None:
+    """``steps`` full-batch Adam steps (``lr``) on ``objective() -> scalar`` in place."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        objective().backward()
+        optimizer.step()
 
 
 class DigitsTask:
@@ -165,15 +201,9 @@ class DigitsTask:
 
     def new_model(self, seed: int) -> nn.Module:
         """An untrained model; MLP weights drawn from ``seed``, the logistic regression starts at zero."""
-        if self.config.model == "logreg":
-            model = LogReg()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.zero_()
-            return model
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
-            torch.manual_seed(seed)
-            return MLP(self.config.hidden)
+        logreg = self.config.model == "logreg"
+        return new_model(logreg, seed, (lambda: LogReg(N_PIXELS, N_CLASSES)) if logreg else
+                         (lambda: MLP(N_PIXELS, self.config.hidden, N_CLASSES)))
 
     def objective(self, model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         """``mean CE over train[rows] + (l2 / 2) ||θ||²``, a float64 scalar."""
@@ -195,20 +225,13 @@ class DigitsTask:
         Raises:
             ValueError: indices empty, out of range or repeated.
         """
-        rows = torch.as_tensor(indices, dtype=torch.long).flatten()
-        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.n_train \
-                or rows.unique().numel() != rows.numel():
-            raise ValueError(f"indices must be unique rows in [0, {self.n_train}), got {rows.numel()} entries")
+        rows = training_rows(indices, self.n_train)
         c = self.config
         model = self.new_model(seed if c.init_seed is None else c.init_seed)
         if c.model == "logreg":
             self._newton(model, rows, init)
         else:
-            optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
-            for _ in range(c.steps):
-                optimizer.zero_grad()
-                self.objective(model, rows).backward()
-                optimizer.step()
+            adam(model, lambda: self.objective(model, rows), c.steps, c.lr)
         return model.eval()
 
     @torch.no_grad()

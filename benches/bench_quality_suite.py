@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""airtrace's attribution quality on the development suite: the default, the fixed damping, calibrated, the oracle,
+the exact solver and a 5-model ensemble, against the same retrained ground truth.
+
+Tasks: the tabular tasks of :data:`airtrace.eval.suite.TASKS` (digits and wine logistic regression and MLP,
+diabetes MLP; ``--tasks lm`` adds the small GPT, slow on 2 cores). Ground truth: the suite's 100 retrained
+50% subsets (cached, :func:`airtrace.eval.suite.ground_truth`) and its noise ceiling. The subsets are
+split in two halves: ``calibrate`` chooses on the first (cross-validated inside it,
+:func:`airtrace.eval.calibrate.choose`); every row is measured on the second, the evaluation half:
+
+- ``default``: LoGra 16 x 16, EK-FAC, ``damping="auto"`` (weights and biases; what ``Attributor`` does);
+- ``fixed``: the same with the fixed factor (``damping=None``, 0.1 x mean eigenvalue);
+- ``calibrated``: the setting ``choose`` picked on the first half (sizes 8/16/32 x ekfac/kfac/fisher x
+  factors 1e-3..10 and auto x inner/cosine/relative);
+- ``oracle``: the best of that grid on the evaluation half itself (marked: it sees the evaluation subsets);
+- ``exact``: ``curvature="exact"`` (every layer unprojected, CG on the Gauss-Newton matrix preconditioned by
+  EK-FAC, damping auto), with its iterations and residual;
+- ``ensemble-5`` (MLP tasks): the default setting on 5 models trained from initial weights 0..4, scores averaged.
+
+Peers (kronfluence, dattri, TRAK, LogIX) are run by ``benches/bench_quality.py``, not here.
+
+    .venv/bin/python benches/bench_quality_suite.py --quick   # wine tasks only, writes nothing
+    .venv/bin/python benches/bench_quality_suite.py           # -> benches/results/<device>/bench_quality_suite.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+BENCHES = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHES))
+import _common as C  # noqa: E402
+
+from airtrace.attribute import Attributor, score_ensemble  # noqa: E402
+from airtrace.eval import metrics, suite  # noqa: E402
+from airtrace.eval.calibrate import choose  # noqa: E402
+
+COLUMNS = ("task", "method", "lds", "lds_ci_lo", "lds_ci_hi", "seconds", "ceiling", "detail", "status")
+PROJECTION = dict(k_in=16, k_out=16, seed=0)
+ENSEMBLE = 5
+QUICK_TASKS = ("wine-logreg", "wine-mlp")
+
+
+def _matrix(at: Attributor, task, store, metric: str, tmp: str) -> torch.Tensor:
+    """(q, n) scores with columns in training-row order."""
+    path = os.path.join(tmp, "scores.safetensors")
+    at.score(task.query_batches(256), store, topk=1, metric=metric, full_matrix_path=path, progress=False)
+    return load_file(path)["scores"].double()[:, torch.tensor(store.ids).argsort()]
+
+
+def _attributed(model, task, tmp: str, name: str, metric: str = "inner", **settings) -> tuple[torch.Tensor, object]:
+    """Featurize, fit and score one setting; (scores (q, n), the Attributor)."""
+    train = task.train_batches(256)
+    at = Attributor(model, loss_fn=task.loss_fn, **settings)
+    store = at.featurize(train, os.path.join(tmp, name), dtype="float32", progress=False)
+    at.fit(train, store=store, progress=False)
+    return _matrix(at, task, store, metric, tmp), at
+
+
+def run_task(name: str, subsets: int) -> list[dict]:
+    task = suite.task(name)
+    plan, outputs = suite.ground_truth(task, subsets)
+    half = subsets // 2
+    choice_masks, choice_outputs = plan.masks[:half], outputs[:half]
+    masks, truth = plan.masks[half:], outputs[half:]
+    ceiling = suite.ceiling(task, subsets, (1, 2), subsets=subsets).mean
+    model = suite.full_model(task)
+    print(f"\n# task {name}: n_train {task.n_train}, {outputs.shape[1]} queries, {subsets} subsets "
+          f"({half} to choose, {subsets - half} to evaluate), ceiling {ceiling:.3f}", flush=True)
+    rows = []
+
+    def row(method: str, scores: torch.Tensor | None, seconds: float, detail: str = "", status: str = "ok"):
+        result = metrics.lds(scores, masks, truth) if scores is not None else None
+        rows.append({"task": name, "method": method, "lds": None if result is None else result.mean,
+                     "lds_ci_lo": None if result is None else result.ci[0],
+                     "lds_ci_hi": None if result is None else result.ci[1], "seconds": seconds, "ceiling": ceiling,
+                     "detail": detail, "status": status})
+        shown = "-" if result is None else f"{result.mean:.3f} [{result.ci[0]:.3f}, {result.ci[1]:.3f}]"
+        print(f"  {method:12s} {shown}  {seconds:6.1f} s  {detail}  (load {os.getloadavg()[0]:.1f})", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench_quality_suite-") as tmp:
+        common = dict(bias=True, projection=PROJECTION, curvature="ekfac")
+        start = time.perf_counter()
+        default, _ = _attributed(model, task, tmp, "default", damping="auto", **common)
+        row("default", default, time.perf_counter() - start, "LoGra 16x16 EK-FAC damping auto")
+        start = time.perf_counter()
+        fixed, _ = _attributed(model, task, tmp, "fixed", damping=None, **common)
+        row("fixed", fixed, time.perf_counter() - start, "LoGra 16x16 EK-FAC damping 0.1 x mean eigenvalue")
+
+        start = time.perf_counter()
+        train, queries = task.train_batches(256), task.query_batches(256)
+        cal = choose(model, task.loss_fn, train, queries, choice_outputs, choice_masks, bias=True)
+        s = cal.settings
+        scores, _ = _attributed(model, task, tmp, "calibrated", metric=s["metric"], **cal.attributor_kwargs())
+        row("calibrated", scores, time.perf_counter() - start,
+            f"k {s['projection']['k_in']} {s['curvature']} damping {s['damping']} {s['metric']}; "
+            f"held-out LDS on the choice half {cal.lds['mean']:.3f}")
+        start = time.perf_counter()
+        oracle = choose(model, task.loss_fn, train, queries, truth, masks, bias=True)
+        best = max(oracle.grid, key=lambda c: c["lds"])
+        rows.append({"task": name, "method": "oracle", "lds": best["lds"], "seconds": time.perf_counter() - start,
+                     "ceiling": ceiling, "detail": f"k {best['k']} {best['curvature']} damping {best['damping']} "
+                     f"{best['metric']}", "status": "oracle: best of the grid on the evaluation subsets"})
+        print(f"  {'oracle':12s} {best['lds']:.3f}  ({rows[-1]['detail']})", flush=True)
+
+        start = time.perf_counter()
+        try:
+            scores, at = _attributed(model, task, tmp, "exact", curvature="exact", bias=True)
+            report = at.solver.reports[-1]
+            row("exact", scores, time.perf_counter() - start,
+                f"cg (EK-FAC-preconditioned, GGN, damping auto): {report.iterations} iterations, residual "
+                f"{report.residual:.2g}, p = {at.width}")
+        except ValueError as exc:  # SolverError included: reported, not hidden
+            row("exact", None, time.perf_counter() - start, status=f"failed: {exc}")
+
+        if getattr(task.config, "model", None) == "mlp":
+            start = time.perf_counter()
+            members = []
+            for init in range(ENSEMBLE):
+                member_task = suite.reinitialised(task, init)
+                member_model = suite.full_model(member_task)
+                at = Attributor(member_model, loss_fn=task.loss_fn, damping="auto", **common)
+                store = at.featurize(train, os.path.join(tmp, f"member-{init}"), dtype="float32", progress=False)
+                at.fit(train, store=store, progress=False)
+                members.append((at, store))
+            path = os.path.join(tmp, "ensemble.safetensors")
+            score_ensemble(members, queries, topk=1, full_matrix_path=path, progress=False)
+            scores = load_file(path)["scores"][:, torch.tensor(members[0][1].ids).argsort()]
+            row(f"ensemble-{ENSEMBLE}", scores, time.perf_counter() - start,
+                f"default setting on models from initial weights 0..{ENSEMBLE - 1}, mean of the scores")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_TASKS)}; writes nothing")
+    parser.add_argument("--tasks", default=None, help="comma-separated suite tasks (default: the tabular ones)")
+    parser.add_argument("--subsets", type=int, default=suite.SUBSETS, help="retrained subsets (default 100)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benches/results/<device>)")
+    args = parser.parse_args(argv)
+    names = args.tasks.split(",") if args.tasks else list(QUICK_TASKS if args.quick else
+                                                         [t for t in suite.TASKS if t != "lm"])
+    unknown = [t for t in names if t not in suite.TASKS]
+    if unknown:
+        parser.error(f"--tasks: unknown {unknown}; choose from {', '.join(suite.TASKS)}")
+    torch.set_num_threads(1)
+    head = C.header(gpu=False)
+    C.print_header(head, "airtrace bench_quality_suite" + (" --quick" if args.quick else ""))
+    rows = [r for name in names for r in run_task(name, args.subsets)]
+    C.print_table(rows, COLUMNS, title="LDS on the evaluation half of the subsets")
+    out = C.results_dir(args.out, args.quick, head)
+    if out is not None:
+        print(f"wrote {C.write_csv(out / 'bench_quality_suite.csv', rows, COLUMNS, head)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
