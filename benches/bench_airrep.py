@@ -80,7 +80,8 @@ def gradient_rows(labels, eval_masks, eval_outputs, k: int, progress: bool) -> l
     rows = []
     for curvature in ("identity", "ekfac"):
         attributor = Attributor(model, "*", loss_fn=task.loss_fn, bias=True, curvature=curvature,
-                                projection={"type": "factored", "k_in": k, "k_out": k, "seed": 0})
+                                projection={"type": "factored", "k_in": k, "k_out": k, "seed": 0,
+                                            "exact_small": False})
         with tempfile.TemporaryDirectory(prefix="bench-airrep-") as tmp:
             start = time.perf_counter()
             store = attributor.featurize(train_batches, os.path.join(tmp, "store"), dtype="float32", total=n,

@@ -8,7 +8,7 @@ registers the kernels as ``torch.ops.airtrace.*`` custom ops (each op's module i
 for ``__version__``); the library imports its modules directly.
 """
 
-from airtrace.attribute import Attributor, Task
+from airtrace.attribute import Attributor, Task, as_batches
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
 from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
@@ -39,6 +39,7 @@ __all__ = [
     # attribution: featurize -> fit -> score
     "Attributor",
     "Task",
+    "as_batches",
     "Scores",
     "Curvature",
     "Damping",

@@ -47,6 +47,7 @@ inverted in float64; scores accumulate in float32 (float64 for float64 models).
 """
 
 from airtrace.attribute.attributor import Attributor
+from airtrace.attribute.batches import as_batches
 from airtrace.attribute.config import CURVATURES, DENSE, DENSE_BLOCK, FACTORED, projection_config
 from airtrace.attribute.featurizer import DENSE_MATRIX_MAX_ENTRIES, Featurizer
 from airtrace.attribute.task import Task, load_task
@@ -60,6 +61,7 @@ __all__ = [
     "FACTORED",
     "Featurizer",
     "Task",
+    "as_batches",
     "load_task",
     "projection_config",
 ]

@@ -14,22 +14,27 @@ from torch import nn
 
 from airtrace import curvature as cv
 from airtrace import distributed
-from airtrace.attribute.batches import Batches, checked_rows, pairs, reiterable
-from airtrace.attribute.config import CURVATURES, DENSE, FACTORED, LossFn, essential, layer_specs, projection_config
+from airtrace.attribute.batches import Batches, as_batches, checked_rows, example_count, pairs, reiterable
+from airtrace.attribute.config import CURVATURES, LossFn, essential, layer_specs, projection_config, recorded_projection
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
-from airtrace.capture import LayerSpec
+from airtrace.attribute.tokens import token_scores
+from airtrace.capture import LayerSpec, unwrap
 from airtrace.curvature import Curvature
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
+    FullMatrix,
     FullMatrixWriter,
     GroupScores,
     Scores,
+    ScoreSample,
     SelfInfluence,
     check_metric,
+    check_order,
     self_influence_key,
+    split_signed,
     store_self_influence,
     stream_scores,
 )
@@ -54,13 +59,22 @@ class Attributor:
     """Gradient-based attribution of queries to training examples, end to end.
 
     Args:
-        model: the model; moved to ``device``, put in eval mode during every pass.
+        model: the model; moved to ``device``, put in eval mode during every pass. A
+            ``torch.compile``'d model is the same model (same store, same layer names): the
+            passes run its original module, which ``loss_fn`` receives.
         layers: fnmatch pattern(s) of tracked layers (nn.Linear, Conv1D, nn.Conv2d,
-            nn.Embedding), see :func:`airtrace.capture.select_layers`; or LayerSpecs.
-        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (see the module docstring).
+            nn.Embedding), see :func:`airtrace.capture.select_layers`; ``"lora"`` for a PEFT
+            LoRA adapter's matrices; or LayerSpecs. Frozen layers are skipped, so ``"*"`` on a
+            model with a frozen base and a LoRA adapter tracks the adapter only; tied weights
+            are one layer.
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses of training examples
+            (see the module docstring).
+        query_loss_fn: the same for queries (default ``loss_fn``), e.g. a token mean where
+            training sums, or a measurement of a behaviour.
         exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
-        bias: also attribute through the biases of the tracked layers.
-        projection: see :func:`projection_config`; default factored 16 x 16, seed 0.
+        bias: also attribute through the biases of the tracked layers (default True).
+        projection: see :func:`projection_config`; default factored 16 x 16, seed 0, layer
+            sides no wider than 16 kept exact.
         curvature: "ekfac", "kfac", "fisher", "lowrank" or "identity".
         damping: :class:`airtrace.curvature.Damping`, a number (absolute λ) or None
             (0.1 × the layer's mean eigenvalue).
@@ -82,8 +96,9 @@ class Attributor:
         layers: str | Sequence[str] | Sequence[LayerSpec] = ("*",),
         *,
         loss_fn: LossFn,
+        query_loss_fn: LossFn | None = None,
         exclude: str | Sequence[str] = (),
-        bias: bool = False,
+        bias: bool = True,
         projection: Mapping | str | None = None,
         curvature: str = "ekfac",
         damping: cv.Damping | float | None = None,
@@ -91,8 +106,9 @@ class Attributor:
         device: str | torch.device = "cpu",
         backend: str = "auto",
     ):
-        if not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got {loss_fn!r}")
+        for name, fn in (("loss_fn", loss_fn), ("query_loss_fn", query_loss_fn or loss_fn)):
+            if not callable(fn):
+                raise ValueError(f"{name} must be callable as {name}(model, batch) -> (B,) losses, got {fn!r}")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         self.projection = projection_config(projection)
@@ -101,10 +117,11 @@ class Attributor:
                              "use curvature='identity', 'fisher' or 'lowrank' with a dense projection")
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.loss_fn, self.backend = loss_fn, backend
+        self.module = unwrap(self.model)  # what the passes run (a compiled model's original module)
+        self.loss_fn, self.query_loss_fn, self.backend = loss_fn, query_loss_fn or loss_fn, backend
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
-        self.layers = layer_specs(model, layers, exclude, bias)
-        self.featurizer = Featurizer(self.model, self.layers, loss_fn, self.projection, self.device, backend)
+        self.layers = layer_specs(self.module, layers, exclude, bias)
+        self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend)
         self._dtype = self.featurizer.dtype
         self.curvature: Curvature | None = None
         self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
@@ -128,8 +145,7 @@ class Attributor:
         if not isinstance(record, Mapping) or "layers" not in record or "type" not in record:
             raise StoreError(f"{store.path}: its manifest has no projection record; it was not written by "
                              "Attributor.featurize")
-        defaults = FACTORED if record["type"] == "factored" else DENSE
-        projection = {key: record.get(key, default) for key, default in defaults.items()}
+        projection = recorded_projection(record)
         layers = [LayerSpec(**spec) for spec in record["layers"]]
         return cls(model, layers, loss_fn=loss_fn, projection=projection, **kwargs)
 
@@ -167,12 +183,14 @@ class Attributor:
         (:mod:`airtrace.attribute.ranks`).
 
         Args:
-            batches: iterable of (ids, batch); ids unique across the dataset.
+            batches: (ids, batch) pairs with ids unique across the dataset, a DataLoader or a
+                dataset (ids = dataset index; see :func:`airtrace.as_batches`).
             path: store directory (new, empty, or an incomplete store from the same settings).
             dtype: stored dtype, "float32", "bfloat16" or "float16".
             rows_per_shard: rows per shard file; default 4096, fewer for wide rows so that a shard
                 stays within 128 MiB (:func:`airtrace.store.default_rows_per_shard`).
-            total: number of examples, for the progress bar's ETA.
+            total: number of examples, for the progress bar's ETA (default: the length of a
+                DataLoader's sampler or a dataset, or the ids of a list of pairs).
             overwrite: replace an existing store at ``path``.
             progress: show a progress bar (examples/s, ETA).
 
@@ -187,6 +205,8 @@ class Attributor:
         """
         if rows_per_shard is None:
             rows_per_shard = default_rows_per_shard(self.width, dtype)
+        batches = as_batches(batches)
+        total = example_count(batches) if total is None else total
         try:
             if distributed.active():
                 write = functools.partial(self._write_features, dtype=dtype, rows_per_shard=rows_per_shard)
@@ -223,7 +243,7 @@ class Attributor:
                         rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
-        writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
+        writer = StoreWriter(path, model_fingerprint(self.module), list(self.dims.items()), dtype, rows_per_shard,
                              {"projection": self.featurizer.record(), "curvature": None}, overwrite=overwrite)
         done = set(writer.done_ids)
         kfac = self._kfac_alongside() if not done else None
@@ -235,7 +255,7 @@ class Attributor:
                     kfac = None  # resumed: the factors would miss the rows written before
                 if keep:
                     features = checked_rows(self.featurizer.features(batch, kfac), ids)
-                    with stage("store_write"):
+                    with stage("store_write", rows=len(keep), nbytes=len(keep) * writer.width * writer.dtype.itemsize):
                         writer.append(features[keep], [ids[j] for j in keep])
                     bar.update(len(keep))
         store = Store.open(path)
@@ -271,10 +291,11 @@ class Attributor:
         curvature and rank 0 saves it.
 
         Args:
-            batches: iterable of (ids, batch) training batches (ids are not used).
+            batches: training batches as :meth:`featurize` takes them (ids are not used).
             path: save the factors here (safetensors) when given.
             store: training features written by :meth:`featurize` of this model.
-            total: examples in ``batches``, for the progress bars' ETA (default: the store's rows).
+            total: examples in ``batches``, for the progress bars' ETA (default: the store's rows, else
+                as in :meth:`featurize`).
             progress: show progress bars.
 
         Returns:
@@ -284,7 +305,9 @@ class Attributor:
         if store is not None and len(store) == 0:
             raise StoreError(f"{store.path}: the store holds no rows (was the training set empty?); "
                              "nothing to fit the curvature on")
-        total = len(store) if total is None and store is not None else total
+        batches = None if batches is None else as_batches(batches)
+        if total is None:
+            total = len(store) if store is not None else example_count(batches)
         method = self.curvature_method
         if method == "identity":
             curvature = cv.identity(self.dims)
@@ -327,7 +350,7 @@ class Attributor:
             for _, batch in pairs(distributed.rank_batches(batches), "batches"):
                 n = self.featurizer.backward(batch, cap)
                 cap.collect()
-                with stage("fit_update"):
+                with stage("fit_update", rows=n):
                     fitter.update(*cap.collect_tokens())
                 bar.update(n)
         distributed.reduce_fitter(fitter)
@@ -340,13 +363,13 @@ class Attributor:
                           progress and distributed.is_main()) as bar:
             if store is not None:
                 for chunk in timed_iter(distributed.rank_shards(store).iter_shards(self.device)):
-                    with stage("fit_update"):
+                    with stage("fit_update", rows=chunk.features.shape[0]):
                         fitter.update(self.featurizer.split(chunk.features))
                     bar.update(chunk.features.shape[0])
             else:
                 for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
                     features = checked_rows(self.features(batch), ids)
-                    with stage("fit_update"):
+                    with stage("fit_update", rows=len(ids)):
                         fitter.update(self.featurizer.split(features))
                     bar.update(len(ids))
         distributed.reduce_fitter(fitter)
@@ -375,7 +398,7 @@ class Attributor:
 
     def _precondition(self, features: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """H⁻¹ applied to (rows, width) features, block by block -> (rows, width); see Curvature.precondition."""
-        with stage("precondition"):
+        with stage("precondition", rows=features.shape[0]):
             pre = self._fitted().precondition(self.featurizer.split(features), exact=exact)
             return torch.cat([pre[name].reshape(features.shape[0], -1) for name in self.dims], dim=1)
 
@@ -388,7 +411,7 @@ class Attributor:
     def _checked_store(self, store: Store | str | os.PathLike) -> Store:
         """Open a store and check it holds this model's features with this layout and projection."""
         store = store if isinstance(store, Store) else Store.open(store)
-        store.check_fingerprint(model_fingerprint(self.model))
+        store.check_fingerprint(model_fingerprint(self.module))
         ours, theirs = essential(self.featurizer.record()), essential(store.meta.get("projection") or {})
         if ours != theirs or [(b.name, b.shape) for b in store.layout] != list(self.dims.items()):
             raise StoreError(f"{store.path}: the store was featurized with projection {theirs}, this Attributor "
@@ -403,67 +426,88 @@ class Attributor:
         return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
                                     progress=progress)
 
-    def _queries(self, query_batches: Batches) -> tuple[list, torch.Tensor]:
-        """Query ids and their preconditioned features (q, width)."""
+    def _queries(self, query_batches: Batches, progress: bool = False) -> tuple[list, torch.Tensor]:
+        """Query ids and their preconditioned features (q, width), through ``query_loss_fn``."""
         ids, rows = [], []
-        for qids, batch in pairs(query_batches, "query_batches"):
-            rows.append(self._precondition(checked_rows(self.features(batch), qids)))
-            ids.extend(qids)
+        query_batches = as_batches(query_batches)
+        with progress_bar(example_count(query_batches), "queries", progress) as bar:
+            for qids, batch in pairs(query_batches, "query_batches"):
+                features = self.featurizer.features(batch, loss_fn=self.query_loss_fn)
+                rows.append(self._precondition(checked_rows(features, qids)))
+                ids.extend(qids)
+                bar.update(len(qids))
         if not rows:
             raise ValueError("query_batches yielded no examples")
         return ids, torch.cat(rows)
 
     def score(self, query_batches: Batches, store: Store | str | os.PathLike, *, topk: int = 10,
-              metric: str = "inner", full_matrix_path: str | os.PathLike | None = None,
-              groups: Sequence[Sequence[int]] | None = None, progress: bool = True) -> Scores:
+              metric: str = "inner", order: str = "top", matrix: bool = False,
+              full_matrix_path: str | os.PathLike | None = None, groups: Sequence[Sequence[int]] | None = None,
+              token_batches: Batches | None = None, progress: bool = True) -> Scores:
         """Score queries against every training example of a store, streamed shard by shard.
 
-        Query features go through the same capture and projection as the store,
-        then the fitted curvature: ``q̃ = H⁻¹ ĝ_q``. See :mod:`airtrace.scoring`
-        for the metrics. Memory is bounded by a shard, not by n × q. Under an
+        Query features go through the same capture and projection as the store
+        (with ``query_loss_fn``), then the fitted curvature: ``q̃ = H⁻¹ ĝ_q``. See
+        :mod:`airtrace.scoring` for the metrics; a score > 0 means the training
+        example lowers the query's loss (helps), < 0 that it raises it (harmful).
+        Memory is bounded by a shard, not by n × q (unless ``matrix``). Under an
         initialised process group every rank scores a contiguous block of the
         shards and the per-rank top-k (global indices) and group sums are
         combined on every rank (:mod:`airtrace.distributed`).
 
         Args:
-            query_batches: iterable of (ids, batch) queries.
+            query_batches: queries, as :meth:`featurize` takes batches.
             store: training features of this model (:meth:`featurize`).
-            topk: results per query.
+            topk: results per query (and per order).
             metric: "inner", "cosine" or "relative".
+            order: "top" (most helpful first), "bottom" (most harmful first) or "both".
+            matrix: also return the full (q, n) score matrix in memory (``Scores.matrix``);
+                refused when it would take more than half of the machine's memory.
             full_matrix_path: also write the (q, n) score matrix (tensor "scores",
                 float32 / float64) to this safetensors file (single process only).
             groups: G lists of train row indices; adds (q, G) group sums of the scores.
+            token_batches: the training batches again: the listed rows (top and/or
+                bottom) are recomputed token by token (``Scores.tokens``, see
+                :mod:`airtrace.attribute.tokens`).
             progress: show progress bars.
 
         Returns:
-            :class:`Scores` with values / indices (q, topk), train ids, query ids and
-            group scores (q, G) when ``groups`` is given, on the CPU.
+            :class:`Scores` with values / indices (q, topk) (and bottom_*), train ids,
+            query ids, a sample of each query's scores, group scores (q, G) when
+            ``groups`` is given, the matrix and per-token scores when asked, on the CPU.
 
         Raises:
             StoreError: the store belongs to another model (fingerprint) or projection.
-            ValueError: ``full_matrix_path`` under a process group of several ranks.
+            ValueError: bad topk / metric / order, or ``full_matrix_path`` under a process group of several ranks.
         """
         check_metric(metric)
+        check_order(order)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
         if full_matrix_path is not None and distributed.active():
             raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
                              "shards); score with one process to write the full matrix")
         store = self._checked_store(store)
         curvature = self._fitted()
-        query_ids, Q = self._queries(query_batches)
+        query_ids, Q = self._queries(query_batches, progress and distributed.is_main())
         n, q = len(store), Q.shape[0]
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
+        sample = ScoreSample(n, q, Q.dtype, self.device)
         influence = None
         if metric == "relative":
             influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
+        in_memory = FullMatrix(q, n, accumulation_dtype(Q.dtype)) if matrix else None
         full = None
         if full_matrix_path is not None:
             meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,
                     "query_ids": query_ids, "curvature": curvature.method}
             full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
         try:
-            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric,
-                                            self_influence=influence, groups=sums, full_matrix=full,
-                                            backend=self.backend, progress=progress and distributed.is_main())
+            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric, order=order,
+                                            self_influence=influence, groups=sums,
+                                            full_matrix=[w for w in (in_memory, full) if w is not None],
+                                            sample=sample, backend=self.backend,
+                                            progress=progress and distributed.is_main())
         except BaseException:
             if full is not None:
                 full.abort()
@@ -471,8 +515,25 @@ class Attributor:
         if full is not None:
             full.close()
         values, indices = distributed.merge_topk(values, indices, topk)
-        if sums is not None:
-            distributed.all_reduce_sum(sums.values)
+        for reduced in (sums.values if sums is not None else None, sample.values,
+                        in_memory.matrix if in_memory is not None else None):
+            if reduced is not None:
+                distributed.all_reduce_sum(reduced)
+        top_v, top_i, bottom_v, bottom_i = split_signed(values.cpu(), indices.cpu(), q, order)
         train_ids = store.ids
-        ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
-        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu())
+        names = lambda rows: [[train_ids[i] if i >= 0 else None for i in row] for row in rows.tolist()]  # noqa: E731
+        scores = Scores(top_v, top_i, None if top_i is None else names(top_i), query_ids, metric,
+                        None if sums is None else sums.values.cpu(), bottom_v, bottom_i,
+                        None if bottom_i is None else names(bottom_i),
+                        None if in_memory is None else in_memory.matrix, sample.values.cpu(), sample.rows)
+        if token_batches is not None:
+            wanted: dict = {}
+            for _, _, rows, ids in scores.rankings():
+                for qi, (row_indices, row_ids) in enumerate(zip(rows.tolist(), ids)):
+                    for index, train_id in zip(row_indices, row_ids):
+                        if index >= 0:
+                            wanted.setdefault(train_id, []).append((qi, index))
+            scores.tokens = token_scores(self.featurizer, Q, wanted, as_batches(token_batches), metric=metric,
+                                         precondition=self._precondition_rows,
+                                         progress=progress and distributed.is_main())
+        return scores

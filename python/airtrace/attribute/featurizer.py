@@ -93,27 +93,28 @@ class Featurizer:
         finally:
             self.model.train(was_training)
 
-    def backward(self, batch: Any, cap: GradientCapture) -> int:
-        """One forward/backward of a batch under the capture; returns B."""
+    def backward(self, batch: Any, cap: GradientCapture, loss_fn: LossFn | None = None) -> int:
+        """One forward/backward of a batch under the capture (``loss_fn`` default: the training loss); returns B."""
         batch = to_device(batch, self.device)
         cap.set_mask(attention_mask(batch))
-        with stage("capture"):
-            losses = self.loss_fn(self.model, batch)
+        with stage("capture") as timed:
+            losses = (loss_fn or self.loss_fn)(self.model, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
             outputs = cap.take_outputs()
             if outputs:  # none: collect() names the layers that were never called
                 torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            timed.add(losses.shape[0])
         return losses.shape[0]
 
-    def _assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    def assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Captured per-layer blocks -> (B, width) features."""
         if self.projections is not None:
             return torch.cat(list(blocks.values()), dim=1)
         p = self.projection
         flat = list(blocks.values())
-        with stage("project"):
+        with stage("project", rows=flat[0].shape[0]):
             matrix = self._dense_matrix(sum(block.shape[1] for block in flat), flat[0])
             if matrix is not None:
                 return torch.cat(flat, dim=1).to(matrix.dtype) @ matrix
@@ -133,17 +134,22 @@ class Featurizer:
             self._dense_r = cached = entries.to(like.device, dtype)
         return cached
 
-    def features(self, batch: Any, kfac: KFACFitter | None = None) -> torch.Tensor:
+    def features(self, batch: Any, kfac: KFACFitter | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned; also adds the batch's projected
         tokens to ``kfac`` when given (the same pass).
+
+        Args:
+            batch: one batch, as ``loss_fn`` takes it.
+            kfac: a K-FAC fitter to update from the same pass.
+            loss_fn: per-example losses to differentiate (default: the training loss).
 
         Returns:
             (B, width) float32 (float64 for float64 models) on ``device``, layout order.
         """
         with self.capture(keep_tokens=kfac is not None) as cap:
-            self.backward(batch, cap)
-            features = self._assemble(cap.collect())
+            n = self.backward(batch, cap, loss_fn)
+            features = self.assemble(cap.collect())
             if kfac is not None:
-                with stage("fit_update"):
+                with stage("fit_update", rows=n):
                     kfac.update(*cap.collect_tokens())
             return features

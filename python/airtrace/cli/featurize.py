@@ -11,11 +11,11 @@ from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 def _projection(args: argparse.Namespace) -> dict:
     if args.dense is not None:
-        if args.exact_small:
+        if args.exact_small is not None:
             raise UsageError("--exact-small applies to the factored projection, not to --dense")
         return {"type": "dense", "k": args.dense, "seed": args.seed, "kind": args.kind}
     return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed,
-            "exact_small": args.exact_small}
+            "exact_small": args.exact_small is not False}
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
@@ -29,7 +29,8 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
                             device=args.device, backend=args.backend)
     store = attributor.featurize(task.train, args.store, dtype=args.dtype, rows_per_shard=args.rows_per_shard,
                                  total=train_size(task), overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {store!r}")
+    if not args.quiet:
+        print(f"wrote {store!r}")
     return 0
 
 
@@ -39,13 +40,16 @@ def add_parser(sub) -> None:
     p.add_argument("store", metavar="STORE", help="store directory (resumed when incomplete)")
     add_model_options(p)
     p.add_argument("--layers", nargs="+", default=["*"], metavar="PATTERN",
-                   help="fnmatch patterns of tracked layer names (default: all supported layers)")
+                   help="fnmatch patterns of tracked layer names (default: all trainable supported layers; "
+                        "'lora' for a LoRA adapter's matrices)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="layer name patterns to drop")
-    p.add_argument("--bias", action="store_true", help="attribute through biases too")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="attribute through the biases too (default: yes)")
     p.add_argument("--k-in", type=positive_int, default=16, help="factored projection input dim (default 16)")
     p.add_argument("--k-out", type=positive_int, default=16, help="factored projection output dim (default 16)")
-    p.add_argument("--exact-small", action="store_true",
-                   help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
+    p.add_argument("--exact-small", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep layer sides no wider than --k-in / --k-out unprojected, their exact gradient "
+                        "(default: yes, factored projection)")
     p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
     p.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian"),
                    help="dense projection entries (default rademacher)")

@@ -16,7 +16,8 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) ->
 
     sha256 over every parameter's name, shape, dtype and ``samples_per_tensor``
     values taken at an even stride through the flattened tensor (bytes as
-    stored). Same weights on any device give the same fingerprint; it changes
+    stored). Same weights on any device give the same fingerprint, also through
+    ``torch.compile`` (its ``_orig_mod.`` name prefix is ignored); it changes
     with a different architecture, dtype or (almost surely) any training step.
 
     Args:
@@ -31,6 +32,6 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) ->
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::step][:samples_per_tensor].to("cpu").contiguous()
-        digest.update(json.dumps([name, list(p.shape), str(p.dtype)]).encode())
+        digest.update(json.dumps([name.replace("_orig_mod.", ""), list(p.shape), str(p.dtype)]).encode())
         digest.update(tensor_bytes(sample).tobytes())
     return "sha256:" + digest.hexdigest()
