@@ -305,13 +305,13 @@ def test_hf_dataset_with_ragged_tokens_and_an_id_column(tmp_path):
     torch.testing.assert_close(named.read_rows(list(range(5)))[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_ambiguous_pairs_are_refused_with_the_fix():
+def test_ambiguous_pairs_are_refused_with_the_fix(tmp_path):
     at = Attributor(nn.Linear(3, 2), loss_fn=lambda m, b: per_example_loss(m(b), torch.zeros(len(b), dtype=int)))
     pairs_of_tensors = [(torch.randint(0, 5, (4,)), torch.randint(0, 2, (4,)))]
     with pytest.raises(ValueError, match=r"first element is a Tensor of shape \(4,\).*pass the DataLoader"):
-        at.featurize(pairs_of_tensors, "unused", progress=False)
+        at.featurize(pairs_of_tensors, tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="got a dict.*as_batches"):
-        at.featurize(iter([{"x": torch.zeros(2, 3)}]), "unused", progress=False)
+        at.featurize(iter([{"x": torch.zeros(2, 3)}]), tmp_path / "b", progress=False)
 
 
 def test_progress_knows_the_total_of_a_dataloader(tmp_path, monkeypatch):

@@ -1,10 +1,11 @@
-"""Argument types and the usage error shared by every command (``airtrace`` and its ``eval`` / ``airrep`` commands);
-imports nothing from airtrace."""
+"""Argument types, output-file checks and the usage error shared by every command (``airtrace`` and its ``eval`` /
+``airrep`` commands); imports nothing from airtrace."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 class UsageError(Exception):
@@ -41,3 +42,32 @@ def read_groups(path: str | None) -> list | None:
     if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
         raise ValueError(f"{path}: --groups must be a JSON list of lists of train row indices")
     return groups
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """An argparse type for ``KEY=VALUE``: the value parsed as JSON when it is JSON (numbers, true, lists), else
+    kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def check_output(path: str | None, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be written: its folder is missing or read-only, or it is a folder.
+
+    Raises:
+        UsageError: naming ``flag`` and the fix.
+    """
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; name a file in it")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")

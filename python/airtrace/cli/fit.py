@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from airtrace.cli.args import positive_float, positive_int
+from airtrace.cli.args import check_output, positive_float, positive_int
 from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 
@@ -20,15 +20,17 @@ def _damping(args: argparse.Namespace):
 def _cmd_fit(args: argparse.Namespace) -> int:
     from airtrace.attribute import Attributor
 
+    check_output(args.out, "--out")
     task = load(args)
     attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn, curvature=args.method,
                                        damping=_damping(args), rank=args.rank, device=args.device,
                                        backend=args.backend)
     curvature = attributor.fit(task.train, args.out, store=args.store, total=train_size(task),
                                progress=not args.quiet)
-    print(f"fitted {curvature.method} on {curvature.n_examples} examples -> {args.out}")
-    for layer, lam in curvature.damping.items():
-        print(f"  {layer}: damping {lam:.4g}")
+    if not args.quiet:
+        print(f"fitted {curvature.method} on {curvature.n_examples} examples -> {args.out}")
+        for layer, lam in curvature.damping.items():
+            print(f"  {layer}: damping {lam:.4g}")
     return 0
 
 
