@@ -61,7 +61,7 @@ def _settings(args: argparse.Namespace, attributor, store) -> dict:
     projection = attributor.projection
     shape = (f"factored {projection['k_out']} x {projection['k_in']} per layer" if projection["type"] == "factored"
              else f"dense k = {projection['k']}")
-    damping = sorted(attributor.curvature.damping.values()) if attributor.curvature.damping else []
+    damping = sorted(attributor.curvature.damping.values()) if attributor.curvature.method != "identity" else []
     return {
         "model": args.model + "".join(f" {k}={v}" for k, v in args.model_arg),
         "store": f"{os.path.abspath(args.store)} ({len(store)} training examples)",
