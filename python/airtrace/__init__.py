@@ -8,7 +8,14 @@ registers the kernels as ``torch.ops.airtrace.*`` custom ops (each op's module i
 for ``__version__``); the library imports its modules directly.
 """
 
-from airtrace.attribute import Attributor, Task, as_batches
+from airtrace.attribute import (
+    Attributor,
+    CheckpointCapture,
+    Task,
+    as_batches,
+    score_checkpoints,
+    trainer_callback,
+)
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
 from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
@@ -40,6 +47,9 @@ __all__ = [
     "Attributor",
     "Task",
     "as_batches",
+    "CheckpointCapture",
+    "trainer_callback",
+    "score_checkpoints",
     "Scores",
     "Curvature",
     "Damping",

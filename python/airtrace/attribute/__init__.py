@@ -51,9 +51,11 @@ from airtrace.attribute.batches import as_batches
 from airtrace.attribute.config import CURVATURES, DENSE, DENSE_BLOCK, FACTORED, projection_config
 from airtrace.attribute.featurizer import DENSE_MATRIX_MAX_ENTRIES, Featurizer
 from airtrace.attribute.task import Task, load_task
+from airtrace.attribute.training import CheckpointCapture, checkpoints, score_checkpoints, trainer_callback
 
 __all__ = [
     "Attributor",
+    "CheckpointCapture",
     "CURVATURES",
     "DENSE",
     "DENSE_BLOCK",
@@ -62,6 +64,9 @@ __all__ = [
     "Featurizer",
     "Task",
     "as_batches",
+    "checkpoints",
     "load_task",
     "projection_config",
+    "score_checkpoints",
+    "trainer_callback",
 ]
