@@ -171,7 +171,8 @@ def score_checkpoints(attributor: Attributor, query_batches: Batches, out: str |
         progress: show progress bars.
 
     Returns:
-        :class:`Scores` of ``Σ_c η_c S_c``, with the (q, n) matrix; train ids of the first checkpoint's store.
+        :class:`Scores` of ``Σ_c η_c S_c``, with the (q, n) matrix, columns in the row order of the first
+        checkpoint's store (a shuffled loader writes each checkpoint in another order: rows are matched by id).
 
     Raises:
         ValueError: no checkpoints, or checkpoints whose stores hold other examples.
@@ -191,14 +192,15 @@ def score_checkpoints(attributor: Attributor, query_batches: Batches, out: str |
             _load(model, weights)
             store = Store.open(Path(out) / checkpoint.store)
             if train_ids is None:
-                train_ids = store.ids
-            elif store.ids != train_ids:
+                train_ids, column = store.ids, {i: c for c, i in enumerate(store.ids)}
+            elif sorted(map(str, store.ids)) != sorted(map(str, train_ids)):
                 raise ValueError(f"{out}/{checkpoint.store}: holds other training examples than the first checkpoint")
             attributor.curvature = None
             if attributor.curvature_method != "identity":
                 attributor.fit(store=store, progress=progress)
             scores = attributor.score(query_batches, store, topk=1, metric=metric, matrix=True, progress=progress)
-            weighted = checkpoint.learning_rate * scores.matrix.to(torch.float64)
+            weighted = torch.zeros_like(scores.matrix, dtype=torch.float64)
+            weighted[:, [column[i] for i in store.ids]] = checkpoint.learning_rate * scores.matrix.double()
             total = weighted if total is None else total + weighted
             query_ids = scores.query_ids
     finally:
