@@ -116,7 +116,6 @@ def inference_cost_rows(pairs, base: Encoder, k: int, progress: bool, repeats: i
     model, tokenizer = load_smollm2(log=lambda line: print(f"# {line}"))
     projection = {**demo.PROJECTION, "k_in": k, "k_out": k}
     attributor = Attributor(model, demo.LAYERS, loss_fn=demo.loss_fn, projection=projection)
-    demo._freeze_except(model, [spec.name for spec in attributor.layers])
 
     def batches(chunk):
         return data.batches(chunk, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],

@@ -14,7 +14,7 @@ from torch import nn
 
 from airtrace.attribute.batches import attention_mask, to_device
 from airtrace.attribute.config import DENSE_BLOCK, LossFn
-from airtrace.capture import GradientCapture, LayerSpec, make_projections
+from airtrace.capture import GradientCapture, LayerSpec, make_projections, tracked_parameters
 from airtrace.curvature import KFACFitter
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.ops.hash import dense_entries
@@ -47,6 +47,7 @@ class Featurizer:
         self.projection, self.device, self.backend = projection, device, backend
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.projections = self._make_projections()
+        self._tracked = tracked_parameters(model, layers)
         self._dense_r: torch.Tensor | None = None  # kept dense projection matrix (small models)
 
     @property
@@ -83,14 +84,21 @@ class Featurizer:
 
     @contextlib.contextmanager
     def capture(self, keep_tokens: bool = False) -> Iterator[GradientCapture]:
-        """The gradient hooks on the tracked layers, with the model in eval mode, for the block."""
+        """The gradient hooks on the tracked layers for the block, with the model in eval mode and only the
+        tracked parameters requiring grad (both restored after): the forward records no graph below the first
+        tracked layer and the backward stops there (the model's own ``.grad`` fields are never touched)."""
         was_training = self.model.training
+        untracked = [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._tracked]
         self.model.eval()
+        for p in untracked:
+            p.requires_grad_(False)
         try:
             with GradientCapture(self.model, self.layers, self.projections, backend=self.backend,
                                  keep_tokens=keep_tokens) as cap:
                 yield cap
         finally:
+            for p in untracked:
+                p.requires_grad_(True)
             self.model.train(was_training)
 
     def backward(self, batch: Any, cap: GradientCapture, loss_fn: LossFn | None = None) -> int:

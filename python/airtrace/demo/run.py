@@ -104,14 +104,6 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _freeze_except(model: torch.nn.Module, names: list[str]) -> None:
-    """Only the tracked layers' weights require grad: backward stops at the first of them."""
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].weight.requires_grad_(True)
-
-
 def _recorded(out: Path, settings: dict) -> bool:
     """Whether ``out`` holds results of these settings; else records them (old results are replaced)."""
     path = out / SETTINGS_FILE
@@ -207,7 +199,6 @@ def run(
 
     train_batches, query_batches = encode(train), encode(queries)
     attributor = Attributor(model, LAYERS, loss_fn=loss_fn, projection=PROJECTION, curvature=CURVATURE)
-    _freeze_except(model, [spec.name for spec in attributor.layers])
     ids = [i for batch_ids, _ in train_batches for i in batch_ids]
     reuse = _recorded(out, {
         "model": model_fingerprint(model), "layers": [spec.name for spec in attributor.layers],
