@@ -205,11 +205,17 @@ def _tie(chosen: list[tuple[str, nn.Module, str]], bias: bool) -> list[LayerSpec
 
 
 def tracked_parameters(model: nn.Module, specs: Sequence[LayerSpec]) -> set[int]:
-    """ids of the parameters whose gradients the features of ``specs`` hold."""
+    """ids of the parameters whose gradients the features of ``specs`` hold.
+
+    Raises:
+        ValueError: a layer of ``specs`` is not a module of the model.
+    """
     modules = dict(named_modules(model))
     ids = set()
     for spec in specs:
         for name in [spec.name, *(n for n, _ in spec.tied)]:
+            if name not in modules:
+                raise ValueError(f"layer {name!r} is not a module of the model")
             ids.add(id(modules[name].weight))
         if spec.bias:
             ids.add(id(modules[spec.name].bias))

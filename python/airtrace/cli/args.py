@@ -71,3 +71,9 @@ def check_output(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def world_readable(path: str | None) -> None:
+    """Mode 0644 for a file a command wrote (whatever the umask), so others can read its results."""
+    if path is not None and os.path.isfile(path):
+        os.chmod(path, 0o644)

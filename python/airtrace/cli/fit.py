@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from airtrace.cli.args import check_output, positive_float, positive_int
+from airtrace.cli.args import check_output, positive_float, positive_int, world_readable
 from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 
@@ -27,6 +27,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                                        backend=args.backend)
     curvature = attributor.fit(task.train, args.out, store=args.store, total=train_size(task),
                                progress=not args.quiet)
+    world_readable(args.out)
     if not args.quiet:
         print(f"fitted {curvature.method} on {curvature.n_examples} examples -> {args.out}")
         for layer, lam in curvature.damping.items():

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from airtrace.cli.args import UsageError, check_output, positive_int, read_groups
+from airtrace.cli.args import UsageError, check_output, positive_int, read_groups, world_readable
 from airtrace.cli.task import add_model_options, load, scaled
 from airtrace.scoring import METRIC_DEFINITIONS, METRICS, ORDERS, SIGN_CONVENTION
 
@@ -64,7 +64,7 @@ def _settings(args: argparse.Namespace, attributor, store) -> dict:
     damping = sorted(attributor.curvature.damping.values()) if attributor.curvature.method != "identity" else []
     return {
         "model": args.model + "".join(f" {k}={v}" for k, v in args.model_arg),
-        "store": f"{os.path.abspath(args.store)} ({len(store)} training examples)",
+        "store": f"{args.store} ({len(store)} training examples)",
         "layers": f"{len(attributor.layers)} tracked layers, {attributor.width} features per example ({shape})",
         "curvature": attributor.curvature.method + (f", damping {damping[0]:.3g} .. {damping[-1]:.3g}"
                                                     if damping else ""),
@@ -100,6 +100,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scores = attributor.score(queries, args.store, topk=args.topk, metric=args.metric, order=args.order,
                               full_matrix_path=args.full_matrix, groups=groups,
                               token_batches=task.train if args.tokens else None, progress=not args.quiet)
+    world_readable(args.full_matrix)
     if not args.quiet:
         print("query_id\torder\trank\ttrain_id\tscore")
         for row in scores.to_rows():
@@ -111,7 +112,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         document["curvature"] = attributor.curvature.method
         path = os.path.abspath(args.output)
         atomic_write(path, [encode(document, fmt)])  # all or nothing
-        os.chmod(path, 0o644)
+        world_readable(path)
         if not args.quiet:
             print(f"wrote {args.output}")
     return 0
