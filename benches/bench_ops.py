@@ -85,6 +85,34 @@ def randn(*shape, dtype=torch.float32, device="cpu", seed=SEED) -> torch.Tensor:
     return torch.randn(*shape, dtype=dtype, device=device, generator=gen)
 
 
+def use_backend(label: str, select: bool = True) -> str:
+    """The backend of a row label: "cpu-avx2" -> "cpu" (and, with ``select``, switch the CPU kernels
+    to that instruction-set variant); other labels are backends themselves."""
+    if not label.startswith("cpu-"):
+        return label
+    if select:
+        from airtrace import _C
+
+        _C.set_isa(label.removeprefix("cpu-"))
+    return "cpu"
+
+
+def cpu_variants() -> tuple[list[str], list[str]]:
+    """Row labels of the cpu backend, one per variant this CPU runs ("cpu-generic", "cpu-avx2", ...),
+    and a '# skipped' line for each built variant it cannot run."""
+    from airtrace import _C
+
+    labels, skipped = [], []
+    for isa in _C.isas_built:
+        try:
+            _C.set_isa(isa)
+            labels.append(f"cpu-{isa}")
+        except ValueError as exc:
+            skipped.append(f"# skipped backend 'cpu-{isa}': {exc}")
+    _C.set_isa("auto")
+    return labels, skipped
+
+
 class Bench:
     """Times calls on one tensor device and collects result rows."""
 
@@ -141,7 +169,8 @@ class Bench:
                 if self.device == "cuda":  # (B*T, d) @ (d, k_in + k_out + k_in*k_out/d): the op's FLOPs
                     t_gemm = self.gemm("project_factored", shape, dname, B * T, 2 * k + round(k * k / d), d, dtype)
                 for be in self.backends:
-                    t, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend=be))
+                    name = use_backend(be)
+                    t, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend=name))
                     self.add("project_factored", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
                              x_gemm=t / t_gemm if t_gemm else None)
                 del A, G
@@ -177,7 +206,8 @@ class Bench:
                      ratio_vs_ref=t_ref / t_mat, ratio_vs_materialised=1.0, note=f"torch.randn({chunk}, {k}) chunks")
             t_gemm = self.gemm("project_dense", shape, "fp32", B, k, p, torch.float32) if self.device == "cuda" else None
             for be in self.backends:
-                t, reps = self.time(lambda: airtrace.project_dense(X, k, SEED, kind, backend=be))
+                name = use_backend(be)
+                t, reps = self.time(lambda: airtrace.project_dense(X, k, SEED, kind, backend=name))
                 self.add("project_dense", shape, "fp32", be, t, reps, ratio_vs_ref=t_ref / t,
                          ratio_vs_materialised=t_mat / t, x_gemm=t / t_gemm if t_gemm else None)
             del X
@@ -193,7 +223,8 @@ class Bench:
                 self.add("score_topk", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
                 t_gemm = self.gemm("score_topk", shape, dname, q, n, k, dtype) if self.device == "cuda" else None
                 for be in self.backends:
-                    t, reps = self.time(lambda: airtrace.score_topk(Q, X, TOPK, backend=be))
+                    name = use_backend(be)
+                    t, reps = self.time(lambda: airtrace.score_topk(Q, X, TOPK, backend=name))
                     self.add("score_topk", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
                              x_gemm=t / t_gemm if t_gemm else None)
                 del X, Q
@@ -213,7 +244,8 @@ class Bench:
                 # the member dot products as one dense matmul: (q, d) @ (d, G * size)
                 t_gemm = self.gemm("group_pool_scores", shape, dname, q, G * size, d, dtype) if self.device == "cuda" else None
                 for be in self.backends:
-                    t, reps = self.time(lambda: airtrace.group_pool_scores(Q, X, offsets, members, backend=be))
+                    name = use_backend(be)
+                    t, reps = self.time(lambda: airtrace.group_pool_scores(Q, X, offsets, members, backend=name))
                     self.add("group_pool_scores", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
                              x_gemm=t / t_gemm if t_gemm else None)
                 del X, Q, members
@@ -222,7 +254,7 @@ class Bench:
     def memory(self):
         q, k = self.plan.memory_qk
         for n in self.plan.memory_n:
-            for method in [*self.backends, "naive"]:
+            for method in [*dict.fromkeys(use_backend(be, select=False) for be in self.backends), "naive"]:
                 args = {"method": method, "n": n, "q": q, "k": k, "device": self.device}
                 note = f"q*n*4 = {q * n * 4 / C.MIB:.1f} MiB" if method == "naive" else ""
                 if self.device == "cuda":
@@ -291,6 +323,18 @@ def _memory_check(rows, device) -> list[str]:
     return lines or ["n/a   score_topk peak memory: not measured"]
 
 
+def variant_summary(rows: list[dict]) -> list[str]:
+    """Per op and CPU variant: t_torch / t_variant over the op's cases (median, min, max)."""
+    lines = []
+    for op in ("project_factored", "project_dense", "score_topk", "group_pool_scores"):
+        labels = dict.fromkeys(r["backend"] for r in rows if r["op"] == op and r["backend"].startswith("cpu-"))
+        for label in labels:
+            ratios = [r["ratio_vs_ref"] for r in rows if r["op"] == op and r["backend"] == label]
+            lines.append(f"{op:17s} {label:11s} t_torch/t_variant median {statistics.median(ratios):6.2f}x "
+                         f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x) over {len(ratios)} cases")
+    return lines
+
+
 def targets(rows: list[dict], quick: bool) -> list[str]:
     def items(op, backend, key, device):
         return [(r[key], f"{r['shape']} {r['dtype']}") for r in rows
@@ -298,12 +342,15 @@ def targets(rows: list[dict], quick: bool) -> list[str]:
 
     lines = []
     if any(r["tensor_device"] == "cpu" for r in rows):
+        from airtrace import _C
+
+        cpu = f"cpu-{_C.isas_available[-1]}"  # the variant that backend "cpu" runs here by default
         lines += [
-            _check("cpu project_factored  t_torch/t_cpu", items("project_factored", "cpu", "ratio_vs_ref", "cpu"), 1.5),
-            _check("cpu score_topk        t_torch/t_cpu", items("score_topk", "cpu", "ratio_vs_ref", "cpu"), 1.5),
-            _check("cpu group_pool_scores t_torch/t_cpu", items("group_pool_scores", "cpu", "ratio_vs_ref", "cpu"), 2.0),
-            _check("cpu project_dense     t_materialised/t_cpu",
-                   items("project_dense", "cpu", "ratio_vs_materialised", "cpu"), 3.0),
+            _check(f"{cpu} project_factored  t_torch/t_cpu", items("project_factored", cpu, "ratio_vs_ref", "cpu"), 1.5),
+            _check(f"{cpu} score_topk        t_torch/t_cpu", items("score_topk", cpu, "ratio_vs_ref", "cpu"), 1.5),
+            _check(f"{cpu} group_pool_scores t_torch/t_cpu", items("group_pool_scores", cpu, "ratio_vs_ref", "cpu"), 2.0),
+            _check(f"{cpu} project_dense     t_materialised/t_cpu",
+                   items("project_dense", cpu, "ratio_vs_materialised", "cpu"), 3.0),
             *_memory_check(rows, "cpu"),
         ]
     if any(r["tensor_device"] == "cuda" for r in rows):
@@ -356,6 +403,10 @@ def backend_groups(device_arg: str) -> tuple[dict[str, list[str]], list[str]]:
             reason = f"--device {device_arg}"
         if reason:
             skipped.append(f"# skipped backend {be!r}: {reason}")
+        elif be == "cpu":
+            labels, not_run = cpu_variants()
+            groups[dev] += labels
+            skipped += not_run
         else:
             groups[dev].append(be)
     return groups, skipped
@@ -380,6 +431,10 @@ def main(argv=None) -> int:
         sel = [r for r in rows if r["op"] == op]
         if sel:
             C.print_table(sel, COLUMNS, title=op)
+    if any(r["backend"].startswith("cpu-") for r in rows):
+        print("\n## CPU variants vs the torch reference")
+        for line in variant_summary(rows):
+            print(line)
     print("\n## targets")
     for line in targets(rows, args.quick):
         print(line)

@@ -1,4 +1,7 @@
-// pybind11 module airtrace._C: the CPU (C++/OpenMP) kernels.
+// pybind11 module airtrace._C: the CPU (C++/OpenMP) kernels and the choice of their instruction-set variant.
+#include <pybind11/stl.h>
+
+#include "airtrace/cpu_isa.h"
 #include "bind_ops.h"
 
 #ifdef AIRTRACE_OPENMP
@@ -19,6 +22,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_threads", []() { return 1; });
   m.def("set_num_threads", [](int) {});
 #endif
+  cpu_isa::select_from_env();
+  m.attr("isas_built") = py::tuple(py::cast(cpu_isa::built()));
+  m.attr("isas_available") = py::tuple(py::cast(cpu_isa::runnable()));
+  m.attr("cpu_features") = py::tuple(py::cast(cpu_isa::cpu_features()));
+  m.def("isa", &cpu_isa::current,
+        "The instruction-set variant the CPU kernels run; ValueError if AIRTRACE_CPU_ISA asked for one that cannot run");
+  m.def("set_isa", &cpu_isa::select, py::arg("name"),
+        "Run the CPU kernels of variant `name` (one of isas_available, or 'auto' for the best); ValueError otherwise");
   bind::define_ops(
       m,
       [](const void* A, const void* G, DType dtype, const float* mask, const float* P_in, const float* P_out,

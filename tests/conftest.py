@@ -4,6 +4,7 @@ Triton runs on the CPU through its interpreter, which must be switched on
 before triton is first imported.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -25,12 +26,54 @@ def backend_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    reason = unavailable_reason(request.param)
+def cpu_isas() -> tuple[str, ...]:
+    """The instruction-set variants compiled into airtrace._C (none when it is not built)."""
+    try:
+        from airtrace import _C
+    except ImportError:
+        return ()
+    return tuple(_C.isas_built)
+
+
+@contextlib.contextmanager
+def cpu_isa(isa: str):
+    """Run the CPU kernels of variant ``isa`` inside the block; skip the test when this CPU cannot."""
+    from airtrace import _C
+
+    try:
+        previous = _C.isa()
+    except ValueError:  # AIRTRACE_CPU_ISA asked for a variant that cannot run here
+        previous = "auto"
+    try:
+        _C.set_isa(isa)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    assert isa == "auto" or _C.isa() == isa
+    try:
+        yield
+    finally:
+        _C.set_isa(previous)
+
+
+def backend_params() -> list[str]:
+    """Every backend as a test parameter, the cpu backend once per CPU variant ("cpu-avx2")."""
+    params = []
+    for name in BACKENDS:
+        params += [f"{name}-{isa}" for isa in (cpu_isas() if name == "cpu" else ())] or [name]
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    name, _, isa = request.param.partition("-")
+    reason = unavailable_reason(name)
     if reason is not None:
-        pytest.skip(f"backend {request.param!r}: {reason}")
-    return request.param
+        pytest.skip(f"backend {name!r}: {reason}")
+    if not isa:
+        yield name
+        return
+    with cpu_isa(isa):
+        yield name
 
 
 @pytest.fixture

@@ -4,12 +4,13 @@
 #include <cstring>
 
 #include "airtrace/common.h"
+#include "variant.h"
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-namespace airtrace::cpu {
+namespace airtrace::AIRTRACE_ISA::cpu {
 
 // A bf16 element, so that bf16 rows have their own pointer type.
 struct Bf16 {
@@ -83,4 +84,4 @@ inline const void* row_ptr(const void* base, DType dtype, int64_t row, int64_t s
   return element_ptr(base, dtype, row * stride);
 }
 
-}  // namespace airtrace::cpu
+}  // namespace airtrace::AIRTRACE_ISA::cpu

@@ -16,13 +16,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "convert.h"
 #include "microkernel.h"
 #include "parallel.h"
+#include "variant.h"
 
-namespace airtrace {
+namespace airtrace::AIRTRACE_ISA {
 namespace {
 
 constexpr int64_t kTileRows = 128;               // member rows per GEMM call
@@ -118,7 +118,7 @@ class PoolState {
   }
 
  private:
-  std::vector<float> peak_, den_, num_;
+  cpu::Buffer<float> peak_, den_, num_;
 };
 
 class Pooler {
@@ -138,9 +138,9 @@ class Pooler {
   // Per-thread scratch: row pointers and converted fp16 rows of one feature block, the score
   // tile (zeroed, so lanes past the last query hold finite values), the softmax state.
   struct Scratch {
-    std::vector<float> converted, scores;
-    std::vector<const float*> rows;
-    std::vector<const cpu::Bf16*> bf16_rows;
+    cpu::Buffer<float> converted, scores;
+    cpu::Buffer<const float*> rows;
+    cpu::Buffer<const cpu::Bf16*> bf16_rows;
     PoolState pool;
     explicit Scratch(int64_t lanes) : pool(lanes) {}
   };
@@ -240,13 +240,13 @@ class Pooler {
   const int64_t* members_;
   int64_t G_;
   int64_t query_block_ = kPanel;  // a multiple of kPanel, so blocks start at panel boundaries
-  std::vector<float> packed_;
+  cpu::Buffer<float> packed_;
 };
 
 // Start of each block of whole groups (and G at the end): a block takes groups while it holds
 // at most `target` members and kBlockGroups groups; a larger group is a block of its own.
-std::vector<int64_t> group_blocks(const int64_t* offsets, int64_t G, int64_t target) {
-  std::vector<int64_t> starts;
+cpu::Buffer<int64_t> group_blocks(const int64_t* offsets, int64_t G, int64_t target) {
+  cpu::Buffer<int64_t> starts;
   for (int64_t g0 = 0; g0 < G;) {
     starts.push_back(g0);
     int64_t g1 = g0 + 1;
@@ -268,7 +268,7 @@ void group_pool_scores_cpu(const float* Q, const void* X, DType dtype, int64_t q
   const int64_t query_blocks = pooler.query_blocks();
   // About four items per thread when the problem is small, kBlockMembers members otherwise.
   const int64_t per_item = ceil_div(offsets[G] * query_blocks, int64_t{4} * cpu::max_threads());
-  const std::vector<int64_t> starts = group_blocks(offsets, G, std::clamp(per_item, kTileRows, kBlockMembers));
+  const cpu::Buffer<int64_t> starts = group_blocks(offsets, G, std::clamp(per_item, kTileRows, kBlockMembers));
   const int64_t group_blocks_count = static_cast<int64_t>(starts.size()) - 1;
   const int64_t items = query_blocks * group_blocks_count;
 #pragma omp parallel if (parallel)
@@ -282,4 +282,4 @@ void group_pool_scores_cpu(const float* Q, const void* X, DType dtype, int64_t q
   }
 }
 
-}  // namespace airtrace
+}  // namespace airtrace::AIRTRACE_ISA

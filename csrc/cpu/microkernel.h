@@ -14,7 +14,7 @@
 #include <immintrin.h>
 #endif
 
-namespace airtrace::cpu {
+namespace airtrace::AIRTRACE_ISA::cpu {
 
 constexpr int kLanes = 16;     // floats per vector (one zmm register)
 constexpr int kMaxPanel = 64;  // columns per micro-kernel call (4 vectors)
@@ -166,4 +166,4 @@ inline void gemm(const T* const* a, int64_t m, const float* b, int64_t ldb, int6
   }
 }
 
-}  // namespace airtrace::cpu
+}  // namespace airtrace::AIRTRACE_ISA::cpu

@@ -6,7 +6,9 @@
 #include <omp.h>
 #endif
 
-namespace airtrace::cpu {
+#include "variant.h"
+
+namespace airtrace::AIRTRACE_ISA::cpu {
 
 inline int max_threads() {
 #if defined(_OPENMP)
@@ -39,4 +41,4 @@ inline void thread_share(int64_t count, int index, int threads, int64_t* begin, 
   *end = count * (index + 1) / threads;
 }
 
-}  // namespace airtrace::cpu
+}  // namespace airtrace::AIRTRACE_ISA::cpu

@@ -9,11 +9,11 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "convert.h"
+#include "variant.h"
 
-namespace airtrace {
+namespace airtrace::AIRTRACE_ISA {
 namespace {
 
 // Register blocks of kRows rows x up to kMaxVecs vectors of kLanes floats, a vector being one native
@@ -93,8 +93,8 @@ void gemm(const float* a, int64_t lda, int64_t m, const float* b, int64_t ldb, i
 
 // (rows, cols) row-major src (transposed first when `transpose`) copied into a (rows, ld) panel
 // filled with `fill` past column cols.
-std::vector<float> panel(const float* src, int64_t rows, int64_t cols, int64_t ld, bool transpose, float fill) {
-  std::vector<float> p(rows * ld, fill);
+cpu::Buffer<float> panel(const float* src, int64_t rows, int64_t cols, int64_t ld, bool transpose, float fill) {
+  cpu::Buffer<float> p(rows * ld, fill);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) p[r * ld + c] = transpose ? src[c * rows + r] : src[r * cols + c];
   return p;
@@ -105,16 +105,16 @@ std::vector<float> panel(const float* src, int64_t rows, int64_t cols, int64_t l
 void precondition_cpu(const void* G, DType dtype, const float* Q_G, const float* Q_A, const float* Lam,
                       float damping, int64_t B, int64_t k_out, int64_t k_in, float* out) {
   const int64_t ld = round_up(k_in, kLanes), size = k_out * k_in;
-  const std::vector<float> QGt = panel(Q_G, k_out, k_out, k_out, true, 0.0f);
-  const std::vector<float> QA = panel(Q_A, k_in, k_in, ld, false, 0.0f);
-  const std::vector<float> QAt = panel(Q_A, k_in, k_in, ld, true, 0.0f);
-  std::vector<float> D = panel(Lam, k_out, k_in, ld, false, 1.0f);
+  const cpu::Buffer<float> QGt = panel(Q_G, k_out, k_out, k_out, true, 0.0f);
+  const cpu::Buffer<float> QA = panel(Q_A, k_in, k_in, ld, false, 0.0f);
+  const cpu::Buffer<float> QAt = panel(Q_A, k_in, k_in, ld, true, 0.0f);
+  cpu::Buffer<float> D = panel(Lam, k_out, k_in, ld, false, 1.0f);
   for (int64_t i = 0; i < k_out; ++i)
     for (int64_t j = 0; j < k_in; ++j) D[i * ld + j] += damping;
   const int64_t flops = 4 * B * size * (k_out + k_in);
 #pragma omp parallel if (flops >= kParallelFlops)
   {
-    std::vector<float> X(k_out * ld, 0.0f), Y(k_out * ld, 0.0f);
+    cpu::Buffer<float> X(k_out * ld, 0.0f), Y(k_out * ld, 0.0f);
     const auto into_Y = [&](int64_t i, int64_t j, const float* v, int n) { std::copy_n(v, n, Y.data() + i * ld + j); };
     const auto divided_into_X = [&](int64_t i, int64_t j, const float* v, int n) {
       for (int l = 0; l < n; ++l) X[i * ld + j + l] = v[l] / D[i * ld + j + l];
@@ -134,4 +134,4 @@ void precondition_cpu(const void* G, DType dtype, const float* Q_G, const float*
   }
 }
 
-}  // namespace airtrace
+}  // namespace airtrace::AIRTRACE_ISA

@@ -11,13 +11,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "convert.h"
 #include "microkernel.h"
 #include "parallel.h"
+#include "variant.h"
 
-namespace airtrace {
+namespace airtrace::AIRTRACE_ISA {
 namespace {
 
 constexpr int64_t kChunkRows = 96;   // rows of R per generated block
@@ -35,8 +35,8 @@ uint32_t float_to_bits(float f) {
 // Column keys of columns [0, cols): in column order for rademacher; for gaussian each unit of
 // 32 columns holds the 16 even-column keys, then the 16 odd-column keys (the two halves of
 // its Box-Muller pairs).
-std::vector<uint32_t> column_keys(int64_t cols, RandomKind kind) {
-  std::vector<uint32_t> keys(cols);
+cpu::Buffer<uint32_t> column_keys(int64_t cols, RandomKind kind) {
+  cpu::Buffer<uint32_t> keys(cols);
   for (int64_t c = 0; c < cols; ++c) {
     int64_t slot = c;
     if (kind == RandomKind::gaussian) {
@@ -217,14 +217,14 @@ struct DenseProblem {
   uint32_t skey;
   RandomKind kind;
   float scale;
-  std::vector<uint32_t> ckeys;  // column_keys(round_up(k, kBlockCols), kind)
+  cpu::Buffer<uint32_t> ckeys;  // column_keys(round_up(k, kBlockCols), kind)
 };
 
 // acc (B, k) += X[:, rows [begin, end)] R[row_offset + rows], chunk by chunk.
 void project_rows(const DenseProblem& pr, int64_t begin, int64_t end, float* acc) {
-  std::vector<float> x(pr.B * kChunkRows), E(kChunkRows * kBlockCols);
-  std::vector<const float*> x_rows(pr.B);
-  std::vector<uint32_t> rkeys(kChunkRows);
+  cpu::Buffer<float> x(pr.B * kChunkRows), E(kChunkRows * kBlockCols);
+  cpu::Buffer<const float*> x_rows(pr.B);
+  cpu::Buffer<uint32_t> rkeys(kChunkRows);
   for (int64_t i0 = begin; i0 < end; i0 += kChunkRows) {
     const int64_t rows = std::min(kChunkRows, end - i0);
     for (int64_t b = 0; b < pr.B; ++b) {
@@ -253,7 +253,7 @@ void project_dense_cpu(const void* X, DType dtype, int64_t B, int64_t p, int64_t
   const DenseProblem pr{X, dtype, B, ldx, row_offset, k, seed_key(seed), kind,
                         static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))), column_keys(padded_k, kind)};
   const int threads = cpu::max_threads();
-  std::vector<float> partial((threads - 1) * B * k, 0.0f);
+  cpu::Buffer<float> partial((threads - 1) * B * k, 0.0f);
 #pragma omp parallel
   {
     const int t = cpu::thread_index();
@@ -265,4 +265,4 @@ void project_dense_cpu(const void* X, DType dtype, int64_t B, int64_t p, int64_t
     for (int64_t i = 0; i < B * k; ++i) out[i] += partial[(t - 1) * B * k + i];
 }
 
-}  // namespace airtrace
+}  // namespace airtrace::AIRTRACE_ISA

@@ -8,13 +8,13 @@
 #include "airtrace/project_factored.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "convert.h"
 #include "microkernel.h"
 #include "parallel.h"
+#include "variant.h"
 
-namespace airtrace {
+namespace airtrace::AIRTRACE_ISA {
 namespace {
 
 constexpr int64_t kTileTokens = 64;
@@ -41,7 +41,7 @@ class Panel {
  private:
   int64_t ld_;
   const float* data_;
-  std::vector<float> padded_;
+  cpu::Buffer<float> padded_;
 };
 
 class FactoredProjection {
@@ -57,10 +57,10 @@ class FactoredProjection {
   // Per-thread scratch: kept tokens, row pointers, converted fp16 rows, projections and the
   // (k_out, ld_in) accumulator.
   struct Scratch {
-    std::vector<int64_t> token;
-    std::vector<float> weight, converted, ap, gp, gpt, acc;
-    std::vector<const float*> rows, gpt_rows;
-    std::vector<const cpu::Bf16*> bf16_rows;
+    cpu::Buffer<int64_t> token;
+    cpu::Buffer<float> weight, converted, ap, gp, gpt, acc;
+    cpu::Buffer<const float*> rows, gpt_rows;
+    cpu::Buffer<const cpu::Bf16*> bf16_rows;
   };
 
   Scratch make_scratch() const {
@@ -93,7 +93,7 @@ class FactoredProjection {
   }
 
   // dst (k_out, k_in) = acc without the padding columns.
-  void store(const std::vector<float>& acc, float* dst) const {
+  void store(const cpu::Buffer<float>& acc, float* dst) const {
     for (int64_t r = 0; r < k_out_; ++r) std::copy_n(acc.data() + r * ld_in_, k_in_, dst + r * k_in_);
   }
 
@@ -157,8 +157,8 @@ void project_factored_cpu(const void* A, const void* G, DType dtype, const float
   std::fill(out, out + B * out_size, 0.0f);
   // Two partial sums per thread: the samples its item range starts and ends inside.
   const int slots = 2 * cpu::max_threads();
-  std::vector<int64_t> partial_sample(slots, -1);
-  std::vector<float> partial(slots * out_size);
+  cpu::Buffer<int64_t> partial_sample(slots, -1);
+  cpu::Buffer<float> partial(slots * out_size);
 #pragma omp parallel
   {
     FactoredProjection::Scratch s = proj.make_scratch();
@@ -186,4 +186,4 @@ void project_factored_cpu(const void* A, const void* G, DType dtype, const float
   }
 }
 
-}  // namespace airtrace
+}  // namespace airtrace::AIRTRACE_ISA

@@ -12,13 +12,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "convert.h"
 #include "microkernel.h"
 #include "parallel.h"
+#include "variant.h"
 
-namespace airtrace {
+namespace airtrace::AIRTRACE_ISA {
 namespace {
 
 constexpr int64_t kTileRows = 192;
@@ -93,7 +93,7 @@ class ThreadTopK {
     if (size == capacity_) threshold_[query] = h[0].value;
   }
 
-  void append_to(int64_t query, std::vector<Candidate>* out) const {
+  void append_to(int64_t query, cpu::Buffer<Candidate>* out) const {
     const Candidate* h = heap_.data() + query * capacity_;
     out->insert(out->end(), h, h + size_[query]);
   }
@@ -118,9 +118,9 @@ class ThreadTopK {
   }
 
   int64_t capacity_;
-  std::vector<Candidate> heap_;
-  std::vector<int64_t> size_;
-  std::vector<float> threshold_;
+  cpu::Buffer<Candidate> heap_;
+  cpu::Buffer<int64_t> size_;
+  cpu::Buffer<float> threshold_;
 };
 
 class Scorer {
@@ -134,9 +134,9 @@ class Scorer {
   // Per-thread scratch: row pointers and converted fp16 rows of one feature block, squared
   // row norms, the score tile.
   struct Scratch {
-    std::vector<float> converted, sumsq, scores;
-    std::vector<const float*> rows;
-    std::vector<const cpu::Bf16*> bf16_rows;
+    cpu::Buffer<float> converted, sumsq, scores;
+    cpu::Buffer<const float*> rows;
+    cpu::Buffer<const cpu::Bf16*> bf16_rows;
   };
 
   Scratch make_scratch() const {
@@ -218,13 +218,13 @@ class Scorer {
   DType dtype_;
   int64_t q_, k_, ldc_;
   bool normalize_;
-  std::vector<float> packed_;
+  cpu::Buffer<float> packed_;
 };
 
 // values/indices row `query`: the best topk of all threads' candidates, padded with (-inf, -1).
-void write_query(const std::vector<ThreadTopK>& per_thread, int64_t query, int64_t topk, float* values,
+void write_query(const cpu::Buffer<ThreadTopK>& per_thread, int64_t query, int64_t topk, float* values,
                  int64_t* indices) {
-  std::vector<Candidate> all;
+  cpu::Buffer<Candidate> all;
   for (const ThreadTopK& best : per_thread) best.append_to(query, &all);
   const int64_t kept = std::min<int64_t>(topk, all.size());
   std::partial_sort(all.begin(), all.begin() + kept, all.end(), ranks_before);
@@ -239,7 +239,7 @@ void write_query(const std::vector<ThreadTopK>& per_thread, int64_t query, int64
 void score_topk_cpu(const float* Q, const void* X, DType dtype, int64_t q, int64_t n, int64_t k, int64_t topk,
                     bool normalize, int64_t index_offset, float* values, int64_t* indices) {
   const Scorer scorer(Q, X, dtype, q, k, normalize);
-  std::vector<ThreadTopK> per_thread(cpu::max_threads(), ThreadTopK(q, std::min(topk, n)));
+  cpu::Buffer<ThreadTopK> per_thread(cpu::max_threads(), ThreadTopK(q, std::min(topk, n)));
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
 #pragma omp parallel
   {
@@ -253,4 +253,4 @@ void score_topk_cpu(const float* Q, const void* X, DType dtype, int64_t q, int64
   for (int64_t i = 0; i < q; ++i) write_query(per_thread, i, topk, values, indices);
 }
 
-}  // namespace airtrace
+}  // namespace airtrace::AIRTRACE_ISA

@@ -20,6 +20,19 @@ def _cuda_archs() -> str:
     return f" (compiled for sm {library.cuda_archs})"
 
 
+def _cpu_isa() -> str:
+    try:
+        from airtrace import _C
+    except ImportError:
+        return ""
+    try:
+        isa = _C.isa()
+    except ValueError as exc:  # AIRTRACE_CPU_ISA asked for a variant that cannot run here
+        isa = f"none: {exc}"
+    return (f" (CPU variant {isa}; built: {' '.join(_C.isas_built)}; this CPU runs: {' '.join(_C.isas_available)};"
+            f" set AIRTRACE_CPU_ISA to force one)")
+
+
 def report() -> str:
     """A short text table of the environment and backend availability."""
     lines = [
@@ -28,7 +41,7 @@ def report() -> str:
     ]
     for name in BACKENDS:
         reason = unavailable_reason(name)
-        extra = _cuda_archs() if name == "cuda" else ""
+        extra = _cuda_archs() if name == "cuda" else _cpu_isa() if name == "cpu" else ""
         lines.append(f"  backend {name:<7} {'available' if reason is None else 'unavailable: ' + reason}{extra}")
     return "\n".join(lines)
 
