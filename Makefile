@@ -13,7 +13,7 @@ REQUIREMENTS = $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pypr
 	print(" ".join(repr(r) for r in p["build-system"]["requires"] + ["ninja", "cmake"] + p["project"]["dependencies"] \
 	+ [r for x in ("test", "triton", "eval", "demo", "airrep", "report", "tabular", "finetune") for r in e[x] if not r.startswith("airtrace")]))')
 
-.PHONY: setup demo test test-latest lock bench clean
+.PHONY: setup demo test test-latest lock bench gpu-check gpu-wheels offline-compile clean
 
 setup: $(VENV)/.airtrace-installed
 
@@ -52,6 +52,26 @@ lock:
 
 bench: setup
 	$(PY) benches/bench_ops.py
+
+# On a GPU machine, into its own Python (torch, triton preinstalled): build, GPU tests, selfcheck, GPU bench rows, the
+# end-to-end and 10^7-row scoring figures, each under a hard timeout (580 s in all) -> benches/results/<gpu>/
+# (benches/gpu_check.sh). GPU_CHECK_STEPS="..." runs some steps only; GPU_CHECK_DRY_RUN=1 runs the CPU part.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_PYTHON) WHEELS=$(WHEELS) bash benches/gpu_check.sh
+
+# Wheels (the versions of requirements.lock) of the small build/test packages gpu-check may miss on an offline GPU
+# machine (Python 3.12, x86-64): carry .gpu-wheels there and run `make gpu-check WHEELS=.gpu-wheels`.
+GPU_WHEELS := scikit_build_core pathspec packaging pybind11 ninja cmake safetensors tqdm pytest pluggy iniconfig
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels \
+	  $$(grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==' $(LOCK))
+
+# No GPU needed: every CUDA kernel compiled for sm_80 and sm_90a (nvcc), every Triton launch for sm_90 (triton.compile),
+# with registers, shared and local memory per kernel -> benches/results/offline-sm80-sm90/offline_compile.csv.
+offline-compile: setup
+	env -u TRITON_INTERPRET $(PY) benches/offline_compile.py
 
 clean:
 	rm -rf build $(VENV) .venv-latest .venv-lock

@@ -5,6 +5,10 @@
 - ``print_table`` / ``write_csv``: one row per measurement, header fields as leading CSV columns.
 - ``peak_rss_subprocess`` (CPU, fresh interpreter, Linux /proc) and ``cuda_peak_extra`` (GPU,
   in process): peak memory a call adds on top of its inputs.
+- ``target``, ``add_check_flag``, ``report_targets``: the PASS / MISS lines of a bench's stated
+  targets, and ``--check``, which turns a MISS into exit status 1.
+- ``PEERS``, ``peer_unavailable``, ``skipped``: which peer libraries import here, and the
+  ``SKIPPED <peer>: <reason>`` row of one that does not.
 
 Run as a script only by ``peak_rss_subprocess`` (``python _common.py --peak-child ...``).
 """
@@ -177,6 +181,58 @@ def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str], head: di
         for row in rows:
             writer.writerow({**head, **{c: cell(row.get(c)) for c in columns}})
     return path
+
+
+# --------------------------------------------------------------------------- targets
+
+def target(label: str, measured: float | None, goal: float, higher_is_better: bool = True, detail: str = "") -> str:
+    """One target line: ``PASS`` / ``MISS`` when measured, ``n/a`` (never a miss) when it could not be."""
+    if measured is None:
+        return f"n/a   {label}: not measured{detail}"
+    ok = measured >= goal if higher_is_better else measured <= goal
+    return f"{'PASS' if ok else 'MISS'}  {label} {'>=' if higher_is_better else '<='} {goal:g}: {measured:.3g}{detail}"
+
+
+def add_check_flag(parser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when a stated target is missed (a MISS line under '## targets')")
+
+
+def report_targets(lines: Sequence[str], check: bool, title: str = "targets") -> int:
+    """Print the target lines; the exit status of the bench: 1 when ``check`` and a line is a MISS, else 0."""
+    print(f"\n## {title}")
+    for line in lines or ["n/a   no stated targets"]:
+        print(line)
+    missed = [line for line in lines if line.startswith("MISS")]
+    if check:
+        print(f"# --check: {len(missed)} of {sum(not line.startswith('n/a') for line in lines)} measured targets missed")
+    return 1 if check and missed else 0
+
+
+# --------------------------------------------------------------------------- peers
+
+PEERS = {"kronfluence": "kronfluence", "traker": "trak", "dattri": "dattri", "logix": "logix", "bergson": "bergson",
+         "captum": "captum"}
+"""Peer library -> its import name."""
+
+
+def peer_unavailable(peer: str) -> str | None:
+    """Why ``peer`` (a key of PEERS) cannot run here, or None when it imports."""
+    module = PEERS[peer]
+    if importlib.util.find_spec(module) is None:
+        return f"not installed (module {module!r} not found; benches/setup_peers.sh installs the peers)"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure means the peer cannot run
+        return f"installed but its import fails: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return None
+
+
+def skipped(peer: str, reason: str) -> str:
+    """The row printed for a peer that is not run: ``SKIPPED <peer>: <reason>``."""
+    line = f"SKIPPED {peer}: {reason}"
+    print(line, flush=True)
+    return line
 
 
 # --------------------------------------------------------------------------- peak memory

@@ -41,6 +41,9 @@ costs about 1 s per subset model on one core (512 models: 10 minutes).
 
     python benches/bench_airrep.py --quick      # smoke pass (few subsets, few steps, no SmolLM2), writes nothing
     python benches/bench_airrep.py              # -> benches/results/<device>/airrep.csv
+
+Targets: none (the LDS and cost figures are reported, not judged); ``--check`` is accepted like
+in every bench.
 """
 
 from __future__ import annotations
@@ -172,6 +175,7 @@ def main(argv=None) -> int:
                         help="pool pairs timed for the SmolLM2 vs MiniLM cost rows (default 64; 0 skips them)")
     parser.add_argument("--out", type=Path, help="folder for airrep.csv (default benches/results/<device>/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    C.add_check_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.subsets, args.holdout, args.steps, args.cost_pairs = 6, 3, 20, 0
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
         out = args.out or C.RESULTS / C.device_slug(head)
         out.mkdir(parents=True, exist_ok=True)
         print(f"wrote {C.write_csv(out / 'airrep.csv', rows, COLUMNS, head)}")
-    return 0
+    return C.report_targets([], args.check)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the airtrace kernels: project_factored, project_dense, score_topk, group_pool_scores.
+"""Benchmark of the airtrace kernels: project_factored, project_dense, score_topk, precondition, group_pool_scores.
 
 Every compiled backend that can run here ("cpu"; "cuda" and "triton" on a GPU) is
 timed against the pure-torch reference in the same run, plus the baselines the
@@ -7,8 +7,21 @@ targets are stated against: a random matrix materialised chunk by chunk in torch
 (project_dense), a naive full-matrix top-k (score_topk peak memory) and, on GPU,
 a cuBLAS matmul of the same FLOPs. See benches/README.md for the columns.
 
+Targets (the constants below; ``--check`` exits with status 1 when one is missed):
+
+- CPU, the variant picked automatically, t_torch / t_cpu: project_factored >= CPU_FACTORED (1.5),
+  score_topk >= CPU_SCORE (1.5), group_pool_scores >= CPU_POOL (2); project_dense:
+  t_materialised / t_cpu >= CPU_DENSE (3).
+- GPU, t_kernel / t_cublas_same_flops (cuda and triton): <= GPU_X_GEMM (2) for project_factored,
+  project_dense and score_topk; score_topk on bfloat16 with q >= 64: <= GPU_SCORE_X_GEMM (1.5);
+  project_factored: t_kernel / t_batched_gemms (the op as torch.bmm in the input dtype)
+  <= GPU_FACTORED_X_BATCHED (2).
+- score_topk extra peak memory flat in n (every device): growth <= MEMORY_FLAT_SHARE (5%) of the
+  naive top-k's growth, or MEMORY_NOISE_MIB (4 MiB).
+
     python benches/bench_ops.py --quick            # smoke pass, < 1 min, writes nothing
     python benches/bench_ops.py                    # full pass -> benches/results/<device>/bench_ops.csv
+    python benches/bench_ops.py --device cuda --check   # the GPU rows; exit 1 on a missed target
 """
 
 from __future__ import annotations
@@ -28,12 +41,15 @@ import _common as C  # noqa: E402
 
 import airtrace  # noqa: E402
 
-SECTIONS = ("factored", "dense", "score", "memory", "pool")
+SECTIONS = ("factored", "dense", "score", "memory", "precondition", "pool")
 COLUMNS = ("op", "shape", "dtype", "backend", "tensor_device", "median_ms", "repeats",
-           "ratio_vs_ref", "ratio_vs_materialised", "x_gemm", "peak_extra_mib", "note")
+           "ratio_vs_ref", "ratio_vs_materialised", "x_gemm", "x_batched_gemm", "peak_extra_mib", "note")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOPK = 10
 SEED = 1234
+CPU_FACTORED, CPU_SCORE, CPU_POOL, CPU_DENSE = 1.5, 1.5, 2.0, 3.0
+GPU_X_GEMM, GPU_SCORE_X_GEMM, GPU_SCORE_MIN_Q, GPU_FACTORED_X_BATCHED = 2.0, 1.5, 64, 2.0
+MEMORY_FLAT_SHARE, MEMORY_NOISE_MIB = 0.05, 4.0
 
 
 @dataclass
@@ -50,12 +66,13 @@ class Plan:
     memory_n: list        # growing n for the peak-memory table
     memory_qk: tuple      # (q, k) for the peak-memory table
     pool: list            # (q, n, d, G, group size) for group_pool_scores
+    precondition: list    # (B, k_out, k_in)
 
 
 def make_plan(device: str, quick: bool) -> Plan:
     if quick:
         return Plan(2, 1, 0.0, [(2, 16, 64, 8)], [(2, 8192, 64, "rademacher"), (2, 8192, 64, "gaussian")], 2**18,
-                    [(2000, 8, 64)], [2000, 10000], (16, 32), [(16, 2000, 64, 100, 20)])
+                    [(2000, 8, 64)], [2000, 10000], (16, 32), [(16, 2000, 64, 100, 20)], [(64, 16, 16)])
     # 135M-LLM shapes: small batch/small k and large batch/large k at each (d, T) corner.
     factored = [(B, T, d, k) for d in (576, 1536) for T in (128, 512) for B, k in ((8, 16), (32, 64))]
     if device == "cpu":
@@ -64,14 +81,17 @@ def make_plan(device: str, quick: bool) -> Plan:
                     2**25,
                     [(10**5, 64, 1024), (10**5, 256, 1024), (10**5, 1024, 1024), (2 * 10**4, 256, 8192),
                      (10**6, 64, 1024)],
-                    [2 * 10**4, 10**5, 5 * 10**5], (256, 256), [(256, 10**5, 384, 10**4, 100)])
+                    [2 * 10**4, 10**5, 5 * 10**5], (256, 256), [(256, 10**5, 384, 10**4, 100)],
+                    [(1024, 16, 16), (256, 64, 64)])
     return Plan(10, 3, 1.0, factored,
                 [(8, 10**6, 1024, "rademacher"), (32, 10**7, 1024, "rademacher"), (8, 10**7, 8192, "rademacher"),
                  (32, 10**7, 8192, "rademacher"), (8, 10**7, 8192, "gaussian")],
                 2**25,
-                [(n, q, 1024) for n in (10**5, 10**6) for q in (64, 256, 1024)] + [(10**5, 256, 8192)],
+                [(n, q, 1024) for n in (10**5, 10**6) for q in (64, 256, 1024)] + [(10**6, q, 1024) for q in (1, 8)]
+                + [(10**5, 256, 8192)],
                 [10**5, 10**6, 4 * 10**6], (256, 256),
-                [(256, 10**5, 384, 10**4, 100), (1024, 10**5, 384, 10**4, 100)])
+                [(256, 10**5, 384, 10**4, 100), (1024, 10**5, 384, 10**4, 100)],
+                [(8192, 16, 16), (4096, 64, 64), (512, 256, 256)])
 
 
 def sci(n: int) -> str:
@@ -165,14 +185,19 @@ class Bench:
                 shape = f"B={B} T={T} d={d} k={k}"
                 t_ref, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend="torch"))
                 self.add("project_factored", shape, dname, "torch", t_ref, reps, ratio_vs_ref=1.0)
-                t_gemm = None
+                t_gemm = t_batched = None
                 if self.device == "cuda":  # (B*T, d) @ (d, k_in + k_out + k_in*k_out/d): the op's FLOPs
                     t_gemm = self.gemm("project_factored", shape, dname, B * T, 2 * k + round(k * k / d), d, dtype)
+                    # the op as batched GEMMs in the input dtype: (G P_out)^T (A P_in) per sample
+                    Pi, Po = P_in.to(dtype), P_out.to(dtype)
+                    t_batched, reps = self.time(lambda: torch.bmm((G @ Po).transpose(1, 2), A @ Pi))
+                    self.add("project_factored", shape, dname, "batched-gemm", t_batched, reps,
+                             note="torch.bmm((G P_out)^T, A P_in) in the input dtype")
                 for be in self.backends:
                     name = use_backend(be)
                     t, reps = self.time(lambda: airtrace.project_factored(A, G, P_in, P_out, backend=name))
                     self.add("project_factored", shape, dname, be, t, reps, ratio_vs_ref=t_ref / t,
-                             x_gemm=t / t_gemm if t_gemm else None)
+                             x_gemm=t / t_gemm if t_gemm else None, x_batched_gemm=t / t_batched if t_batched else None)
                 del A, G
 
     # ------------------------------------------------------------------ project_dense
@@ -250,6 +275,28 @@ class Bench:
                              x_gemm=t / t_gemm if t_gemm else None)
                 del X, Q, members
 
+    # ------------------------------------------------------------------ precondition
+    def precondition(self):
+        for B, k_out, k_in in self.plan.precondition:
+            gen = torch.Generator().manual_seed(SEED)
+            Q_G = torch.linalg.qr(torch.randn(k_out, k_out, generator=gen, dtype=torch.float64))[0].float()
+            Q_A = torch.linalg.qr(torch.randn(k_in, k_in, generator=gen, dtype=torch.float64))[0].float()
+            Q_G, Q_A = Q_G.to(self.device), Q_A.to(self.device)
+            Lam = torch.rand(k_out, k_in, generator=gen).to(self.device)
+            G_hat = randn(B, k_out, k_in, device=self.device)
+            shape = f"B={B} k={k_out}x{k_in}"
+            t_ref, reps = self.time(lambda: airtrace.precondition(G_hat, Q_G, Q_A, Lam, 0.01, backend="torch"))
+            self.add("precondition", shape, "fp32", "torch", t_ref, reps, ratio_vs_ref=1.0)
+            # four products per sample, 2 B k_out k_in (2 k_out + 2 k_in) FLOPs: (B k_out, k_in) @ (k_in, 2 (k_out + k_in))
+            t_gemm = (self.gemm("precondition", shape, "fp32", B * k_out, 2 * (k_out + k_in), k_in, torch.float32)
+                      if self.device == "cuda" else None)
+            for be in self.backends:
+                name = use_backend(be)
+                t, reps = self.time(lambda: airtrace.precondition(G_hat, Q_G, Q_A, Lam, 0.01, backend=name))
+                self.add("precondition", shape, "fp32", be, t, reps, ratio_vs_ref=t_ref / t,
+                         x_gemm=t / t_gemm if t_gemm else None)
+            del G_hat
+
     # ------------------------------------------------------------------ score_topk peak memory
     def memory(self):
         q, k = self.plan.memory_qk
@@ -290,16 +337,14 @@ def memory_case(method: str, n: int, q: int, k: int, device: str = "cpu"):
 
 # ---------------------------------------------------------------------- targets
 
-def _check(label, items, target, higher_is_better=True) -> str:
+def _check(label, items, goal, higher_is_better=True) -> str:
     """items: (value, where); the worst value decides PASS/MISS."""
     if not items:
-        return f"n/a   {label}: not measured"
+        return C.target(label, None, goal, higher_is_better)
     worst = min(items) if higher_is_better else max(items)
     med = statistics.median(v for v, _ in items)
-    ok = worst[0] >= target if higher_is_better else worst[0] <= target
-    sign = ">=" if higher_is_better else "<="
-    return (f"{'PASS' if ok else 'MISS'}  {label} {sign} {target}: worst {worst[0]:.2f}x ({worst[1]}), "
-            f"median {med:.2f}x over {len(items)}")
+    return C.target(label, worst[0], goal, higher_is_better,
+                    f" worst ({worst[1]}), median {med:.2f}x over {len(items)}")
 
 
 def _memory_check(rows, device) -> list[str]:
@@ -315,18 +360,18 @@ def _memory_check(rows, device) -> list[str]:
         shapes = list(vals)  # insertion order: growing n
         lo, hi = vals[shapes[0]], vals[shapes[-1]]
         naive_growth = (naive[shapes[-1]] - naive[shapes[0]]) if naive else float("nan")
-        flat = hi - lo <= max(0.05 * naive_growth, 4.0)  # < 5% of the naive growth (4 MiB of noise allowed)
+        allowed = max(MEMORY_FLAT_SHARE * naive_growth, MEMORY_NOISE_MIB)
         n_lo, n_hi = shapes[0].split()[0], shapes[-1].split()[0]
         naive_txt = f"; naive {naive[shapes[0]]:.1f} -> {naive[shapes[-1]]:.1f} MiB" if naive else ""
-        lines.append(f"{'PASS' if flat else 'MISS'}  score_topk[{backend}] extra peak memory flat in n: "
-                     f"{lo:.1f} -> {hi:.1f} MiB for {n_lo} -> {n_hi}{naive_txt}")
-    return lines or ["n/a   score_topk peak memory: not measured"]
+        lines.append(C.target(f"score_topk[{backend}] extra peak memory growth (MiB) {n_lo} -> {n_hi}", hi - lo,
+                              allowed, higher_is_better=False, detail=f" ({lo:.1f} -> {hi:.1f} MiB{naive_txt})"))
+    return lines or [C.target("score_topk peak memory flat in n", None, 0)]
 
 
 def variant_summary(rows: list[dict]) -> list[str]:
     """Per op and CPU variant: t_torch / t_variant over the op's cases (median, min, max)."""
     lines = []
-    for op in ("project_factored", "project_dense", "score_topk", "group_pool_scores"):
+    for op in ("project_factored", "project_dense", "score_topk", "precondition", "group_pool_scores"):
         labels = dict.fromkeys(r["backend"] for r in rows if r["op"] == op and r["backend"].startswith("cpu-"))
         for label in labels:
             ratios = [r["ratio_vs_ref"] for r in rows if r["op"] == op and r["backend"] == label]
@@ -336,9 +381,10 @@ def variant_summary(rows: list[dict]) -> list[str]:
 
 
 def targets(rows: list[dict], quick: bool) -> list[str]:
-    def items(op, backend, key, device):
+    def items(op, backend, key, device, keep=lambda r: True):
         return [(r[key], f"{r['shape']} {r['dtype']}") for r in rows
-                if r["op"] == op and r["backend"] == backend and r["tensor_device"] == device and r.get(key) is not None]
+                if r["op"] == op and r["backend"] == backend and r["tensor_device"] == device
+                and r.get(key) is not None and keep(r)]
 
     lines = []
     if any(r["tensor_device"] == "cpu" for r in rows):
@@ -346,22 +392,33 @@ def targets(rows: list[dict], quick: bool) -> list[str]:
 
         cpu = f"cpu-{_C.isas_available[-1]}"  # the variant that backend "cpu" runs here by default
         lines += [
-            _check(f"{cpu} project_factored  t_torch/t_cpu", items("project_factored", cpu, "ratio_vs_ref", "cpu"), 1.5),
-            _check(f"{cpu} score_topk        t_torch/t_cpu", items("score_topk", cpu, "ratio_vs_ref", "cpu"), 1.5),
-            _check(f"{cpu} group_pool_scores t_torch/t_cpu", items("group_pool_scores", cpu, "ratio_vs_ref", "cpu"), 2.0),
+            _check(f"{cpu} project_factored  t_torch/t_cpu", items("project_factored", cpu, "ratio_vs_ref", "cpu"),
+                   CPU_FACTORED),
+            _check(f"{cpu} score_topk        t_torch/t_cpu", items("score_topk", cpu, "ratio_vs_ref", "cpu"), CPU_SCORE),
+            _check(f"{cpu} group_pool_scores t_torch/t_cpu", items("group_pool_scores", cpu, "ratio_vs_ref", "cpu"),
+                   CPU_POOL),
             _check(f"{cpu} project_dense     t_materialised/t_cpu",
-                   items("project_dense", cpu, "ratio_vs_materialised", "cpu"), 3.0),
+                   items("project_dense", cpu, "ratio_vs_materialised", "cpu"), CPU_DENSE),
             *_memory_check(rows, "cpu"),
         ]
     if any(r["tensor_device"] == "cuda" for r in rows):
+        def wide_bf16(r):
+            return r["dtype"] == "bf16" and int(r["shape"].split("q=")[1].split()[0]) >= GPU_SCORE_MIN_Q
+
         for be in ("cuda", "triton"):
             if any(r["backend"] == be for r in rows):
                 for op in ("project_factored", "project_dense", "score_topk"):
                     lines.append(_check(f"{be} {op:16s} t_kernel/t_cublas_same_flops",
-                                        items(op, be, "x_gemm", "cuda"), 2.0, higher_is_better=False))
+                                        items(op, be, "x_gemm", "cuda"), GPU_X_GEMM, higher_is_better=False))
+                lines.append(_check(f"{be} score_topk bf16 q>={GPU_SCORE_MIN_Q} t_kernel/t_cublas_same_flops",
+                                    items("score_topk", be, "x_gemm", "cuda", wide_bf16), GPU_SCORE_X_GEMM,
+                                    higher_is_better=False))
+                lines.append(_check(f"{be} project_factored t_kernel/t_batched_gemms",
+                                    items("project_factored", be, "x_batched_gemm", "cuda"), GPU_FACTORED_X_BATCHED,
+                                    higher_is_better=False))
         lines += _memory_check(rows, "cuda")
     if quick:
-        lines.append("(--quick: tiny shapes, figures are a smoke test, not results)")
+        lines.append("n/a   (--quick: tiny shapes, the figures above are a smoke test, not results)")
     return lines
 
 
@@ -377,7 +434,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="tensor devices to benchmark (auto: cpu, plus cuda when a GPU is present)")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="time each fast call until the timed calls add up to this (default: 1 s, --quick 0)")
+    C.add_check_flag(parser)
     args = parser.parse_args(argv)
+    if args.min_seconds is not None and args.min_seconds < 0:
+        parser.error(f"--min-seconds must be >= 0, got {args.min_seconds}")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.only if s not in SECTIONS]
     if bad or not args.only:
@@ -422,12 +484,16 @@ def main(argv=None) -> int:
     rows = []
     for device, backends in groups.items():
         print(f"# tensors on {device}: torch reference vs {', '.join(backends) or '(no compiled backend)'}", flush=True)
-        bench = Bench(device, backends, make_plan(device, args.quick))
+        plan = make_plan(device, args.quick)
+        if args.min_seconds is not None:
+            plan.min_seconds = args.min_seconds
+        bench = Bench(device, backends, plan)
         for section in args.only:
             getattr(bench, section)()
         rows += bench.rows
 
-    for op in ("project_factored", "project_dense", "score_topk", "score_topk_mem", "group_pool_scores"):
+    for op in ("project_factored", "project_dense", "score_topk", "score_topk_mem", "precondition",
+               "group_pool_scores"):
         sel = [r for r in rows if r["op"] == op]
         if sel:
             C.print_table(sel, COLUMNS, title=op)
@@ -435,15 +501,13 @@ def main(argv=None) -> int:
         print("\n## CPU variants vs the torch reference")
         for line in variant_summary(rows):
             print(line)
-    print("\n## targets")
-    for line in targets(rows, args.quick):
-        print(line)
+    status = C.report_targets(targets(rows, args.quick), args.check)
 
     out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         path = C.write_csv(out / "bench_ops.csv", rows, COLUMNS, head)
         print(f"\n# wrote {path}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

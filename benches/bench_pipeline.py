@@ -16,16 +16,22 @@ Sections (see benches/README.md, "bench_pipeline"):
   of every method against the exact unprojected gradient inner products, per-query Spearman.
 
 Every measurement runs in a fresh interpreter (peak memory = VmHWM minus the RSS after setup
-and a warm-up forward/backward). Run it with the peer venv (benches/setup_peers.sh):
+and a warm-up forward/backward). A peer that does not import here gets a ``SKIPPED <peer>:
+<reason>`` row. Run it with the peer venv (benches/setup_peers.sh):
 
     .venv-peers/bin/python benches/bench_pipeline.py --quick   # smoke pass, writes nothing
     .venv-peers/bin/python benches/bench_pipeline.py           # -> benches/results/<device>/bench_pipeline.csv
+
+Targets (the constants below; ``--check`` exits with status 1 when one is missed): featurize
+examples/s >= FEATURIZE_VS_BEST_PEER (2) x the best peer's; every method's featurize peak memory
+flat in n (growth <= MEMORY_FLAT_SHARE (10%) of the smaller size's, or MEMORY_FLAT_MIB (32 MiB));
+the EK-FAC pipeline >= EKFAC_VS_KRONFLUENCE (2) x faster than kronfluence; scoring's peak memory
+<= SHARD_BOUND (4) shards at every store size.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -43,7 +49,10 @@ import _common as C  # noqa: E402
 
 SECTIONS = ("featurize", "ekfac", "score")
 FEATURIZERS = ("airtrace", "torch", "logix", "bergson")
-PEERS = {"logix": "logix", "bergson": "bergson", "kronfluence": "kronfluence", "traker": "trak", "dattri": "dattri"}
+PEERS = ("logix", "bergson", "kronfluence", "traker", "dattri")
+FEATURIZE_VS_BEST_PEER = 2.0
+MEMORY_FLAT_SHARE, MEMORY_FLAT_MIB = 0.10, 32.0
+EKFAC_VS_KRONFLUENCE = 2.0
 COLUMNS = ("section", "method", "n", "seconds", "examples_per_s", "tokens_per_s", "rows_per_s",
            "peak_extra_mib", "ratio_vs_airtrace", "spearman", "note")
 TOPK = 10
@@ -169,16 +178,14 @@ def child_main(kind: str, kwargs_json: str) -> None:
 # --------------------------------------------------------------------------- sections
 
 
-def available_peers() -> dict[str, str | None]:
-    """{peer: version or None when it does not import}."""
+def available_peers(rows: list[dict]) -> dict[str, str | None]:
+    """{peer: version, or None when it cannot run here}; a SKIPPED row (printed and in ``rows``) for each missing one."""
     found = {}
-    for peer, module in PEERS.items():
-        try:
-            mod = importlib.import_module(module)
-            found[peer] = getattr(mod, "__version__", None) or _dist_version(peer)
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            found[peer] = None
-            print(f"# peer {peer} unavailable: {type(exc).__name__}: {exc}")
+    for peer in PEERS:
+        reason = C.peer_unavailable(peer)
+        found[peer] = None if reason else _dist_version(peer)
+        if reason:
+            rows.append({"section": "peers", "method": peer, "note": C.skipped(peer, reason)})
     return found
 
 
@@ -190,7 +197,7 @@ def _dist_version(peer: str) -> str:
             return md.version(dist)
         except md.PackageNotFoundError:
             pass
-    return "?"
+    return "installed"
 
 
 def featurize_section(sizes: list[int], methods: list[str], repeats: int, tmp: Path, rows: list[dict],
@@ -357,23 +364,22 @@ def targets(rows: list[dict], quick: bool) -> list[str]:
             for m in [m for m in at if m != "airtrace"]:
                 ratio = at["airtrace"]["examples_per_s"] / at[m]["examples_per_s"]
                 lines.append(f"      {section} airtrace / {m}: {ratio:.2f}x examples/s (n={big})")
-            if peers:
-                best = max(peers, key=lambda m: at[m]["examples_per_s"])
-                ratio = at["airtrace"]["examples_per_s"] / at[best]["examples_per_s"]
-                lines.append(f"{'PASS' if ratio >= 2 else 'MISS'}  {section} throughput >= 2x the best peer ({best}): "
-                             f"{ratio:.2f}x")
+            best = max(peers, key=lambda m: at[m]["examples_per_s"]) if peers else None
+            ratio = at["airtrace"]["examples_per_s"] / at[best]["examples_per_s"] if best else None
+            lines.append(C.target(f"{section} throughput / the best peer's ({best or 'no peer ran'})", ratio,
+                                  FEATURIZE_VS_BEST_PEER))
         sizes = sorted({r["n"] for r in feat})
         for m in sorted({r["method"] for r in feat}):
             lo, hi = (next(r for r in feat if r["method"] == m and r["n"] == s)["peak_extra_mib"] for s in
                       (sizes[0], sizes[-1]))
-            flat = hi - lo <= max(0.1 * lo, 32.0)
-            lines.append(f"{'PASS' if flat else 'MISS'}  {section}[{m}] peak memory flat in n: {lo:.0f} -> {hi:.0f} MiB "
-                         f"for n={sizes[0]} -> {sizes[-1]}")
+            lines.append(C.target(f"{section}[{m}] peak memory growth (MiB) for n={sizes[0]} -> {sizes[-1]}", hi - lo,
+                                  max(MEMORY_FLAT_SHARE * lo, MEMORY_FLAT_MIB), higher_is_better=False,
+                                  detail=f" ({lo:.0f} -> {hi:.0f} MiB)"))
     ek = {r["method"]: r for r in rows if r["section"] == "ekfac"}
-    if "airtrace" in ek and "kronfluence" in ek:
-        ratio = ek["kronfluence"]["seconds"] / ek["airtrace"]["seconds"]
-        lines.append(f"{'PASS' if ratio >= 2 else 'MISS'}  EK-FAC pipeline >= 2x kronfluence: {ratio:.2f}x "
-                     f"(featurize+fit+score vs fit_all_factors+compute_pairwise_scores)")
+    if "airtrace" in ek:
+        ratio = ek["kronfluence"]["seconds"] / ek["airtrace"]["seconds"] if "kronfluence" in ek else None
+        lines.append(C.target("EK-FAC pipeline t_kronfluence / t_airtrace", ratio, EKFAC_VS_KRONFLUENCE,
+                              detail=" (featurize+fit+score vs fit_all_factors+compute_pairwise_scores)"))
     sc = [r for r in rows if r["section"] == "score"]
     if sc:
         big = max(r["n"] for r in sc)
@@ -385,12 +391,11 @@ def targets(rows: list[dict], quick: bool) -> list[str]:
         for m in ("airtrace", "torch"):
             lo, hi = (next(r for r in sc if r["method"] == m and r["n"] == s)["peak_extra_mib"] for s in
                       (sizes[0], sizes[-1]))
-            bound = SHARD_BOUND * SHARD_MIB
-            lines.append(f"{'PASS' if max(lo, hi) <= bound else 'MISS'}  score[{m}] peak memory bounded by "
-                         f"{SHARD_BOUND} shards ({bound:.0f} MiB), not by n: {lo:.0f} -> {hi:.0f} MiB "
-                         f"for n={sizes[0]} -> {sizes[-1]}")
+            lines.append(C.target(f"score[{m}] peak memory (MiB) at every n", max(lo, hi), SHARD_BOUND * SHARD_MIB,
+                                  higher_is_better=False, detail=f" ({SHARD_BOUND} shards; {lo:.0f} -> {hi:.0f} MiB "
+                                                                 f"for n={sizes[0]} -> {sizes[-1]})"))
     if quick:
-        lines.append("(--quick: tiny sizes, figures are a smoke test, not results)")
+        lines.append("n/a   (--quick: tiny sizes, figures are a smoke test, not results)")
     return lines
 
 
@@ -416,6 +421,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS / torch threads of every measurement (default: torch's default); "
                              "on a loaded machine 1 avoids OpenMP barrier stalls")
+    C.add_check_flag(parser)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -447,10 +453,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     head = C.header(gpu=False)
     C.print_header(head, "airtrace bench_pipeline" + (" --quick" if args.quick else ""))
-    peers = available_peers()
-    print("# peers   " + ", ".join(f"{p} {v or 'unavailable'}" for p, v in peers.items()))
-    print("# traker/dattri: no featurize row (see benches/README.md, bench_pipeline: what each number means)")
     rows: list[dict] = []
+    peers = available_peers(rows)
+    print("# peers   " + ", ".join(f"{p} {v or 'SKIPPED'}" for p, v in peers.items()))
+    print("# traker/dattri: no featurize row (see benches/README.md, bench_pipeline: what each number means)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
     try:
         if "featurize" in args.only:
@@ -464,20 +470,18 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    for section in ("featurize", "featurize-fixed-shape", "ekfac", "score", "crosscheck"):
+    for section in ("peers", "featurize", "featurize-fixed-shape", "ekfac", "score", "crosscheck"):
         sel = [r for r in rows if r["section"] == section]
         if sel:
             C.print_table(sel, COLUMNS[1:] if section != "crosscheck" else ("method", "n", "spearman", "note"),
                           title=section)
-    print(f"\n## targets (load average now {_load()})")
-    for line in targets(rows, args.quick):
-        print(line)
+    status = C.report_targets(targets(rows, args.quick), args.check, title=f"targets (load average now {_load()})")
     out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         name = "bench_pipeline_fixed_shape.csv" if args.pad_to_max else "bench_pipeline.csv"
         path = C.write_csv(out / name, rows, COLUMNS, head)
         print(f"\n# wrote {path}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ Tasks (``--tasks``, default both):
   explicit Hessian does not fit).
 
 Every method scores every query against every training example of the task's one model, in a
-fresh interpreter (wall time of the attribution, peak memory above the RSS after loading the
+fresh interpreter (a peer library that does not import here gets a ``SKIPPED <peer>: <reason>``
+row instead) (wall time of the attribution, peak memory above the RSS after loading the
 task and model); the table gives LDS (with its bootstrap 95% interval), seconds and peak
 memory, and the same-method agreement (mean per-query Spearman between two methods' score
 matrices).
@@ -35,6 +36,11 @@ matrices).
     .venv-peers/bin/python benches/bench_quality.py --quick   # small tasks, 8 subsets, writes nothing
     .venv-peers/bin/python benches/bench_quality.py           # -> benches/results/<device>/bench_quality.{csv,png}
     .venv-peers/bin/python benches/bench_quality.py --tasks lm  # -> .../bench_quality_lm.{csv,png}
+
+Targets per task (the constants below; ``--check`` exits with status 1 when one is missed): the
+best airtrace LDS >= the best peer's LDS; for the same-method pairs marked as targets in
+AGREEMENT, the per-query Spearman of their scores >= AGREEMENT_MIN (0.9) for every query; each
+airtrace method of SPEED at least as fast as its peer (t_peer / t_airtrace >= FASTER (1)).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ import _common as C  # noqa: E402
 COLUMNS = ("task", "method", "library", "lds", "lds_ci_lo", "lds_ci_hi", "seconds", "peak_extra_mib", "status")
 AGREEMENT_COLUMNS = ("task", "method_a", "method_b", "spearman_mean", "spearman_min", "what", "target")
 TASKS = ("digits", "lm")
+AGREEMENT_MIN = 0.9
+FASTER = 1.0
 DEFAULT_SUBSETS = {"digits": 50, "lm": 32}
 AGREEMENT = {  # (method a, method b, what, part of the >= 0.9 target)
     "digits": (
@@ -266,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for bench_quality.csv/.png (bench_quality_lm.* for --tasks lm; default "
                              "benches/results/<device-slug>/; --quick writes nothing unless --out is given)")
+    C.add_check_flag(parser)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -290,8 +299,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_task(name: str, args: argparse.Namespace) -> tuple[str, str, list[dict], list[dict]]:
-    """Ground truth, every method of task ``name`` and the agreement table; (label, plot title, rows, agreement)."""
+def run_task(name: str, args: argparse.Namespace) -> tuple[str, str, list[dict], list[dict], list[str]]:
+    """Ground truth, every method of task ``name``, the agreement table and the targets;
+    (label, plot title, rows, agreement, target lines)."""
     from airtrace.eval import metrics
     from peers.lm import per_query_spearman
 
@@ -306,12 +316,15 @@ def run_task(name: str, args: argparse.Namespace) -> tuple[str, str, list[dict],
     print(f"# ground truth ready in {time.perf_counter() - start:.1f} s (cached under ~/.cache/airtrace)", flush=True)
 
     rows, scores, skipped = [], {}, skipped_methods(name)
+    libraries = {method.split()[0] for method in args.methods[name]} & set(C.PEERS)
+    missing = {lib: C.skipped(lib, reason) for lib in sorted(libraries) if (reason := C.peer_unavailable(lib))}
     with tempfile.TemporaryDirectory(prefix="bench_quality-") as tmp:
         for method in args.methods[name]:
             row = {"task": label, "method": method, "library": method.split()[0]}
-            if method in skipped:
-                rows.append({**row, "status": skipped[method]})
-                print(f"  {method:28s} {skipped[method]}", flush=True)
+            status = skipped.get(method) or missing.get(row["library"])
+            if status:
+                rows.append({**row, "status": status})
+                print(f"  {method:28s} {status}", flush=True)
                 continue
             path = Path(tmp) / f"{len(rows)}.pt"
             r = run_child(name, method, args.model, args.quick, path, args.memory_limit_gib, args.timeout)
@@ -335,27 +348,30 @@ def run_task(name: str, args: argparse.Namespace) -> tuple[str, str, list[dict],
 
     C.print_table(rows, COLUMNS, title=f"{label}: LDS, time and peak memory")
     C.print_table(agreement, AGREEMENT_COLUMNS, title=f"{label}: same-method agreement (per-query Spearman of scores)")
-    print(f"\n## targets ({label})")
+    lines = []
     done = [r for r in rows if "lds" in r]
     ours = [r for r in done if r["library"] == "airtrace"]
     peers = [r for r in done if r["library"] != "airtrace"]
-    if ours and peers:
-        best, best_peer = max(ours, key=lambda r: r["lds"]), max(peers, key=lambda r: r["lds"])
-        ok = best["lds"] >= best_peer["lds"]
-        print(f"{'PASS' if ok else 'MISS'}  best airtrace LDS {best['lds']:.6f} ({best['method']}, {best['seconds']:.1f} s)"
-              f" >= best peer {best_peer['lds']:.6f} ({best_peer['method']}, {best_peer['seconds']:.1f} s)")
-    for r in agreement:
-        if r["target"]:
-            ok = r["spearman_min"] >= 0.9
-            print(f"{'PASS' if ok else 'MISS'}  agreement {r['method_a']} ~ {r['method_b']}: per-query Spearman "
-                  f"min {r['spearman_min']:.3f}, mean {r['spearman_mean']:.3f} (target >= 0.9)")
+    if ours:
+        best = max(ours, key=lambda r: r["lds"])
+        best_peer = max(peers, key=lambda r: r["lds"]) if peers else None
+        lines.append(C.target(
+            f"{label} best airtrace LDS ({best['method']}, {best['seconds']:.1f} s) - best peer LDS "
+            f"({best_peer['method'] + ', ' + format(best_peer['seconds'], '.1f') + ' s' if best_peer else 'no peer ran'})",
+            best["lds"] - best_peer["lds"] if best_peer else None, 0.0))
+    pairs = {(r["method_a"], r["method_b"]): r for r in agreement}
+    for a, b, _, is_target in AGREEMENT[name]:
+        if is_target:
+            r = pairs.get((a, b))
+            lines.append(C.target(f"{label} agreement {a} ~ {b}: min per-query Spearman",
+                                  r["spearman_min"] if r else None, AGREEMENT_MIN,
+                                  detail=f" (mean {r['spearman_mean']:.3f})" if r else ""))
     by = {r["method"]: r for r in done}
     for a, b in SPEED[name]:
-        if a in by and b in by:
-            ratio = by[b]["seconds"] / by[a]["seconds"]
-            print(f"{'PASS' if ratio >= 1 else 'MISS'}  {a} faster than {b}: {ratio:.2f}x")
+        ratio = by[b]["seconds"] / by[a]["seconds"] if a in by and b in by else None
+        lines.append(C.target(f"{label} t_{b} / t_{a}", ratio, FASTER))
     title = f"{label}: LDS vs attribution time ({task.n_train} train, {n_query} queries, {subsets} subsets)"
-    return label, title, rows, agreement
+    return label, title, rows, agreement, lines
 
 
 def main(argv=None) -> int:
@@ -367,21 +383,23 @@ def main(argv=None) -> int:
     C.print_header(head, "airtrace bench_quality" + (" --quick" if args.quick else "")
                    + f" --tasks {','.join(args.tasks)}")
     results = [run_task(name, args) for name in args.tasks]
+    lines = [line for *_, task_lines in results for line in task_lines]
     if args.quick:
-        print("(--quick: small tasks and few subsets, figures are a smoke test, not results)")
+        lines.append("n/a   (--quick: small tasks and few subsets, figures are a smoke test, not results)")
+    status = C.report_targets(lines, args.check)
 
     out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         stem = "bench_quality" if "digits" in args.tasks else "bench_quality_" + "_".join(args.tasks)
-        rows = [r for _, _, task_rows, _ in results for r in task_rows]
-        agreement = [r for _, _, _, task_agreement in results for r in task_agreement]
+        rows = [r for _, _, task_rows, _, _ in results for r in task_rows]
+        agreement = [r for _, _, _, task_agreement, _ in results for r in task_agreement]
         path = C.write_csv(out / f"{stem}.csv", rows, COLUMNS, head)
         C.write_csv(out / f"{stem}_agreement.csv", agreement, AGREEMENT_COLUMNS, head)
         png = out / f"{stem}.png"
-        plot([(label, title, rows) for label, title, rows, _ in results], png,
+        plot([(label, title, rows) for label, title, rows, _, _ in results], png,
              f"{head['cpu']}, {head['threads']} thread(s), load {head['load_avg']}")
         print(f"\n# wrote {path}, {out / f'{stem}_agreement.csv'} and {png}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

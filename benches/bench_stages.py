@@ -12,6 +12,8 @@ Times include the profiler's own overhead.
     python benches/bench_stages.py --quick       # 48 training pairs, writes nothing
     python benches/bench_stages.py               # the demo's default 600 pairs -> results/<device>/stages.csv
     python benches/bench_stages.py --train 200 --trace /tmp/demo-trace.json   # keep the Chrome trace
+
+Targets: none (a breakdown, not a claim); ``--check`` is accepted like in every bench.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN} training pairs; write no CSV")
     parser.add_argument("--train", type=int, default=None, help=f"training pairs (default {demo.DEFAULT_TRAIN})")
     parser.add_argument("--trace", type=Path, help="keep the Chrome trace here (default: a temporary file)")
+    C.add_check_flag(parser)
     args = parser.parse_args(argv)
     n_train = args.train or (QUICK_TRAIN if args.quick else demo.DEFAULT_TRAIN)
     head = C.header(gpu=False)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         path = C.RESULTS / C.device_slug(head) / "stages.csv"
         C.write_csv(path, rows, COLUMNS, head)
         print(f"# wrote {path}")
-    return 0
+    return C.report_targets([], args.check)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Usage (from the repository root)::
 Writes benches/results/<device>/eval_digits.csv (one row per experiment x model x
 method). Retrained ground truth is cached under $AIRTRACE_CACHE/eval (default
 ~/.cache/airtrace/eval), so a rerun only recomputes the attributions.
+
+Targets: none stated here (tests/test_eval_digits.py holds the checked quality claims);
+``--check`` is accepted like in every bench.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import device_slug, header, print_header  # noqa: E402
+from _common import add_check_flag, device_slug, header, print_header, report_targets  # noqa: E402
 
 from airtrace.eval import experiments  # noqa: E402
 from airtrace.eval.tasks.digits import DigitsTask, digits_config  # noqa: E402
@@ -41,6 +44,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="CSV path (default benches/results/<device>/eval_digits.csv)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the models are tiny, more threads only contend)")
+    add_check_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     head = header()
@@ -91,7 +95,7 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {out}")
-    return 0
+    return report_targets([], args.check)
 
 
 if __name__ == "__main__":

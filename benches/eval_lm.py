@@ -13,6 +13,9 @@ projection: featurize, fit, score, and the LDS with a bootstrap 95% interval.
 
 Writes ``eval_lm.csv`` (method, lds, ci_lo, ci_hi, featurize_s, fit_s, score_s) to
 ``benches/results/<device>/`` (or ``--out``). Bad flags exit with status 2.
+
+Targets: none (the LDS figures are reported, not judged); ``--check`` is accepted like in every
+bench.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, device_slug, header, print_header, print_table, write_csv  # noqa: E402
+from _common import (RESULTS, add_check_flag, device_slug, header, print_header, print_table,  # noqa: E402
+                     report_targets, write_csv)
 
 from airtrace.eval.tasks import lm_eval  # noqa: E402
 from airtrace.eval.tasks.lm import SIZES, LMTask, lm_config  # noqa: E402
@@ -55,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="folder for eval_lm.csv")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch intra-op threads for attribution (default: torch's; training always uses 1)")
+    add_check_flag(parser)
     args = parser.parse_args(argv)
     args.methods = [name for name in args.methods.split(",") if name]
     unknown = [name for name in args.methods if name not in lm_eval.METHODS]
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         path = write_csv(out / "eval_lm.csv", rows, COLUMNS, {**head, "subsets": str(args.subsets),
                                                                "size": args.size})
         print(f"\nwrote {path}")
-    return 0
+    return report_targets([], args.check)
 
 
 if __name__ == "__main__":

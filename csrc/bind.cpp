@@ -51,5 +51,8 @@ PYBIND11_MODULE(_C, m) {
       [](const float* Q, const void* X, DType dtype, int64_t q, int64_t d, const int64_t* offsets,
          const int64_t* members, int64_t G, float* out, void*) {
         group_pool_scores_cpu(Q, X, dtype, q, d, offsets, members, G, out);
+      },
+      [](const void* data, int64_t rows, int64_t row_bytes, uint64_t* out, void*) {
+        digest_cpu(data, rows, row_bytes, out);
       });
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "airtrace/digest.h"
 #include "airtrace/group_pool_scores.h"
 #include "airtrace/precondition.h"
 #include "airtrace/project_dense.h"
@@ -39,9 +40,9 @@ inline void require(bool ok, const char* message) {
 
 // Each kernel argument is a callable with the header's signature plus a trailing void* stream.
 template <typename ProjectFactored, typename ProjectDense, typename ScoreTopk, typename Precondition,
-          typename GroupPoolScores>
+          typename GroupPoolScores, typename Digest>
 void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense project_dense, ScoreTopk score_topk,
-                Precondition precondition, GroupPoolScores group_pool_scores) {
+                Precondition precondition, GroupPoolScores group_pool_scores, Digest digest) {
   m.def(
       "project_factored",
       [project_factored](std::uintptr_t A, std::uintptr_t G, int dtype, std::uintptr_t mask, std::uintptr_t P_in,
@@ -103,6 +104,15 @@ void define_ops(py::module_& m, ProjectFactored project_factored, ProjectDense p
                           ptr<const int64_t>(members), G, ptr<float>(out), ptr<void>(stream));
       },
       "out (q,G) = sum_{i in S_g} softmax_{i in S_g}(|Q X_i|) Q X_i, groups S_g = members[offsets[g]:offsets[g+1]]");
+
+  m.def(
+      "digest",
+      [digest](std::uintptr_t data, int64_t rows, int64_t row_bytes, std::uintptr_t out, std::uintptr_t stream) {
+        require(rows >= 0 && row_bytes >= 0, "digest: sizes must be rows, row_bytes >= 0");
+        py::gil_scoped_release release;
+        digest(ptr<const void>(data), rows, row_bytes, ptr<uint64_t>(out), ptr<void>(stream));
+      },
+      "out (rows,2) = 128-bit digest of each row's row_bytes bytes (airtrace/digest.h)");
 }
 
 }  // namespace airtrace::bind

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from airtrace.ops.backends import dtype_code
-from airtrace.ops.merge_topk import NORM_EPS, merge_topk
+from airtrace.ops.merge_topk import NORM_EPS, combine_topk
 
 PROGRAMS = 512  # split n until about this many programs run: fills a GPU several times over
 
@@ -31,8 +31,8 @@ def _score_topk_kernel(
         offs_j = chunk * rows_per_chunk + j0 + tl.arange(0, BLOCK_N)
         x_rows = X + offs_j.to(tl.int64)[:, None] * k
         s = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        q_sq = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        q_sq = tl.zeros((BLOCK_Q,), dtype=tl.float64)  # float64: the square of any fp32 fits
+        x_sq = tl.zeros((BLOCK_N,), dtype=tl.float64)
         for k0 in range(0, k, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             qv = tl.load(q_rows + offs_k[None, :], mask=(offs_q < q)[:, None] & (offs_k < k)[None, :], other=0.0)
@@ -40,10 +40,12 @@ def _score_topk_kernel(
             xv = xv.to(tl.float32)
             s = tl.dot(qv, tl.trans(xv), s, input_precision="tf32x3")
             if NORMALIZE:
-                q_sq += tl.sum(qv * qv, axis=1)
-                x_sq += tl.sum(xv * xv, axis=1)
+                q_sq += tl.sum(qv.to(tl.float64) * qv.to(tl.float64), axis=1)
+                x_sq += tl.sum(xv.to(tl.float64) * xv.to(tl.float64), axis=1)
         if NORMALIZE:
-            s = s / (tl.maximum(tl.sqrt_rn(q_sq), eps)[:, None] * tl.maximum(tl.sqrt_rn(x_sq), eps)[None, :])
+            inv_q = (1.0 / tl.maximum(tl.sqrt(q_sq), eps)).to(tl.float32)
+            inv_x = (1.0 / tl.maximum(tl.sqrt(x_sq), eps)).to(tl.float32)
+            s = s * inv_q[:, None] * inv_x[None, :]
         bits = tl.where(s == 0.0, 0.0, s).to(tl.uint32, bitcast=True)  # -0.0 ranks as +0.0
         ordered = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
         keys = (ordered.to(tl.uint64) << 32) | (offs_j.to(tl.uint32) ^ 0xFFFFFFFF).to(tl.uint64)
@@ -98,4 +100,4 @@ def score_topk(
     )
     indices = indices.to(torch.int64)
     indices = torch.where(indices < 0, indices, indices + index_offset)
-    return merge_topk([values], [indices], topk)
+    return combine_topk([values], [indices], topk)

@@ -128,7 +128,7 @@ def test_inspect_prints_the_manifest_summary_and_verifies(workdir, capsys):
     assert cli.main(["inspect", store, "--verify"]) == 0
     out = capsys.readouterr().out
     for text in ("rows         20 in 3 shards (8 rows per shard)", "dtype        float32", "width        12",
-                 "layout       2 blocks", "  0  [2, 3]  6  (linear 6x5 +bias)", "fingerprint  sha256:", '"k_in": 3', '"seed": 7',
+                 "layout       2 blocks", "  0  [2, 3]  6  (linear 6x5 +bias)", "fingerprint  fp2:", '"k_in": 3', '"seed": 7',
                  '"curvature": null', "verified     3 shards"):
         assert text in out, text
 

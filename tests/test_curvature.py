@@ -15,6 +15,7 @@ from airtrace import curvature as cv
 from airtrace.curvature.methods import kfac as kfac_method
 from airtrace.ops.precondition import reference as precondition_ekfac
 from airtrace.ops.project_factored import reference as project_factored_reference
+from airtrace.util.checked_file import save_checked
 
 F64 = torch.float64
 METHODS = ["fisher", "lowrank", "kfac", "ekfac"]
@@ -489,6 +490,6 @@ def test_load_rejects_foreign_and_incomplete_files(tmp_path):
     incomplete = tmp_path / "incomplete.safetensors"
     tensors = {f"{n}/{k}": t for n, inv in fit.inverses.items() for k, t in inv.tensors().items()}
     del tensors["a/eigvecs_A"]
-    save_file(tensors, incomplete, metadata={cv.METADATA_KEY: json.dumps(fit.metadata)})
+    save_checked(tensors, incomplete, cv.METADATA_KEY, fit.metadata)
     with pytest.raises(ValueError, match=r"incomplete.safetensors: missing tensor 'a/eigvecs_A'"):
         cv.Curvature.load(incomplete)

@@ -1,5 +1,6 @@
 """Backend selection: auto order, explicit requests, the environment override, the float64 rule."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -36,6 +37,29 @@ def test_auto_runs_float64_on_the_reference_even_when_the_environment_names_a_co
     monkeypatch.setenv("AIRTRACE_BACKEND", "cpu")
     assert backends.choose(op, "auto", cpu, torch.float64) == "torch"
     assert backends.choose(op, "auto", cpu, torch.float32) == "cpu"  # the environment still decides for float32
+
+
+def test_registry_dtypes_are_the_one_capability_rule(monkeypatch):
+    """A backend record that drops a dtype makes "auto" skip that backend and an explicit request fail."""
+    if not airtrace.available("cpu"):
+        pytest.skip("backend 'cpu' not built")
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(backends.REGISTRY, "cpu", dataclasses.replace(backends.REGISTRY["cpu"], dtypes=(torch.float32,)))
+    assert backends.choose("score_topk", "auto", cpu, torch.bfloat16) == "torch"
+    assert backends.choose("score_topk", "auto", cpu, torch.float32) == "cpu"
+    with pytest.raises(ValueError, match="score_topk: backend 'cpu' supports float32, got torch.bfloat16"):
+        backends.choose("score_topk", "cpu", cpu, torch.bfloat16)
+
+
+def test_explicit_compiled_backend_refuses_float64_queries():
+    """float64 queries against float32 rows promote to float64, which no compiled kernel computes in."""
+    if not airtrace.available("cpu"):
+        pytest.skip("backend 'cpu' not built")
+    Q, X = torch.randn(2, 3, dtype=torch.float64), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="score_topk: backend 'cpu' supports float32, bfloat16 and float16, got torch.float64"):
+        airtrace.score_topk(Q, X, 2, backend="cpu")
+    values, _ = airtrace.score_topk(Q, X, 2)
+    assert values.dtype == torch.float64
 
 
 def test_float64_through_auto_equals_the_reference(monkeypatch):

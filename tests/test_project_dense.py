@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
+from airtrace.ops import bounds
 from airtrace.ops import hash as rhash
 from airtrace.ops.hash import dense_entries
 from airtrace.ops.project_dense import project_dense, reference
-from conftest import COMPILED_DTYPES, assert_close_to_reference
+from conftest import COMPILED_DTYPES, HALF_DTYPES, assert_within_bound, exceeds_bound, few_triton_programs
 
 M32 = 0xFFFFFFFF
 
@@ -65,14 +66,76 @@ def test_rows_past_2_32_are_not_aliased():
     assert not torch.equal(low, high)
 
 
-@pytest.mark.parametrize("B,p,k", [(1, 1, 1), (3, 37, 5), (4, 130, 33), (2, 300, 64)], ids=str)
+SHAPES = [(1, 1, 1), (3, 37, 5), (4, 130, 33), (2, 300, 64)]  # (B, p, k)
+# Two or more of every tile of each backend's kernel, (B, p, k):
+# - torch: the reference generates rows_per_chunk = 4096 rows of R at a time -> p = 4200 takes 2 chunks.
+# - cpu (csrc/cpu/project_dense.cpp): p = 400 rows split over the threads, each range in chunks of kChunkRows = 96;
+#   k = 130 in blocks of kBlockCols = 64 (the last a partial Box-Muller unit of kPairUnit = 32); B = 33 rows of X
+#   in several micro-kernel row blocks.
+# - cuda (csrc/cuda/project_dense.cu): k = 257 -> 2 tiles of kTileCols = 256; B = 33 -> 2 batch tiles of 32;
+#   p = 20000 -> 2 or more steps of kRows = 64 per block once the grid holds 8 blocks per SM (up to 264 SMs).
+# - triton (kernels/project_dense.py) with PROGRAMS = 8: BLOCK_B = 32 -> 2, BLOCK_K = 64 -> 2, BLOCK_P = 32 and 2
+#   row splits of 96 -> 3 row blocks per program, partial sums added.
+MULTI_TILE = {"torch": (3, 4200, 7), "cpu": (33, 400, 130), "cuda": (33, 20000, 257), "triton": (33, 129, 65)}
+TRITON_PROGRAMS = 8
+
+
+def _x(B, p, dtype, seed=None):
+    return torch.randn(B, p, generator=torch.Generator().manual_seed(p if seed is None else seed)).to(dtype)
+
+
+@pytest.mark.parametrize("B,p,k", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_matches_float64_reference(backend, device, B, p, k, dtype, kind):
-    X = torch.randn(B, p, generator=torch.Generator().manual_seed(p)).to(dtype)
+    X = _x(B, p, dtype)
     out = project_dense(X.to(device), k, seed=99, kind=kind, row_offset=17, backend=backend)
     assert out.dtype == torch.float32
-    assert_close_to_reference(out, reference(X.double(), k, 99, kind, row_offset=17), dtype)
+    assert_within_bound(out, bounds.project_dense(X, k, 99, kind, row_offset=17))
+
+
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_multi_tile_matches_float64_reference(backend, device, dtype, kind, monkeypatch):
+    if backend == "triton":
+        few_triton_programs(monkeypatch, "project_dense", TRITON_PROGRAMS)
+    B, p, k = MULTI_TILE[backend]
+    X = _x(B, p, dtype, seed=1)
+    out = project_dense(X.to(device), k, seed=5, kind=kind, row_offset=2**32 - 50, backend=backend)
+    assert_within_bound(out, bounds.project_dense(X, k, 5, kind, row_offset=2**32 - 50))
+
+
+def _half(t, dtype):
+    return t.to(dtype).float()
+
+
+def _entries(p, k, kind):
+    return dense_entries(torch.arange(17, 17 + p), k, 99, kind, dtype=torch.float32)
+
+
+# Three precision bugs a kernel could have, emulated in torch; float32 math everywhere else.
+MUTATIONS = {
+    # the partial sums of each block of 32 rows (Triton's BLOCK_P) kept in the 16-bit input dtype
+    "16-bit intermediates": lambda X, k, kind, d: sum(
+        _half(X[:, i:i + 32].float() @ _entries(X.shape[1], k, kind)[i:i + 32], d) for i in range(0, X.shape[1], 32)),
+    # float32 promised, the result rounded to 16 bits
+    "16-bit output": lambda X, k, kind, d: _half(reference(X, k, 99, kind, 17), d),
+    # the entries of R generated in the 16-bit input dtype
+    "16-bit projection matrices": lambda X, k, kind, d: X.float() @ _half(_entries(X.shape[1], k, kind), d),
+}
+
+
+@pytest.mark.parametrize("B,p,k", SHAPES[1:], ids=str)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("bug", MUTATIONS)
+def test_bound_rejects_precision_bugs(bug, dtype, B, p, k):
+    """The bound fails a kernel with the bug on the shapes the backends are checked on (not SHAPES[0], a single
+    product that a rounding may leave exact). Gaussian entries: Rademacher entries in 16 bits differ from float32
+    only by one common scale, 1/sqrt(k) rounded, which for k = 64 is exact."""
+    X = _x(B, p, dtype)
+    expected = bounds.project_dense(X, k, 99, "gaussian", row_offset=17)
+    assert_within_bound(reference(X, k, 99, "gaussian", 17), expected)  # the bug-free float32 computation passes
+    assert exceeds_bound(MUTATIONS[bug](X, k, "gaussian", dtype), expected)
 
 
 def test_blocks_equal_their_concatenation(backend, device):

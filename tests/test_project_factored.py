@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from airtrace.ops import bounds
 from airtrace.ops.project_factored import project_factored, reference
-from conftest import COMPILED_DTYPES, assert_close_to_reference
+from conftest import (COMPILED_DTYPES, HALF_DTYPES, assert_within_bound, exceeds_bound, few_triton_programs)
 
 # (B, T, d_in, d_out, k_in, k_out): odd sizes, T=1, k=1, d not a multiple of 8.
 SHAPES = [
@@ -13,6 +14,18 @@ SHAPES = [
     (3, 9, 33, 17, 8, 5),
     (2, 20, 40, 24, 16, 16),
 ]
+# Two or more of every tile of every backend's kernel:
+# - cpu (csrc/cpu/project_factored.cpp): kTileTokens = 64 -> 3 token tiles; the 9 (sample, tile) items split over
+#   the threads so that a sample straddles two threads' ranges; kGroupTokens = 24 -> 3 token groups per tile;
+#   micro-kernel panels of kMaxPanel = 64 columns -> k_in = 65 and k_out = 66 take 2 panels each.
+# - cuda (csrc/cuda/project_factored.cu): KT = 64 -> 2 x 2 output tiles; kTokens = 64 -> 3 chunks; kDepth = 16 ->
+#   3 steps over d_in, d_out; T split over 3 blocks (atomic adds). test_gpu.py adds B = 70 (2 chunks per block)
+#   and B = 140 (T not split).
+# - triton (kernels/project_factored.py) with PROGRAMS = 24: BLOCK_KI = BLOCK_KO = 64 -> 2 x 2 tiles; BLOCK_D = 32
+#   -> 2 steps; BLOCK_T = 32 and 2 token splits of 96 -> 3 token blocks per program, partial sums merged.
+# - torch: the reference has no tiles.
+MULTI_TILE = (3, 130, 40, 36, 65, 66)
+TRITON_PROGRAMS = 24
 
 
 def _inputs(shape, dtype, device, seed=0):
@@ -24,11 +37,6 @@ def _inputs(shape, dtype, device, seed=0):
     P_out = torch.randn(d_out, k_out, generator=g) / d_out**0.5
     mask = torch.rand(B, T, generator=g) > 0.3
     return [t.to(device) for t in (A, G, P_in, P_out, mask)]
-
-
-def _reference(A, G, P_in, P_out, mask=None):
-    cpu64 = [None if t is None else t.to("cpu", torch.float64) for t in (A, G, P_in, P_out, mask)]
-    return reference(*cpu64)
 
 
 def test_reference_equals_projected_per_sample_gradient():
@@ -49,14 +57,51 @@ def test_matches_float64_reference(backend, device, shape, dtype, masked):
     mask = mask if masked else None
     out = project_factored(A, G, P_in, P_out, mask, backend=backend)
     assert out.dtype == torch.float32 and out.device.type == device.type
-    assert_close_to_reference(out, _reference(A, G, P_in, P_out, mask), dtype)
+    assert_within_bound(out, bounds.project_factored(A, G, P_in, P_out, mask))
+
+
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+def test_multi_tile_matches_float64_reference(backend, device, dtype, monkeypatch):
+    if backend == "triton":
+        few_triton_programs(monkeypatch, "project_factored", TRITON_PROGRAMS)
+    A, G, P_in, P_out, mask = _inputs(MULTI_TILE, dtype, device, seed=1)
+    out = project_factored(A, G, P_in, P_out, mask, backend=backend)
+    assert_within_bound(out, bounds.project_factored(A, G, P_in, P_out, mask))
+
+
+def _half(t, dtype):
+    return t.to(dtype).float()
+
+
+# Three precision bugs a kernel could have, emulated in torch; float32 math everywhere else.
+MUTATIONS = {
+    # the projections A P_in, G P_out kept in the 16-bit input dtype
+    "16-bit intermediates": lambda A, G, P_in, P_out, m, d: (
+        (_half(G.float() @ P_out, d) * m[:, :, None]).transpose(1, 2) @ _half(A.float() @ P_in, d)),
+    # float32 promised, the result rounded to 16 bits
+    "16-bit output": lambda A, G, P_in, P_out, m, d: _half(reference(A, G, P_in, P_out, m), d),
+    # P_in, P_out rounded to the 16-bit input dtype
+    "16-bit projection matrices": lambda A, G, P_in, P_out, m, d: reference(A, G, _half(P_in, d), _half(P_out, d), m),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:] + [MULTI_TILE], ids=str)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("bug", MUTATIONS)
+def test_bound_rejects_precision_bugs(bug, dtype, shape):
+    """The bound fails a kernel with the bug on the shapes the backends are checked on (SHAPES[0] has a single
+    output element, which a rounding may leave exact)."""
+    A, G, P_in, P_out, mask = _inputs(shape, dtype, "cpu")
+    expected = bounds.project_factored(A, G, P_in, P_out, mask)
+    assert_within_bound(reference(A, G, P_in, P_out, mask), expected)  # the bug-free float32 computation passes
+    assert exceeds_bound(MUTATIONS[bug](A, G, P_in, P_out, mask.float(), dtype), expected)
 
 
 def test_float_mask_weights_tokens(backend, device):
     A, G, P_in, P_out, _ = _inputs((2, 5, 9, 7, 3, 4), torch.float32, device)
     weights = torch.tensor([[0.0, 0.5, 1.0, 2.0, -1.0], [1.0, 1.0, 0.0, 0.0, 3.0]], device=device)
     out = project_factored(A, G, P_in, P_out, weights, backend=backend)
-    assert_close_to_reference(out, _reference(A, G, P_in, P_out, weights), torch.float32)
+    assert_within_bound(out, bounds.project_factored(A, G, P_in, P_out, weights))
 
 
 def test_fully_masked_sample_is_zero(backend, device):

@@ -3,38 +3,28 @@
 import pytest
 import torch
 
+from airtrace.ops import bounds
 from airtrace.ops.merge_topk import merge_topk
-from airtrace.ops.score_topk import reference, score_topk
-from conftest import COMPILED_DTYPES, TOLERANCE
+from airtrace.ops.score_topk import normalized, reference, score_topk
+from conftest import COMPILED_DTYPES, HALF_DTYPES, assert_topk_within_bound, few_triton_programs
 
 SHAPES = [(1, 1, 1, 1), (3, 50, 7, 5), (5, 300, 16, 10), (2, 129, 33, 40)]  # (q, n, k, topk)
+# Two or more of every tile of each backend's kernel, (q, n, k, topk):
+# - torch: the reference scores tile = 8192 rows at a time -> n = 8300 takes 2 tiles.
+# - cpu (csrc/cpu/score_topk.cpp): kTileRows = 192 -> 44 row tiles shared by the threads (per-thread heaps merged);
+#   kDepth = 256 -> k = 260 takes 2 feature blocks; kPanel = 64 -> q = 65 takes 2 query panels.
+# - cuda (csrc/cuda/score_topk.cu): kTile = 64 -> 2 query tiles and 130 row tiles; kDepth = 16 -> 17 steps;
+#   kCandidates = 2048 -> 5 selection segments. test_gpu.py adds n = 260000 (2 chunks of 2^24 / q rows).
+# - triton (kernels/score_topk.py) with PROGRAMS = 4: BLOCK_Q = 64 -> 2 query blocks; BLOCK_K = 32 -> 2 steps;
+#   BLOCK_N = 32 and 2 chunks of 64 rows -> 2 row tiles per program, chunks merged.
+MULTI_TILE = {"torch": (65, 8300, 260, 10), "cpu": (65, 8300, 260, 10), "cuda": (65, 8300, 260, 10),
+              "triton": (65, 97, 33, 10)}
+TRITON_PROGRAMS = 4
 
 
 def _inputs(q, n, k, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(q, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
-
-
-def _check_topk(values, indices, Q, X, topk, normalize, dtype, index_offset=0):
-    """Returned indices are a true top-k and their values are the exact scores."""
-    Q64, X64 = Q.double(), X.cpu().double()
-    if normalize:
-        Q64 = Q64 / Q64.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        X64 = X64 / X64.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    scores = Q64 @ X64.T  # (q, n)
-    values, indices = values.cpu().double(), indices.cpu()
-    n = X.shape[0]
-    filled = min(topk, n)
-    assert torch.all(indices[:, filled:] == -1) and torch.all(values[:, filled:] == float("-inf"))
-    local = indices[:, :filled] - index_offset
-    assert torch.all((local >= 0) & (local < n))
-    assert all(len(set(row.tolist())) == filled for row in local), "duplicate indices"
-    tol = TOLERANCE[dtype] * scores.abs().max()
-    true_values = scores.gather(1, local)
-    assert (values[:, :filled] - true_values).abs().max() <= tol
-    kth_best = scores.topk(filled, dim=1).values
-    assert torch.all(true_values >= kth_best - tol), "an index outside the true top-k was returned"
-    assert torch.all(values[:, :filled].diff(dim=1) <= 0), "values not sorted descending"
 
 
 @pytest.mark.parametrize("q,n,k,topk", SHAPES, ids=str)
@@ -43,8 +33,52 @@ def _check_topk(values, indices, Q, X, topk, normalize, dtype, index_offset=0):
 def test_matches_float64_scores(backend, device, q, n, k, topk, dtype, normalize):
     Q, X = _inputs(q, n, k, dtype)
     values, indices = score_topk(Q.to(device), X.to(device), topk, normalize, index_offset=1000, backend=backend)
-    assert values.shape == (q, topk) and indices.dtype == torch.int64
-    _check_topk(values, indices, Q, X, topk, normalize, dtype, index_offset=1000)
+    assert values.shape == (q, topk) and values.dtype == torch.float32 and indices.dtype == torch.int64
+    assert_topk_within_bound(values, indices, bounds.scores(Q, X, normalize), index_offset=1000)
+
+
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True], ids=["dot", "cosine"])
+def test_multi_tile_matches_float64_scores(backend, device, dtype, normalize, monkeypatch):
+    if backend == "triton":
+        few_triton_programs(monkeypatch, "score_topk", TRITON_PROGRAMS)
+    q, n, k, topk = MULTI_TILE[backend]
+    Q, X = _inputs(q, n, k, dtype, seed=1)
+    values, indices = score_topk(Q.to(device), X.to(device), topk, normalize, index_offset=7, backend=backend)
+    assert_topk_within_bound(values, indices, bounds.scores(Q, X, normalize), index_offset=7)
+
+
+def _half(t, dtype):
+    return t.to(dtype).float()
+
+
+def _top(s, topk):
+    values, indices = torch.topk(s, min(topk, s.shape[1]), dim=1)
+    return values, indices
+
+
+# Three precision bugs a kernel could have, emulated in torch; float32 math everywhere else.
+MUTATIONS = {
+    # the score tile kept in the 16-bit dtype of X before the top-k
+    "16-bit intermediates": lambda Q, X, topk, cos, d: _top(_half(
+        (normalized(Q) if cos else Q) @ (normalized(X.float()) if cos else X.float()).T, d), topk),
+    # float32 promised, the values rounded to 16 bits
+    "16-bit output": lambda Q, X, topk, cos, d: (lambda v, i: (_half(v, d), i))(*reference(Q, X, topk, cos)),
+    # the queries cast to X's 16-bit dtype instead of float32
+    "16-bit projection matrices": lambda Q, X, topk, cos, d: reference(_half(Q, d), X, topk, cos),
+}
+
+
+@pytest.mark.parametrize("q,n,k,topk", SHAPES[1:] + [MULTI_TILE["cpu"]], ids=str)
+@pytest.mark.parametrize("normalize", [False, True], ids=["dot", "cosine"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("bug", MUTATIONS)
+def test_bound_rejects_precision_bugs(bug, dtype, normalize, q, n, k, topk):
+    """The bound fails a kernel with the bug on the shapes the backends are checked on (not SHAPES[0], one score)."""
+    Q, X = _inputs(q, n, k, dtype)
+    expected = bounds.scores(Q, X, normalize)
+    assert bounds.topk_excess(*reference(Q, X, topk, normalize), expected) <= 1  # the bug-free float32 computation
+    assert bounds.topk_excess(*MUTATIONS[bug](Q, X, topk, normalize, dtype), expected) > 1
 
 
 def test_equal_scores_are_ordered_by_lower_index(backend, device):

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "airtrace/cpu_isa.h"
+#include "airtrace/digest.h"
 #include "airtrace/group_pool_scores.h"
 #include "airtrace/precondition.h"
 #include "airtrace/project_dense.h"
@@ -29,6 +30,7 @@ namespace airtrace {
   decltype(airtrace::score_topk_cpu) score_topk_cpu;               \
   decltype(airtrace::precondition_cpu) precondition_cpu;           \
   decltype(airtrace::group_pool_scores_cpu) group_pool_scores_cpu; \
+  decltype(airtrace::digest_cpu) digest_cpu;                       \
   }
 AIRTRACE_CPU_ISAS(AIRTRACE_DECLARE_VARIANT)
 #undef AIRTRACE_DECLARE_VARIANT
@@ -50,13 +52,14 @@ struct Variant {
   decltype(&score_topk_cpu) score_topk;
   decltype(&precondition_cpu) precondition;
   decltype(&group_pool_scores_cpu) group_pool_scores;
+  decltype(&digest_cpu) digest;
 };
 
 // The built variants, worst to best.
 const std::vector<Variant>& variants() {
 #define AIRTRACE_VARIANT(isa, level)                                                                          \
   Variant{#isa, level, AIRTRACE_CPU_SUPPORTS(level), isa::project_factored_cpu, isa::project_dense_cpu, \
-          isa::score_topk_cpu, isa::precondition_cpu, isa::group_pool_scores_cpu},
+          isa::score_topk_cpu, isa::precondition_cpu, isa::group_pool_scores_cpu, isa::digest_cpu},
   static const std::vector<Variant> all{AIRTRACE_CPU_ISAS(AIRTRACE_VARIANT)};
 #undef AIRTRACE_VARIANT
   return all;
@@ -170,6 +173,10 @@ void precondition_cpu(const void* G, DType dtype, const float* Q_G, const float*
 void group_pool_scores_cpu(const float* Q, const void* X, DType dtype, int64_t q, int64_t d, const int64_t* offsets,
                            const int64_t* members, int64_t G, float* out) {
   active().group_pool_scores(Q, X, dtype, q, d, offsets, members, G, out);
+}
+
+void digest_cpu(const void* data, int64_t rows, int64_t row_bytes, uint64_t* out) {
+  active().digest(data, rows, row_bytes, out);
 }
 
 namespace cpu_isa {

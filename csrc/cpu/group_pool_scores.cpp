@@ -271,9 +271,10 @@ void group_pool_scores_cpu(const float* Q, const void* X, DType dtype, int64_t q
   const cpu::Buffer<int64_t> starts = group_blocks(offsets, G, std::clamp(per_item, kTileRows, kBlockMembers));
   const int64_t group_blocks_count = static_cast<int64_t>(starts.size()) - 1;
   const int64_t items = query_blocks * group_blocks_count;
+  cpu::Buffer<Pooler::Scratch> scratch = cpu::per_thread([&] { return pooler.make_scratch(); });
 #pragma omp parallel if (parallel)
   {
-    Pooler::Scratch s = pooler.make_scratch();
+    Pooler::Scratch& s = scratch[cpu::thread_index()];
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < items; ++t) {
       const int64_t b = t % group_blocks_count;

@@ -35,6 +35,17 @@ inline int team_size() {
 #endif
 }
 
+// One scratch object per thread of the coming parallel regions, each from make(), made before they start.
+// Rule: no allocation inside a parallel region. An exception cannot leave a region (the process would
+// end), so memory that runs out (std::bad_alloc) must do so here, where it reaches the caller as an error.
+template <typename Make>
+auto per_thread(Make&& make) {
+  Buffer<decltype(make())> out;
+  out.reserve(max_threads());
+  for (int t = 0; t < max_threads(); ++t) out.push_back(make());
+  return out;
+}
+
 // [begin, end) of `count` items for thread `index` of `threads`: contiguous, near-equal shares.
 inline void thread_share(int64_t count, int index, int threads, int64_t* begin, int64_t* end) {
   *begin = count * index / threads;

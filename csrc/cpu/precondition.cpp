@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "convert.h"
+#include "parallel.h"
 #include "variant.h"
 
 namespace airtrace::AIRTRACE_ISA {
@@ -112,22 +113,24 @@ void precondition_cpu(const void* G, DType dtype, const float* Q_G, const float*
   for (int64_t i = 0; i < k_out; ++i)
     for (int64_t j = 0; j < k_in; ++j) D[i * ld + j] += damping;
   const int64_t flops = 4 * B * size * (k_out + k_in);
+  cpu::Buffer<cpu::Buffer<float>> scratch = cpu::per_thread([&] { return cpu::Buffer<float>(2 * k_out * ld, 0.0f); });
 #pragma omp parallel if (flops >= kParallelFlops)
   {
-    cpu::Buffer<float> X(k_out * ld, 0.0f), Y(k_out * ld, 0.0f);
-    const auto into_Y = [&](int64_t i, int64_t j, const float* v, int n) { std::copy_n(v, n, Y.data() + i * ld + j); };
+    float* const X = scratch[cpu::thread_index()].data();
+    float* const Y = X + k_out * ld;
+    const auto into_Y = [&](int64_t i, int64_t j, const float* v, int n) { std::copy_n(v, n, Y + i * ld + j); };
     const auto divided_into_X = [&](int64_t i, int64_t j, const float* v, int n) {
       for (int l = 0; l < n; ++l) X[i * ld + j + l] = v[l] / D[i * ld + j + l];
     };
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t p = 0; p < k_out; ++p)
-        cpu::load_row(cpu::element_ptr(G, dtype, b * size + p * k_in), dtype, k_in, X.data() + p * ld);
-      gemm(QGt.data(), k_out, k_out, X.data(), ld, k_out, into_Y);
-      gemm(Y.data(), ld, k_out, QA.data(), ld, k_in, divided_into_X);
-      gemm(Q_G, k_out, k_out, X.data(), ld, k_out, into_Y);
+        cpu::load_row(cpu::element_ptr(G, dtype, b * size + p * k_in), dtype, k_in, X + p * ld);
+      gemm(QGt.data(), k_out, k_out, X, ld, k_out, into_Y);
+      gemm(Y, ld, k_out, QA.data(), ld, k_in, divided_into_X);
+      gemm(Q_G, k_out, k_out, X, ld, k_out, into_Y);
       float* out_b = out + b * size;
-      gemm(Y.data(), ld, k_out, QAt.data(), ld, k_in, [&](int64_t i, int64_t j, const float* v, int n) {
+      gemm(Y, ld, k_out, QAt.data(), ld, k_in, [&](int64_t i, int64_t j, const float* v, int n) {
         std::copy_n(v, std::min<int64_t>(n, k_in - j), out_b + i * k_in + j);
       });
     }

@@ -220,11 +220,20 @@ struct DenseProblem {
   cpu::Buffer<uint32_t> ckeys;  // column_keys(round_up(k, kBlockCols), kind)
 };
 
+// One thread's buffers: a chunk of X in fp32 and its row pointers, a block of R, the chunk's row keys.
+struct DenseScratch {
+  cpu::Buffer<float> x, E;
+  cpu::Buffer<const float*> x_rows;
+  cpu::Buffer<uint32_t> rkeys;
+  explicit DenseScratch(int64_t B) : x(B * kChunkRows), E(kChunkRows * kBlockCols), x_rows(B), rkeys(kChunkRows) {}
+};
+
 // acc (B, k) += X[:, rows [begin, end)] R[row_offset + rows], chunk by chunk.
-void project_rows(const DenseProblem& pr, int64_t begin, int64_t end, float* acc) {
-  cpu::Buffer<float> x(pr.B * kChunkRows), E(kChunkRows * kBlockCols);
-  cpu::Buffer<const float*> x_rows(pr.B);
-  cpu::Buffer<uint32_t> rkeys(kChunkRows);
+void project_rows(const DenseProblem& pr, int64_t begin, int64_t end, float* acc, DenseScratch& s) {
+  cpu::Buffer<float>& x = s.x;
+  cpu::Buffer<float>& E = s.E;
+  cpu::Buffer<const float*>& x_rows = s.x_rows;
+  cpu::Buffer<uint32_t>& rkeys = s.rkeys;
   for (int64_t i0 = begin; i0 < end; i0 += kChunkRows) {
     const int64_t rows = std::min(kChunkRows, end - i0);
     for (int64_t b = 0; b < pr.B; ++b) {
@@ -254,12 +263,13 @@ void project_dense_cpu(const void* X, DType dtype, int64_t B, int64_t p, int64_t
                         static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))), column_keys(padded_k, kind)};
   const int threads = cpu::max_threads();
   cpu::Buffer<float> partial((threads - 1) * B * k, 0.0f);
+  cpu::Buffer<DenseScratch> scratch = cpu::per_thread([&] { return DenseScratch(B); });
 #pragma omp parallel
   {
     const int t = cpu::thread_index();
     int64_t begin, end;
     cpu::thread_share(p, t, cpu::team_size(), &begin, &end);
-    project_rows(pr, begin, end, t == 0 ? out : partial.data() + (t - 1) * B * k);
+    project_rows(pr, begin, end, t == 0 ? out : partial.data() + (t - 1) * B * k, scratch[t]);
   }
   for (int t = 1; t < threads; ++t)
     for (int64_t i = 0; i < B * k; ++i) out[i] += partial[(t - 1) * B * k + i];

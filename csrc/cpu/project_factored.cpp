@@ -159,9 +159,10 @@ void project_factored_cpu(const void* A, const void* G, DType dtype, const float
   const int slots = 2 * cpu::max_threads();
   cpu::Buffer<int64_t> partial_sample(slots, -1);
   cpu::Buffer<float> partial(slots * out_size);
+  cpu::Buffer<FactoredProjection::Scratch> scratch = cpu::per_thread([&] { return proj.make_scratch(); });
 #pragma omp parallel
   {
-    FactoredProjection::Scratch s = proj.make_scratch();
+    FactoredProjection::Scratch& s = scratch[cpu::thread_index()];
     int64_t begin, end;
     cpu::thread_share(items, cpu::thread_index(), cpu::team_size(), &begin, &end);
     for (int64_t item = begin; item < end;) {

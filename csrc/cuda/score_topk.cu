@@ -48,16 +48,16 @@ __device__ __forceinline__ uint64_t score_key(float v, int64_t j) {
   return (static_cast<uint64_t>(order_bits(v)) << 32) | (0xffffffffu - static_cast<uint32_t>(j));
 }
 
-// Squared norm contribution of the staged features: thread t < kTile sums Q row t, thread
-// kTile + t sums X row t, the others return 0.
-__device__ float staged_sumsq(const float (*qs)[kStride], const float (*xs)[kStride]) {
+// Squared norm contribution of the staged features, in double (the square of any fp32 fits): thread
+// t < kTile sums Q row t, thread kTile + t sums X row t, the others return 0.
+__device__ double staged_sumsq(const float (*qs)[kStride], const float (*xs)[kStride]) {
   const int t = threadIdx.x;
-  if (t >= 2 * kTile) return 0.0f;
+  if (t >= 2 * kTile) return 0.0;
   const float(*staged)[kStride] = t < kTile ? qs : xs;
   const int row = t % kTile;
-  float sum = 0.0f;
+  double sum = 0.0;
 #pragma unroll
-  for (int d = 0; d < kDepth; ++d) sum += staged[d][row] * staged[d][row];
+  for (int d = 0; d < kDepth; ++d) sum += static_cast<double>(staged[d][row]) * staged[d][row];
   return sum;
 }
 
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t jl0 = (blockIdx.x % col_tiles) * kTile;
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
   float acc[kPerThread][kPerThread] = {};
-  float sumsq = 0.0f;
+  double sumsq = 0.0;
   for (int64_t d0 = 0; d0 < k; d0 += kDepth) {
     for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {
       const int row = e / kDepth, d = e % kDepth;
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   if constexpr (kNormalize) {
-    const float inv_norm = 1.0f / fmaxf(sqrtf(sumsq), kNormEps);
+    const float inv_norm = static_cast<float>(1.0 / fmax(sqrt(sumsq), static_cast<double>(kNormEps)));
     if (threadIdx.x < kTile) {
       inv_norm_q[threadIdx.x] = inv_norm;
     } else if (threadIdx.x < 2 * kTile) {
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t jl = jl0 + kPerThread * tx + c;
       if (jl >= cols) break;
       float s = acc[r][c];
-      if constexpr (kNormalize) s *= inv_norm_q[kPerThread * ty + r] * inv_norm_x[kPerThread * tx + c];
+      if constexpr (kNormalize) s = s * inv_norm_q[kPerThread * ty + r] * inv_norm_x[kPerThread * tx + c];
       S[i * ld + jl] = s;
     }
   }

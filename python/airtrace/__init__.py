@@ -8,6 +8,10 @@ registers the kernels as ``torch.ops.airtrace.*`` custom ops (each op's module i
 for ``__version__``); the library imports its modules directly.
 """
 
+from airtrace.util.preflight import check_cli_memory
+
+check_cli_memory()  # before torch loads: the command's one-line error under a too-low ulimit -v
+
 from airtrace.attribute import (
     Attributor,
     CheckpointCapture,
@@ -19,6 +23,7 @@ from airtrace.attribute import (
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
 from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
+from airtrace.ops.digest import digest
 from airtrace.ops.group_pool_scores import group_pool_scores
 from airtrace.ops.merge_topk import merge_topk
 from airtrace.ops.precondition import precondition
@@ -30,6 +35,7 @@ from airtrace.store import (
     IncompleteStoreError,
     ManifestError,
     ShardError,
+    SidecarError,
     Store,
     StoreCompleteError,
     StoreError,
@@ -63,6 +69,7 @@ __all__ = [
     "StoreError",
     "ManifestError",
     "ShardError",
+    "SidecarError",
     "StoreMismatchError",
     "IncompleteStoreError",
     "StoreLockedError",
@@ -74,6 +81,7 @@ __all__ = [
     "merge_topk",
     "precondition",
     "group_pool_scores",
+    "digest",
     # backends
     "BACKENDS",
     "BackendUnavailable",

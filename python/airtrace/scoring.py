@@ -45,8 +45,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from airtrace import distributed
 from airtrace.curvature import Curvature
@@ -56,6 +54,8 @@ from airtrace.ops.score_topk import normalized, score_topk
 from airtrace.profiling import stage, timed_iter
 from airtrace.store import Store
 from airtrace.store.sidecars import SELF_INFLUENCE, self_influence_sidecar
+from airtrace.util.checked_file import load_checked, save_checked
+from airtrace.util.checks import check_groups
 from airtrace.util.progress import progress_bar
 
 log = logging.getLogger("airtrace")
@@ -75,6 +75,8 @@ SAMPLE_SIZE = 256
 """Rows per query in :attr:`Scores.sample` (every ⌈n / 256⌉-th train row): the score distribution."""
 SCORES = "scores"
 METADATA_KEY = "airtrace.scores"
+SELF_INFLUENCE_KEY = "airtrace.self_influence"
+"""The metadata key of the self-influence cache (a checked file, see :mod:`airtrace.util.checked_file`)."""
 
 Precondition = Callable[[torch.Tensor], torch.Tensor]
 """(rows, width) features -> (rows, width) H⁻¹-preconditioned features."""
@@ -228,10 +230,10 @@ class SelfInfluence:
         if not os.path.exists(self.path):
             return None
         try:
-            with safe_open(self.path, framework="pt") as f:
-                values = f.get_tensor(SELF_INFLUENCE)
-        except (SafetensorError, OSError) as exc:
-            log.warning("airtrace: ignoring unreadable self-influence cache %s (%s)", self.path, exc)
+            tensors, _ = load_checked(self.path, SELF_INFLUENCE_KEY, "an airtrace self-influence cache")
+            values = tensors[SELF_INFLUENCE]
+        except (ValueError, KeyError) as exc:
+            log.warning("airtrace: ignoring the self-influence cache, it is recomputed: %s", exc)
             return None
         if tuple(values.shape) != (len(self.store),):
             log.warning("airtrace: ignoring self-influence cache %s of shape %s", self.path, tuple(values.shape))
@@ -258,16 +260,12 @@ class SelfInfluence:
         parts = [v for part in distributed.gather_objects(self._computed) for v in part]
         if sum(v.shape[0] for v in parts) != len(self.store):
             return
-        values = torch.cat(parts)
+        values = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)  # an empty store: no rows
         if distributed.is_main():
-            tmp = f"{self.path}.{os.getpid()}.tmp"
             try:
-                save_file({SELF_INFLUENCE: values}, tmp)
-                os.replace(tmp, self.path)
+                save_checked({SELF_INFLUENCE: values}, self.path, SELF_INFLUENCE_KEY, {"rows": len(self.store)})
             except OSError as exc:
-                log.warning("airtrace: could not cache self-influence in %s (%s)", self.path, exc)
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                log.warning("airtrace: could not cache self-influence (%s)", exc)
         self.cached = values
 
 
@@ -325,11 +323,9 @@ class GroupScores:
 
 def _group_members(groups: Sequence[Sequence[int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (row, group) pairs of ``groups``, checked to lie in [0, n)."""
-    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
-        raise ValueError("groups must be a non-empty list of lists of train row indices")
     rows, owners = [], []
-    for g, members in enumerate(groups):
-        members = torch.as_tensor(members, dtype=torch.int64).reshape(-1)
+    for g, members in enumerate(check_groups(groups)):
+        members = torch.tensor(members, dtype=torch.int64)
         if members.numel() and (int(members.min()) < 0 or int(members.max()) >= n):
             raise ValueError(f"groups[{g}] holds row indices outside [0, {n}) (the store has {n} rows)")
         rows.append(members)

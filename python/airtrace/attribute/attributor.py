@@ -14,8 +14,24 @@ from torch import nn
 
 from airtrace import curvature as cv
 from airtrace import distributed
-from airtrace.attribute.batches import Batches, as_batches, checked_rows, example_count, pairs, reiterable
-from airtrace.attribute.config import CURVATURES, LossFn, essential, layer_specs, projection_config, recorded_projection
+from airtrace.attribute.batches import (
+    CONTENT,
+    Batches,
+    as_batches,
+    checked_rows,
+    content_digests,
+    example_count,
+    pairs,
+    reiterable,
+)
+from airtrace.attribute.config import (
+    CURVATURES,
+    LossFn,
+    essential,
+    layer_specs,
+    projection_config,
+    recorded_projection,
+)
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
@@ -47,6 +63,7 @@ from airtrace.store import (
     dtype_name,
     model_fingerprint,
 )
+from airtrace.util.fix import with_fix
 from airtrace.util.progress import progress_bar
 
 log = logging.getLogger("airtrace")
@@ -231,12 +248,13 @@ class Attributor:
             raise StoreError(f"{store.path}: the finished store has dtype {store.manifest['dtype']} and rows_per_shard "
                              f"{store.rows_per_shard}, featurize asked for {dtype_name(dtype)} and {rows_per_shard}. "
                              "Fix: pass the store's settings, or overwrite=True to write it again.")
-        stored = set(store.ids)
-        for ids, _ in pairs(batches, "batches"):
+        stored = dict(zip(store.ids, _stored_digests(store)))
+        for ids, batch in pairs(batches, "batches"):
             missing = [i for i in ids if i not in stored]
             if missing:
                 raise StoreError(f"{store.path}: the store is finished but lacks example id {missing[0]!r} of "
                                  "batches. Fix: write to a new directory, or pass overwrite=True to write it again.")
+            _check_same_data(store.path, ids, content_digests(batch, len(ids)), stored)
         return store
 
     def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
@@ -244,20 +262,28 @@ class Attributor:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
         writer = StoreWriter(path, model_fingerprint(self.module), list(self.dims.items()), dtype, rows_per_shard,
-                             {"projection": self.featurizer.record(), "curvature": None}, overwrite=overwrite)
-        done = set(writer.done_ids)
-        kfac = self._kfac_alongside() if not done else None
-        self._featurized_kfac = None
-        with writer, progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
-            for ids, batch in pairs(batches, "batches"):
-                keep = [j for j, i in enumerate(ids) if i not in done]
-                if len(keep) < len(ids):
-                    kfac = None  # resumed: the factors would miss the rows written before
-                if keep:
-                    features = checked_rows(self.featurizer.features(batch, kfac), ids)
-                    with stage("store_write", rows=len(keep), nbytes=len(keep) * writer.width * writer.dtype.itemsize):
-                        writer.append(features[keep], [ids[j] for j in keep])
-                    bar.update(len(keep))
+                             {"projection": self.featurizer.record(), "curvature": None},
+                             extras={CONTENT: ("int64", (2,))}, overwrite=overwrite)
+        with writer:
+            done = {}
+            if writer.rows_done:
+                committed = Store.open(writer.path, allow_incomplete=True)
+                done = dict(zip(committed.ids, _stored_digests(committed)))
+            kfac = self._kfac_alongside() if not done else None
+            self._featurized_kfac = None
+            with progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
+                for ids, batch in pairs(batches, "batches"):
+                    digests = content_digests(batch, len(ids))
+                    _check_same_data(writer.path, ids, digests, done)
+                    keep = [j for j, i in enumerate(ids) if i not in done]
+                    if len(keep) < len(ids):
+                        kfac = None  # resumed: the factors would miss the rows written before
+                    if keep:
+                        features = checked_rows(self.featurizer.features(batch, kfac), ids)
+                        with stage("store_write", rows=len(keep),
+                                   nbytes=len(keep) * writer.width * writer.dtype.itemsize):
+                            writer.append(features[keep], [ids[j] for j in keep], **{CONTENT: digests[keep]})
+                        bar.update(len(keep))
         store = Store.open(path)
         if kfac is not None:
             self._featurized_kfac = (os.path.abspath(writer.path), kfac)
@@ -321,6 +347,8 @@ class Attributor:
             if method == "ekfac":
                 fitter = cv.EKFACFitter(curvature, self.damping)
                 curvature = self._fit_features(fitter, batches, store, total, progress)
+        curvature.fingerprint = model_fingerprint(self.module)
+        curvature.store_key = None if store is None else store.content_key()
         if path is not None:
             with distributed.all_or_none("saving the curvature"):
                 if distributed.is_main():
@@ -408,20 +436,29 @@ class Attributor:
 
     # -- score
 
-    def _checked_store(self, store: Store | str | os.PathLike) -> Store:
-        """Open a store and check it holds this model's features with this layout and projection."""
+    def _checked_store(self, store: Store | str | os.PathLike, fingerprint: str | None = None) -> Store:
+        """Open a store and check it holds this model's features (``fingerprint``: the model's, when known) with
+        this layout and projection."""
         store = store if isinstance(store, Store) else Store.open(store)
-        store.check_fingerprint(model_fingerprint(self.module))
+        store.check_fingerprint(fingerprint or model_fingerprint(self.module))
         ours, theirs = essential(self.featurizer.record()), essential(store.meta.get("projection") or {})
         if ours != theirs or [(b.name, b.shape) for b in store.layout] != list(self.dims.items()):
             raise StoreError(f"{store.path}: the store was featurized with projection {theirs}, this Attributor "
                              f"uses {ours}. Fix: Attributor.from_store(model, store, ...) or featurize again")
         return store
 
+    def _store_and_curvature(self, store: Store | str | os.PathLike) -> tuple[Store, Curvature]:
+        """The checked store and the fitted curvature, refused unless fitted for this model and this store."""
+        fingerprint = model_fingerprint(self.module)
+        store = self._checked_store(store, fingerprint)
+        curvature = self._fitted()
+        curvature.check_for(fingerprint, store.content_key(), store.path)
+        return store, curvature
+
     def self_influence(self, store: Store | str | os.PathLike, *, progress: bool = True) -> torch.Tensor:
         """``ĝ_xᵀ H⁻¹ ĝ_x`` of every training example (n,) float64, cached in a store sidecar."""
-        store = self._checked_store(store)
-        key = self_influence_key(store, self._fitted())
+        store, curvature = self._store_and_curvature(store)
+        key = self_influence_key(store, curvature)
         dtype = accumulation_dtype(self._dtype)
         return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
                                     progress=progress)
@@ -487,8 +524,7 @@ class Attributor:
         if full_matrix_path is not None and distributed.active():
             raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
                              "shards); score with one process to write the full matrix")
-        store = self._checked_store(store)
-        curvature = self._fitted()
+        store, curvature = self._store_and_curvature(store)
         query_ids, Q = self._queries(query_batches, progress and distributed.is_main())
         n, q = len(store), Q.shape[0]
         sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
@@ -537,3 +573,19 @@ class Attributor:
                                          precondition=self._precondition_rows,
                                          progress=progress and distributed.is_main())
         return scores
+
+
+def _stored_digests(store: Store) -> list[tuple[int, int]]:
+    """The content digest of every row of ``store``, in row order."""
+    return [tuple(row) for *_, extras in store.iter_shards(extras=[CONTENT]) for row in extras[CONTENT].tolist()]
+
+
+def _check_same_data(path: str, ids: list, digests: torch.Tensor, stored: Mapping) -> None:
+    """Refuse an example whose id is in ``stored`` ({id: content digest}) with other content."""
+    for example_id, row in zip(ids, digests.tolist()):
+        if example_id in stored and stored[example_id] != tuple(row):
+            raise with_fix(StoreError(
+                f"{path}: example id {example_id!r} holds other data than when it was featurized (the digest of its "
+                "batch tensors differs), so its stored features are not its features. Fix: featurize into a new "
+                "directory, or pass overwrite=True to write the store again"),
+                "featurize into a new directory, or pass --overwrite to write the store again.")

@@ -1,6 +1,6 @@
 """Training and query batches as the Attributor takes them: iterables of ``(ids, batch)`` pairs, or a user's
-DataLoader / dataset adapted to them (``as_batches``), checked, counted and moved to a device; imports
-``airtrace.store`` (ids).
+DataLoader / dataset adapted to them (``as_batches``), checked, counted, moved to a device, and the content
+digest of each example; imports ``airtrace.store`` (ids), the digest op and ``airtrace.capture`` (the label padding).
 
 What is accepted, and where the example ids come from:
 
@@ -28,7 +28,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from airtrace.capture import IGNORE_INDEX
+from airtrace.ops.digest import digest
 from airtrace.store import normalize_ids
+
+CONTENT = "content_digest"
+"""The store extra (rows, 2) int64 that holds each example's :func:`content_digests`."""
 
 Batches = Iterable[tuple[Sequence, Any]]
 
@@ -331,3 +335,34 @@ def checked_rows(features: torch.Tensor, ids: list) -> torch.Tensor:
     if features.shape[0] != len(ids):
         raise ValueError(f"a batch has {len(ids)} ids but loss_fn returned {features.shape[0]} losses")
     return features
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors inside a batch (mappings in sorted key order, then sequences in order), depth first."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            yield from _tensors(obj[key])
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def content_digests(batch: Any, n: int) -> torch.Tensor:
+    """(n, 2) int64 on the CPU: per example, a 128-bit digest of its rows of every tensor in ``batch``.
+
+    A tensor whose first dimension is n contributes row i to example i; any other
+    tensor (batch-wide, e.g. a scalar) contributes to every example. It identifies
+    the data that reaches the model under an example id, so that a resume or a
+    re-featurize with other data under the same ids is refused.
+    """
+    parts = []
+    for t in _tensors(batch):
+        t = t.detach()
+        if t.dim() and t.shape[0] == n:
+            parts.append(digest(t.reshape(n, -1)))
+        else:
+            parts.append(digest(t.reshape(1, -1)).expand(n, 2))
+    rows = torch.cat([p.cpu() for p in parts], dim=1) if parts else torch.zeros(n, 0, dtype=torch.int64)
+    return digest(rows)

@@ -5,7 +5,8 @@ apps' commands.
 Commands:
 
 - ``airtrace env``: which kernel backends are available, and why not.
-- ``airtrace selfcheck``: every kernel backend against the float64 reference, timed.
+- ``airtrace selfcheck``: every kernel backend, on its own device, against the float64 reference under the error
+  bound, timed.
 - ``airtrace demo [--full] [--out DIR]``: SmolLM2-135M-Instruct on chatterbot Q->A pairs, attributed with
   LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
@@ -29,8 +30,11 @@ distributed (``torchrun --nproc-per-node N -m airtrace featurize ...``; see
 ``--quiet`` prints nothing but errors; files are written whole (atomically) with mode 0644.
 
 Exit status: 0 on success, 2 on usage errors (bad flags, a bad ``--model``),
-1 on runtime errors (a corrupt or mismatched store, bad data), whose message
-is printed without a traceback.
+1 on runtime errors (a corrupt or mismatched store, bad data, a full disk, memory
+that runs out), whose message is printed on one line or a few, without a traceback;
+its "Fix:" names command-line flags. Under an address-space limit (``ulimit -v``) too
+low to load torch the command stops with a one-line memory error before it loads
+torch (:mod:`airtrace.util.preflight`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import sys
 from airtrace.cli import demo, env, featurize, fit, inspect, profile, report, score, selfcheck
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
+from airtrace.util.fix import cli_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,5 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         args.parser.error(str(exc))
     except (ValueError, OSError, BackendUnavailable) as exc:
-        print(f"airtrace {args.command}: error: {exc}", file=sys.stderr)
+        print(f"airtrace {args.command}: error: {cli_message(exc)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and not _out_of_memory(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"airtrace {args.command}: error: out of memory ({detail}). Fix: a smaller --topk, fewer queries, "
+              "or a machine with more memory", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A RuntimeError of an allocator that ran out (torch's CPU allocator, CUDA)."""
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()

@@ -1,11 +1,13 @@
 """Argument types, output-file checks and the usage error shared by every command (``airtrace`` and its ``eval`` /
-``airrep`` commands); imports nothing from airtrace."""
+``airrep`` commands); imports only ``airtrace.util``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+
+from airtrace.util.checks import check_groups
 
 
 class UsageError(Exception):
@@ -34,14 +36,18 @@ fraction = bounded(float, 0.0, "a number in (0, 1)", 1.0)
 
 
 def read_groups(path: str | None) -> list | None:
-    """The ``--groups`` JSON file: a list of lists of train row indices (None without the flag)."""
+    """The ``--groups`` JSON file: a list of lists of integer train row indices (None without the flag).
+
+    Raises:
+        UsageError: naming ``--groups PATH``: unreadable, not JSON, or an entry that is not an integer row index.
+    """
     if path is None:
         return None
-    with open(path) as f:
-        groups = json.load(f)
-    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-        raise ValueError(f"{path}: --groups must be a JSON list of lists of train row indices")
-    return groups
+    try:
+        with open(path) as f:
+            return check_groups(json.load(f))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--groups {path}: {exc}") from None
 
 
 def key_value(text: str) -> tuple[str, object]:

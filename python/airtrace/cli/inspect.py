@@ -48,7 +48,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(store_summary(store))
     if args.verify:
         store.verify()
-        print(f"verified     {len(store.shards)} shards: headers, sizes, sha256 and ids match the manifest")
+        print(f"verified     {len(store.shards)} shards: headers, sizes, sha256 and ids match the manifest; sidecar "
+              "checksums match")
     return 0
 
 
@@ -56,5 +57,6 @@ def add_parser(sub) -> None:
     """Register ``airtrace inspect``."""
     inspect = sub.add_parser("inspect", help="summarise a store's manifest; --verify checks every shard")
     inspect.add_argument("store", metavar="STORE", help="store directory")
-    inspect.add_argument("--verify", action="store_true", help="check every shard's header, size and sha256")
+    inspect.add_argument("--verify", action="store_true",
+                         help="check every shard's header, size and sha256 and every sidecar's checksum")
     inspect.set_defaults(run=_cmd_inspect, parser=inspect)

@@ -97,7 +97,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                        curvature="identity", device=args.device, backend=args.backend)
     if args.curvature is not None:
         attributor.load_curvature(args.curvature)
-    scores = attributor.score(queries, args.store, topk=args.topk, metric=args.metric, order=args.order,
+    topk = max(1, min(args.topk, len(Store.open(args.store))))  # a store of n rows has at most n results per query
+    scores = attributor.score(queries, args.store, topk=topk, metric=args.metric, order=args.order,
                               full_matrix_path=args.full_matrix, groups=groups,
                               token_batches=task.train if args.tokens else None, progress=not args.quiet)
     world_readable(args.full_matrix)
@@ -132,7 +133,8 @@ def add_parser(sub) -> None:
                    help="queries from a file instead of the factory's: JSON lines (objects, made into batches by the "
                         "task's format_queries, or strings = {\"text\": ...}) or plain text, one query per line")
     p.add_argument("--batch-size", type=positive_int, default=8, help="queries per batch with --queries (default 8)")
-    p.add_argument("--topk", type=positive_int, default=10, help="results per query and order (default 10)")
+    p.add_argument("--topk", type=positive_int, default=10,
+                   help="results per query and order (default 10; at most the store's rows)")
     p.add_argument("--metric", default="inner", choices=METRICS,
                    help="score (default inner; the metrics are defined above)")
     p.add_argument("--order", default="top", choices=ORDERS,

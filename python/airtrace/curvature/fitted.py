@@ -1,23 +1,23 @@
-"""A fitted curvature (``Curvature``: one damped ``LayerInverse`` per layer), applying it and its safetensors file;
-imports ``airtrace.curvature.fitting``, the kernels layer and ``airtrace.util``."""
+"""A fitted curvature (``Curvature``: one damped ``LayerInverse`` per layer), applying it, the model and store it was
+fitted for, and its checksummed safetensors file; imports ``airtrace.curvature.fitting``, the kernels layer and
+``airtrace.util``."""
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from airtrace.curvature.fitting import F64, Dims, Features, check_features
 from airtrace.ops.backends import accumulation_dtype
+from airtrace.util.checked_file import load_checked, save_checked
 
 
 METADATA_KEY = "airtrace.curvature"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the file records the model fingerprint and store content key it was fitted for, and a checksum."""
 
 # take(key, shape) -> float64 tensor: reads one tensor of a layer from a file (None in shape = any size).
 TensorReader = Callable[[str, tuple], torch.Tensor]
@@ -64,6 +64,9 @@ class Curvature:
         inverses: {layer name: LayerInverse}.
         damping_factor: the relative damping factor used, None for absolute damping or identity.
         n_examples: examples the fit saw (None when built from given matrices).
+        fingerprint: :func:`airtrace.store.model_fingerprint` of the model it was fitted for (None: not bound).
+        store_key: ``Store.content_key()`` of the store it was fitted on (None: fitted on batches, or not bound).
+        path: the file it was saved to or loaded from (None: in memory only).
     """
 
     def __init__(
@@ -79,6 +82,9 @@ class Curvature:
         self.inverses = dict(inverses)
         self.damping_factor = damping_factor
         self.n_examples = n_examples
+        self.fingerprint: str | None = None
+        self.store_key: str | None = None
+        self.path: str | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -105,7 +111,28 @@ class Curvature:
             "damping": self.damping,
             "damping_factor": self.damping_factor,
             "n_examples": self.n_examples,
+            "fingerprint": self.fingerprint,
+            "store_key": self.store_key,
         }
+
+    def check_for(self, fingerprint: str, store_key: str, store_path: str) -> None:
+        """Refuse to precondition for another model or store than the ones it was fitted for.
+
+        Args:
+            fingerprint: the scoring model's fingerprint.
+            store_key: the scored store's ``content_key()``; store_path: its directory (for the message).
+
+        Raises:
+            ValueError: naming this curvature's file and both fingerprints or both content keys.
+        """
+        where = self.path or "the fitted curvature"
+        if self.fingerprint is not None and self.fingerprint != fingerprint:
+            raise ValueError(f"{where}: refused, it was fitted for model fingerprint {self.fingerprint!r}, this "
+                             f"model's is {fingerprint!r}; its factors describe another model's gradients. Fix: fit "
+                             "the curvature for this model")
+        if self.store_key is not None and self.store_key != store_key:
+            raise ValueError(f"{where}: refused, it was fitted on the store with content key {self.store_key!r}, "
+                             f"the store {store_path} has {store_key!r}. Fix: fit the curvature on this store")
 
     def __repr__(self) -> str:
         damping = ", ".join(f"{name}: {lam:.3g}" for name, lam in self.damping.items())
@@ -134,44 +161,46 @@ class Curvature:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the factors (``<layer>/<name>``, float64) and metadata to one safetensors file, atomically."""
-        path = os.fspath(path)
+        """Write the factors (``<layer>/<name>``, float64) and metadata with a checksum to one safetensors file,
+        atomically (a failed write leaves an existing file as it was).
+
+        Raises:
+            OSError: naming ``path`` and the cause (e.g. a full disk).
+        """
         tensors = {
-            f"{name}/{key}": t.detach().cpu().contiguous()
+            f"{name}/{key}": t
             for name, inv in self.inverses.items()
             for key, t in inv.tensors().items()
         }
-        tmp = f"{path}.tmp"
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(self.metadata)})
-        os.replace(tmp, path)
+        save_checked(tensors, path, METADATA_KEY, self.metadata)
+        self.path = os.fspath(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Curvature:
-        """Read a file written by :meth:`save` (tensors on the CPU).
+        """Read a file written by :meth:`save` (tensors on the CPU), its checksum checked.
 
         Raises:
-            ValueError: not a safetensors file, not an airtrace curvature, or a missing / misshapen tensor.
+            ValueError: not a safetensors file, not an airtrace curvature, a checksum mismatch, an older format,
+                or a missing / misshapen tensor.
         """
         path = os.fspath(path)
+        tensors, meta = load_checked(path, METADATA_KEY, "an airtrace curvature file")
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: curvature format {meta.get('format')!r}, this airtrace reads format "
+                             f"{FORMAT_VERSION} (which records the model and store it was fitted for). Fix: fit it "
+                             "again")
         try:
-            with safe_open(path, framework="pt") as f:
-                raw = (f.metadata() or {}).get(METADATA_KEY)
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except SafetensorError as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-        if raw is None:
-            raise ValueError(f"{path}: not an airtrace curvature file (no {METADATA_KEY!r} metadata)")
-        try:
-            meta = json.loads(raw)
             method, damping, dims = meta["method"], meta["damping"], meta["dims"]
             inverse_cls = INVERSES[method]
             inverses = {
                 name: inverse_cls.from_tensors(tuple(dims[name]), damping[name], _reader(path, tensors, name))
                 for name in meta["layers"]
             }
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: malformed {METADATA_KEY!r} metadata ({e!r})") from e
-        return cls(method, inverses, meta.get("damping_factor"), meta.get("n_examples"))
+        curvature = cls(method, inverses, meta.get("damping_factor"), meta.get("n_examples"))
+        curvature.fingerprint, curvature.store_key, curvature.path = meta["fingerprint"], meta["store_key"], path
+        return curvature
 
 
 def _reader(path: str, tensors: Mapping[str, torch.Tensor], layer: str) -> TensorReader:

@@ -3,16 +3,14 @@ accumulator; imports only ``airtrace.util``."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from airtrace.util.checked_file import load_checked, save_checked
 from airtrace.util.checks import positive_int
 
 
@@ -222,36 +220,31 @@ class Accumulator:
         self.n_examples, self.dims, self._sums = total, dims, sums
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state` to a safetensors file, atomically (temp file + rename).
+        """Write :meth:`state` to a safetensors file with a checksum, atomically (temp file + rename).
 
         Tensors ``<layer>/<i>`` hold the float64 sums; the metadata holds the example
         count and the layers' (k_out, k_in).
+
+        Raises:
+            OSError: naming ``path`` and the cause.
         """
         n, dims, sums = self.state()
-        tensors = {f"{name}/{i}": t.contiguous() for name, terms in sums.items() for i, t in enumerate(terms)}
-        meta = {STATE_KEY: json.dumps({"n_examples": n, "dims": dims, "terms": {k: len(v) for k, v in sums.items()}})}
-        tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {f"{name}/{i}": t for name, terms in sums.items() for i, t in enumerate(terms)}
+        save_checked(tensors, path, STATE_KEY,
+                     {"n_examples": n, "dims": dims, "terms": {k: len(v) for k, v in sums.items()}})
 
     @staticmethod
     def read_state(path: str | os.PathLike) -> AccumulatorState:
-        """A state written by :meth:`save_state`.
+        """A state written by :meth:`save_state`, its checksum checked.
 
         Raises:
-            ValueError: the file is unreadable or not such a state (names the file).
+            ValueError: the file is unreadable, not such a state, or fails its checksum (names the file).
         """
+        tensors, info = load_checked(path, STATE_KEY, "an airtrace fitter state")
         try:
-            with safe_open(os.fspath(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {})[STATE_KEY])
-                n, dims = int(info["n_examples"]), {k: tuple(v) for k, v in info["dims"].items()}
-                sums = {name: [f.get_tensor(f"{name}/{i}") for i in range(count)]
-                        for name, count in info["terms"].items()}
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+            n, dims = int(info["n_examples"]), {k: tuple(v) for k, v in info["dims"].items()}
+            sums = {name: [tensors[f"{name}/{i}"] for i in range(count)] for name, count in info["terms"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{path}: not a readable fitter state ({type(exc).__name__}: {exc})") from None
         if set(sums) != set(dims) or any(t.dtype != F64 for terms in sums.values() for t in terms):
             raise ValueError(f"{path}: not a fitter state (layers or dtypes do not match its metadata)")

@@ -123,49 +123,64 @@ def _device_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def _dtype_reason(backend: str, dtype: torch.dtype | None) -> str | None:
+    dtypes = REGISTRY[backend].dtypes
+    if dtype is None or dtype in dtypes:
+        return None
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    names = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"backend {backend!r} supports {names}, got {dtype} (use backend='torch' for float64)"
+
+
 @functools.lru_cache(maxsize=None)
 def _log_fallback_once(preferred: str, chosen: str, reason: str) -> None:
     log.warning("airtrace: backend %r unavailable (%s); using %r", preferred, reason, chosen)
 
 
-def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs ``op`` on inputs of ``dtype`` on ``device``.
+def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    """The backend that runs ``op`` on inputs of ``dtype`` on ``device``: the one rule of backend capability.
 
-    "auto" takes "torch" for a dtype no compiled backend takes (float64), even when
-    $AIRTRACE_BACKEND is set; otherwise $AIRTRACE_BACKEND, else the first available
-    backend of :data:`AUTO_ORDER` for the device.
+    A backend can run a call when it is available here, takes tensors on ``device`` and takes
+    ``dtype`` (its :class:`Backend` record). "auto" means $AIRTRACE_BACKEND when that backend
+    takes ``dtype``, else the first backend of :data:`AUTO_ORDER` for the device that can run
+    the call (so float64, which only "torch" takes, runs there even when $AIRTRACE_BACKEND
+    names a compiled backend). ``dtype`` None: an op on raw bytes, which every backend takes.
 
     Raises:
-        ValueError: an unknown backend name.
-        BackendUnavailable: an explicit backend (argument or $AIRTRACE_BACKEND) cannot run.
+        ValueError: an unknown backend name, or an explicit backend that does not take ``dtype``.
+        BackendUnavailable: an explicit backend (argument or $AIRTRACE_BACKEND) cannot run here.
     """
     if backend == "auto":
-        if dtype not in COMPILED_DTYPES:
-            return "torch"
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend != "auto" and backend in REGISTRY and _dtype_reason(backend, dtype) is not None:
+            backend = "auto"
     if backend == "auto":
         order = AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]
         for name in order:
-            if unavailable_reason(name) is None:
-                if name != order[0]:
+            if _dtype_reason(name, dtype) is None and unavailable_reason(name) is None:
+                if name != order[0] and _dtype_reason(order[0], dtype) is None:
                     _log_fallback_once(order[0], name, unavailable_reason(order[0]) or "")
                 return name
-        raise AssertionError("the torch backend is always available")
+        raise AssertionError("the torch backend takes every dtype and is always available")
     reason = unavailable_reason(backend) or _device_reason(backend, device)
     if reason is not None:
         raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
+    reason = _dtype_reason(backend, dtype)
+    if reason is not None:
+        raise ValueError(f"{op}: {reason}")
     return backend
 
 
 def dtype_code(t: torch.Tensor, name: str, backend: str) -> int:
-    """The kernels' code of ``t``'s dtype, or a ValueError naming ``name`` and ``backend``."""
+    """The kernels' code of ``t``'s dtype (:func:`choose` has already refused a dtype that ``backend`` does not take).
+
+    Raises:
+        ValueError: naming ``name`` and ``backend``, for a dtype outside the compiled kernels' codes.
+    """
     try:
         return DTYPE_CODES[t.dtype]
     except KeyError:
-        raise ValueError(
-            f"{name}: backend {backend!r} supports float32, bfloat16 and float16, got {t.dtype}"
-            " (use backend='torch' for float64)"
-        ) from None
+        raise ValueError(f"{name}: {_dtype_reason(backend, t.dtype)}") from None
 
 
 def _current_stream(device: torch.device) -> int:

@@ -24,6 +24,8 @@ def _check_groups(offsets, members, n: int) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError("offsets must hold G + 1 >= 1 entries (0, end of group 0, ..., len(members)), got none")
     offsets = offsets.to(torch.int64).contiguous()
     members = members.to(torch.int64).contiguous()
+    if offsets.device.type == "meta" or members.device.type == "meta":
+        return offsets, members  # no values to check
     nnz = members.numel()
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
@@ -71,7 +73,8 @@ def group_pool_scores(
 
     Returns:
         (q, G) float32 (float64 when either input is float64); accumulation is fp32 on the
-        compiled backends.
+        compiled backends. A NaN or infinite score makes its group's result NaN on every
+        backend (the other groups keep theirs). Meta tensors give a meta result of this shape.
     """
     check_tensor("queries", queries, 2)
     check_tensor("train", train, 2)
@@ -85,6 +88,8 @@ def group_pool_scores(
     device = check_same_device(queries=queries, train=train, offsets=offsets, members=members)
     acc = accumulation_dtype(torch.promote_types(queries.dtype, train.dtype))
     q, G = queries.shape[0], offsets.numel() - 1
+    if device.type == "meta":
+        return fake(queries, train, offsets, members)
     if q == 0 or members.numel() == 0:
         return torch.zeros(q, G, dtype=acc, device=device)
     run = IMPLEMENTATIONS[backends.choose("group_pool_scores", backend, device, acc)]
@@ -174,6 +179,12 @@ def _triton(*args):
     return kernel(*args)
 
 
+def fake(queries, train, offsets, members, backend="auto"):
+    """The result's shape, dtype and device without computing it (meta and fake tensors)."""
+    dtype = accumulation_dtype(torch.promote_types(queries.dtype, train.dtype))
+    return queries.new_empty((queries.shape[0], offsets.shape[0] - 1), dtype=dtype)
+
+
 IMPLEMENTATIONS = backends.implementations(reference, _compiled, _triton)
 
 
@@ -187,7 +198,4 @@ def torch_op(queries: torch.Tensor, train: torch.Tensor, offsets: torch.Tensor, 
     return group_pool_scores(queries, train, offsets, members, backend=backend)
 
 
-@torch_op.register_fake
-def _(queries, train, offsets, members, backend="auto"):
-    dtype = accumulation_dtype(torch.promote_types(queries.dtype, train.dtype))
-    return queries.new_empty((queries.shape[0], offsets.shape[0] - 1), dtype=dtype)
+torch_op.register_fake(fake)

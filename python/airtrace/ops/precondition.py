@@ -11,7 +11,7 @@ import torch
 
 from airtrace.ops import backends
 from airtrace.ops.backends import accumulation_dtype
-from airtrace.util.checks import check_same_device, check_tensor
+from airtrace.util.checks import all_finite, check_same_device, check_tensor
 
 
 def precondition(
@@ -42,7 +42,13 @@ def precondition(
 
     Returns:
         (B, k_out, k_in) float32 (float64 for float64 G_hat). Q_G, Q_A and Lam are
-        used in that dtype; accumulation is fp32 on the compiled backends.
+        used in that dtype; accumulation is fp32 on the compiled backends. Meta tensors
+        give a meta result.
+
+    Raises:
+        ValueError: bad shapes, ``Lam + damping`` not > 0, NaN/Inf inputs, or a result that
+            is not finite: ``Lam + damping`` so close to 0 that ``1 / (Lam + damping)`` overflows
+            the accumulation dtype (never returned as inf).
     """
     check_tensor("G_hat", G_hat, 3)
     check_tensor("Q_G", Q_G, 2)
@@ -59,6 +65,11 @@ def precondition(
     damping = float(damping)
     device = check_same_device(G_hat=G_hat, Q_G=Q_G, Q_A=Q_A, Lam=Lam)
     acc = accumulation_dtype(G_hat.dtype)
+    if device.type == "meta":
+        return fake(G_hat, Q_G, Q_A, Lam, damping)
+    for name, t in (("G_hat", G_hat), ("Q_G", Q_G), ("Q_A", Q_A)):
+        if t.numel() and not all_finite(t):
+            raise ValueError(f"precondition: {name} has NaN/Inf values")
     Lam = Lam.to(acc)
     denominator = Lam + damping
     if not bool((denominator > 0).all()):
@@ -71,7 +82,13 @@ def precondition(
     if G_hat.numel() == 0:
         return torch.zeros(B, k_out, k_in, dtype=acc, device=device)
     run = IMPLEMENTATIONS[backends.choose("precondition", backend, device, G_hat.dtype)]
-    return run(G_hat.contiguous(), Q_G.to(acc).contiguous(), Q_A.to(acc).contiguous(), Lam.contiguous(), damping)
+    out = run(G_hat.contiguous(), Q_G.to(acc).contiguous(), Q_A.to(acc).contiguous(), Lam.contiguous(), damping)
+    if not all_finite(out):
+        raise ValueError(
+            f"precondition: the result overflows {acc} (NaN/Inf): min(Lam + damping) = {denominator.min().item():.6g} "
+            f"is too close to 0 for G_hat of magnitude up to {G_hat.abs().max().item():.6g}. Fix: raise damping "
+            "(an eigenvalue near 0 needs damping to bound 1 / (Lam + damping))")
+    return out
 
 
 def reference(
@@ -121,6 +138,11 @@ def _triton(*args):
     return kernel(*args)
 
 
+def fake(G_hat, Q_G, Q_A, Lam, damping, backend="auto"):
+    """The result's shape, dtype and device without computing it (meta and fake tensors)."""
+    return G_hat.new_empty(G_hat.shape, dtype=accumulation_dtype(G_hat.dtype))
+
+
 IMPLEMENTATIONS = backends.implementations(reference, _compiled, _triton)
 
 
@@ -134,6 +156,4 @@ def torch_op(G_hat: torch.Tensor, Q_G: torch.Tensor, Q_A: torch.Tensor, Lam: tor
     return precondition(G_hat, Q_G, Q_A, Lam, damping, backend=backend)
 
 
-@torch_op.register_fake
-def _(G_hat, Q_G, Q_A, Lam, damping, backend="auto"):
-    return G_hat.new_empty(G_hat.shape, dtype=accumulation_dtype(G_hat.dtype))
+torch_op.register_fake(fake)

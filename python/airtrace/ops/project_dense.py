@@ -40,7 +40,7 @@ def project_dense(
         backend: "auto", "torch", "cpu", "cuda" or "triton".
 
     Returns:
-        (B, k) float32 (float64 for float64 inputs).
+        (B, k) float32 (float64 for float64 inputs); meta tensors give a meta result.
     """
     blocks = [X] if isinstance(X, torch.Tensor) else list(X)
     if not blocks:
@@ -58,10 +58,10 @@ def project_dense(
         raise ValueError(f"seed must be an int in [0, 2^32), got {seed!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    row_offset = check_offset("row_offset", row_offset)
+    row_offset = check_offset("row_offset", row_offset, sum(block.shape[1] for block in blocks))
     device = check_same_device(**{f"X[{i}]": b for i, b in enumerate(blocks)})
     out = torch.zeros(B, k, dtype=accumulation_dtype(dtype), device=device)
-    if B == 0:
+    if B == 0 or device.type == "meta":
         return out
     run = IMPLEMENTATIONS[backends.choose("project_dense", backend, device, dtype)]
     for block in blocks:
@@ -115,6 +115,11 @@ def _triton(*args):
     return kernel(*args)
 
 
+def fake(X, k, seed, kind="rademacher", row_offset=0, backend="auto"):
+    """The result's shape, dtype and device without computing it (meta and fake tensors)."""
+    return X.new_empty((X.shape[0], k), dtype=accumulation_dtype(X.dtype))
+
+
 IMPLEMENTATIONS = backends.implementations(reference, _compiled, _triton)
 
 
@@ -128,6 +133,4 @@ def torch_op(X: torch.Tensor, k: int, seed: int, kind: str = "rademacher", row_o
     return project_dense(X, k, seed, kind, row_offset=row_offset, backend=backend)
 
 
-@torch_op.register_fake
-def _(X, k, seed, kind="rademacher", row_offset=0, backend="auto"):
-    return X.new_empty((X.shape[0], k), dtype=accumulation_dtype(X.dtype))
+torch_op.register_fake(fake)

@@ -37,7 +37,7 @@ def project_factored(
         backend: "auto", "torch", "cpu", "cuda" or "triton".
 
     Returns:
-        (B, k_out, k_in) float32 (float64 for float64 inputs).
+        (B, k_out, k_in) float32 (float64 for float64 inputs); meta tensors give a meta result.
     """
     check_tensor("A", A, 3)
     check_tensor("G", G, 3)
@@ -58,6 +58,8 @@ def project_factored(
             raise ValueError(f"mask must be a (B, T) = {(B, T)} tensor, got {shape}")
     device = check_same_device(A=A, G=G, P_in=P_in, P_out=P_out, mask=mask)
     acc = accumulation_dtype(A.dtype)
+    if device.type == "meta":
+        return fake(A, G, P_in, P_out, mask)
     if B == 0 or T == 0:
         return torch.zeros(B, P_out.shape[1], P_in.shape[1], dtype=acc, device=device)
     run = IMPLEMENTATIONS[backends.choose("project_factored", backend, device, A.dtype)]
@@ -102,6 +104,11 @@ def _triton(*args):
     return kernel(*args)
 
 
+def fake(A, G, P_in, P_out, mask=None, backend="auto"):
+    """The result's shape, dtype and device without computing it (meta and fake tensors)."""
+    return A.new_empty((A.shape[0], P_out.shape[1], P_in.shape[1]), dtype=accumulation_dtype(A.dtype))
+
+
 IMPLEMENTATIONS = backends.implementations(reference, _compiled, _triton)
 
 
@@ -115,6 +122,4 @@ def torch_op(A: torch.Tensor, G: torch.Tensor, P_in: torch.Tensor, P_out: torch.
     return project_factored(A, G, P_in, P_out, mask, backend=backend)
 
 
-@torch_op.register_fake
-def _(A, G, P_in, P_out, mask=None, backend="auto"):
-    return A.new_empty((A.shape[0], P_out.shape[1], P_in.shape[1]), dtype=accumulation_dtype(A.dtype))
+torch_op.register_fake(fake)

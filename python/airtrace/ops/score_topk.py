@@ -9,7 +9,8 @@ import torch
 from airtrace.ops import backends
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.ops.merge_topk import NORM_EPS, empty_topk, order
-from airtrace.util.checks import check_offset, check_same_device, check_tensor, positive_int
+from airtrace.util.checks import check_finite_rows, check_offset, check_same_device, check_tensor, positive_int
+from airtrace.util.fix import with_fix
 
 
 def score_topk(
@@ -25,19 +26,30 @@ def score_topk(
 
     ``s[i, j] = Q[i] . X[j]`` (divided by ``max(|Q_i|, 1e-12) max(|X_j|, 1e-12)``
     when ``normalize``), computed tile by tile with a running top-k: memory is
-    O(q * topk + tile), never O(q * n).
+    O(q * topk + tile), never O(q * n). Cosines are right for any finite norms
+    (Q is normalised first, norms are taken without overflow or underflow).
+
+    Every backend behaves the same on values that have no rank: a NaN/Inf in Q or X
+    is a ValueError naming the first such query or row, and so is a score that
+    overflows the accumulation dtype (an inner product beyond float32's range):
+    rows are never dropped or misranked in silence.
 
     Args:
         Q: (q, k) queries.
         X: (n, k) training features, float32/bfloat16/float16 (float64: torch backend).
         topk: results per query; slots beyond n hold -inf and index -1.
         normalize: score cosines instead of inner products.
-        index_offset: added to returned indices (global ids of a shard's rows).
+        index_offset: added to returned indices (global ids of a shard's rows);
+            ``index_offset + n - 1`` must fit int64.
         backend: "auto", "torch", "cpu", "cuda" or "triton".
 
     Returns:
         values (q, topk) float32 (float64 for float64 inputs), sorted descending
-        (equal values by lower index), and indices (q, topk) int64.
+        (equal values by lower index), and indices (q, topk) int64. Meta tensors
+        give meta results of these shapes.
+
+    Raises:
+        ValueError: bad shapes or arguments, NaN/Inf inputs, or scores that overflow.
     """
     check_tensor("Q", Q, 2)
     check_tensor("X", X, 2)
@@ -46,18 +58,45 @@ def score_topk(
     if Q.shape[1] == 0:
         raise ValueError("Q and X must have k >= 1 features")
     topk = positive_int("topk", topk)
-    index_offset = check_offset("index_offset", index_offset)
+    index_offset = check_offset("index_offset", index_offset, X.shape[0])
     device = check_same_device(Q=Q, X=X)
     acc = accumulation_dtype(torch.promote_types(Q.dtype, X.dtype))
+    if device.type == "meta":
+        return fake(Q, X, topk)
     if Q.shape[0] == 0 or X.shape[0] == 0:
         return empty_topk(Q.shape[0], topk, acc, device)
+    check_finite_rows("score_topk: Q", Q, "query")
+    check_finite_rows("score_topk: X", X)
+    Q = Q.to(acc)
     run = IMPLEMENTATIONS[backends.choose("score_topk", backend, device, acc)]
-    return run(Q.to(acc).contiguous(), X.contiguous(), topk, bool(normalize), index_offset)
+    values, indices = run((normalized(Q) if normalize else Q).contiguous(), X.contiguous(), topk, bool(normalize),
+                          index_offset)
+    _check_scores(values, indices, min(topk, X.shape[0]))
+    return values, indices
+
+
+def _check_scores(values: torch.Tensor, indices: torch.Tensor, filled: int) -> None:
+    """Every query got ``filled`` finite scores (a NaN/Inf score of finite inputs is an overflow)."""
+    ok = (indices[:, :filled] >= 0).all(dim=1) & torch.isfinite(values[:, :filled]).all(dim=1)
+    if not bool(ok.all()):
+        query = int((~ok).nonzero()[0, 0])
+        raise with_fix(ValueError(
+            f"score_topk: query {query} has scores that are NaN/Inf although Q and X are finite: Q . X overflows "
+            f"{values.dtype} (largest {torch.finfo(values.dtype).max:.3g}); every backend refuses rather than drop or "
+            "misrank them. Fix: scale the features down, or score cosines (normalize=True)"),
+            "score cosines (--metric cosine), which are scale-free.")
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x divided by their norms clamped at NORM_EPS: what ``normalize`` scores with."""
-    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    """Rows of x divided by their norms clamped at NORM_EPS: what ``normalize`` scores with.
+
+    Each row is divided by its largest |entry| before it is squared, so every norm in the
+    dtype's range is right (float32 squares alone overflow past ~1e19 and vanish below ~1e-19).
+    """
+    scale = x.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    norm = (x / scale).norm(dim=1, keepdim=True) * scale
+    return x / norm.clamp_min(NORM_EPS)
 
 
 def reference(
@@ -112,6 +151,12 @@ def _triton(*args):
     return kernel(*args)
 
 
+def fake(Q, X, topk, normalize=False, index_offset=0, backend="auto"):
+    """The results' shapes, dtypes and device without computing them (meta and fake tensors)."""
+    values = Q.new_empty((Q.shape[0], topk), dtype=accumulation_dtype(torch.promote_types(Q.dtype, X.dtype)))
+    return values, Q.new_empty((Q.shape[0], topk), dtype=torch.int64)
+
+
 IMPLEMENTATIONS = backends.implementations(reference, _compiled, _triton)
 
 
@@ -125,7 +170,4 @@ def torch_op(Q: torch.Tensor, X: torch.Tensor, topk: int, normalize: bool = Fals
     return score_topk(Q, X, topk, normalize, index_offset=index_offset, backend=backend)
 
 
-@torch_op.register_fake
-def _(Q, X, topk, normalize=False, index_offset=0, backend="auto"):
-    values = Q.new_empty((Q.shape[0], topk), dtype=accumulation_dtype(torch.promote_types(Q.dtype, X.dtype)))
-    return values, Q.new_empty((Q.shape[0], topk), dtype=torch.int64)
+torch_op.register_fake(fake)

@@ -1,10 +1,10 @@
 """On-disk feature store: safetensors shards plus ``manifest.json``; re-exports the names of its modules (format, files,
 manifest, verify, reader, prefetch, lock, writer, sidecars, merge, fingerprint), which import only each other,
-``airtrace.profiling`` and ``airtrace.util``.
+``airtrace.profiling``, ``airtrace.util`` and (the fingerprint) the digest op.
 
 A store is a directory::
 
-    manifest.json               format, fingerprint, layout, dtype, shards (sha256, ids)
+    manifest.json               format, fingerprint, layout, dtype, shards (sha256, ids), its own checksum
     shard-00000.safetensors     tensor "features" (rows, width) + optional per-row extras
     shard-00000.ids.json        example ids of a shard, only when there are many
     ...
@@ -40,6 +40,7 @@ from airtrace.store.errors import (
     IncompleteStoreError,
     ManifestError,
     ShardError,
+    SidecarError,
     StoreCompleteError,
     StoreError,
     StoreLockedError,
@@ -85,6 +86,7 @@ __all__ = [
     "ShardError",
     "ShardHeader",
     "ShardInfo",
+    "SidecarError",
     "Store",
     "StoreCompleteError",
     "StoreError",

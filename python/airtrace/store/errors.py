@@ -1,5 +1,5 @@
-"""Store errors: ``StoreError`` (a ValueError) and its subclasses, each naming the file and the fix; imports nothing
-from airtrace."""
+"""Store errors: ``StoreError`` (a ValueError) and its subclasses, each naming the file and the fix; imports only
+``airtrace.util.fix``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import socket
 from collections.abc import Mapping
 from typing import Any
+
+from airtrace.util.fix import with_fix
 
 
 class StoreError(ValueError):
@@ -54,6 +56,11 @@ class StoreMismatchError(StoreError):
             f"({', '.join(self.fields)}):\n" + "\n".join(lines)
             + "\nFix: write to a new directory, or pass overwrite=True to replace the store."
         )
+        with_fix(self, "write to a new directory, or pass --overwrite to replace the store.")
+
+
+class SidecarError(StoreError):
+    """A sidecar file (derived data next to the shards) is unreadable, foreign or fails its checksum."""
 
 
 class IncompleteStoreError(StoreError):
@@ -71,6 +78,7 @@ class StoreCompleteError(StoreError):
         self.path = path
         super().__init__(f"{path}: the store is already complete ({rows} rows). "
                          "Fix: open it with Store.open, or pass overwrite=True to write it again.")
+        with_fix(self, "score it as it is, or pass --overwrite to write it again.")
 
 
 class StoreLockedError(StoreError):

@@ -1,5 +1,5 @@
-"""The model fingerprint (``model_fingerprint``) that ties a store to the weights it was written for; imports
-``airtrace.store.files``."""
+"""The model fingerprint (``model_fingerprint``) that ties a store to the model it was written for; imports the digest
+op of the kernels layer."""
 
 from __future__ import annotations
 
@@ -8,30 +8,43 @@ import json
 
 import torch
 
-from airtrace.store.files import tensor_bytes
+from airtrace.ops.digest import digest, hexdigest
+
+PREFIX = "fp2:"
+"""Names this fingerprint's recipe; a store whose fingerprint lacks it was written by an older airtrace."""
 
 
-def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) -> str:
-    """A stable identity of a model's weights.
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """An identity of everything in a model that its per-example gradients depend on.
 
-    sha256 over every parameter's name, shape, dtype and ``samples_per_tensor``
-    values taken at an even stride through the flattened tensor (bytes as
-    stored). Same weights on any device give the same fingerprint, also through
-    ``torch.compile`` (its ``_orig_mod.`` name prefix is ignored); it changes
-    with a different architecture, dtype or (almost surely) any training step.
+    sha256 over the module tree (every submodule's name, class and ``extra_repr()``,
+    e.g. an activation's class, BatchNorm's eps, GELU's approximation) and, for every
+    parameter and buffer (BatchNorm running statistics included), its name, dtype,
+    shape and the 128-bit :func:`airtrace.digest` of all its bytes, computed on the
+    tensor's own device (a model on a GPU is hashed there, not copied to the host).
+    The same modules and bytes give the same fingerprint on any device or backend; a
+    change of any byte, buffer, dtype or module class gives another. The Attributor
+    hashes a ``torch.compile``d model's original module, so both are the same model.
 
     Args:
         model: the module.
-        samples_per_tensor: values sampled per parameter.
 
     Returns:
-        ``"sha256:<64 hex digits>"``.
+        ``"fp2:<64 hex digits>"``.
+
+    Raises:
+        ValueError: a parameter or buffer on the meta device (it has no bytes to hash).
     """
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::step][:samples_per_tensor].to("cpu").contiguous()
-        digest.update(json.dumps([name.replace("_orig_mod.", ""), list(p.shape), str(p.dtype)]).encode())
-        digest.update(tensor_bytes(sample).tobytes())
-    return "sha256:" + digest.hexdigest()
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        cls = type(module)
+        h.update(json.dumps(["module", name, f"{cls.__module__}.{cls.__qualname__}", module.extra_repr()]).encode())
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in tensors:
+            if t.device.type == "meta":
+                raise ValueError(f"model_fingerprint: model {kind} {name!r} is on the meta device, it has no values "
+                                 "to identify. Fix: load the weights (e.g. model.to_empty(...) and load_state_dict) "
+                                 "first")
+            lanes = digest(t.detach().reshape(1, -1))
+            h.update(json.dumps([kind, name, str(t.dtype), list(t.shape), hexdigest(lanes)[0]]).encode())
+    return PREFIX + h.hexdigest()

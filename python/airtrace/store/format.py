@@ -17,7 +17,9 @@ from airtrace.store.errors import StoreError
 
 
 FORMAT_NAME = "airtrace-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the fingerprint covers every byte of the parameters and buffers and the module tree, and the manifest carries
+its own checksum; 1 (older airtrace) sampled parameter values only."""
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
 FEATURES = "features"

@@ -1,9 +1,10 @@
-"""The store manifest (``manifest.json``): shard entries, deterministic text, and full validation on load; imports
-``airtrace.store.errors``, ``.format`` and ``.files``."""
+"""The store manifest (``manifest.json``): shard entries, deterministic text, its checksum, and full validation on
+load; imports ``airtrace.store.errors``, ``.format``, ``.files`` and ``airtrace.util.fix``."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from airtrace.store.format import (
     normalize_ids,
     normalize_layout,
 )
+from airtrace.util.fix import with_fix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +70,8 @@ class ShardInfo:
 
 
 def manifest_dict(config: dict, shards: Sequence[ShardInfo], complete: bool) -> dict:
-    """The manifest with its fixed key order."""
-    return {
+    """The manifest with its fixed key order, its checksum last."""
+    manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "complete": complete,
@@ -83,6 +85,14 @@ def manifest_dict(config: dict, shards: Sequence[ShardInfo], complete: bool) -> 
         "total_rows": shards[-1].row_end if shards else 0,
         "shards": [s.to_json() for s in shards],
     }
+    return {**manifest, "checksum": manifest_checksum(manifest)}
+
+
+def manifest_checksum(manifest: Mapping) -> str:
+    """sha256 hex of the manifest without its ``checksum`` (sorted compact JSON): covers the settings, the shard
+    list and the inline ids."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
 def dump_manifest(manifest: Mapping) -> bytes:
@@ -145,10 +155,16 @@ def _validate_manifest(mpath: str, m: Any) -> None:
         raise bad("not a JSON object")
     if m.get("format") != FORMAT_NAME:
         raise bad(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}: not an airtrace store manifest")
+    if is_int(m.get("version")) and 1 <= m["version"] < FORMAT_VERSION:
+        raise with_fix(bad(
+            f"written by an older airtrace (store format {m['version']}), whose model fingerprint sampled a few "
+            "parameter values only, so the store cannot be tied to its model; it needs re-featurizing. Fix: "
+            "featurize again into a new directory, or with overwrite=True to replace it"),
+            "run airtrace featurize again into a new directory, or with --overwrite to replace it.")
     if m.get("version") != FORMAT_VERSION:
         raise bad(f"version {m.get('version')!r} is not supported (this airtrace reads version {FORMAT_VERSION}); "
                   "upgrade airtrace or re-create the store")
-    expected = ("format", "version", "complete") + CONFIG_KEYS + ("total_rows", "shards")
+    expected = ("format", "version", "complete") + CONFIG_KEYS + ("total_rows", "shards", "checksum")
     missing = [k for k in expected if k not in m]
     if missing:
         raise bad(f"missing fields {missing}")
@@ -186,6 +202,11 @@ def _validate_manifest(mpath: str, m: Any) -> None:
         row = entry["row_end"]
     if not is_int(m["total_rows"]) or m["total_rows"] != row:
         raise bad(f"total_rows is {m['total_rows']!r} but the shards hold {row} rows")
+    if m["checksum"] != manifest_checksum(m):
+        raise with_fix(bad(
+            "checksum mismatch: the manifest changed after airtrace wrote it (an edited id or shard entry?), so its "
+            "shard list and ids cannot be trusted. Fix: restore the original manifest.json, or featurize again with "
+            "overwrite=True"), "restore the original manifest.json, or run airtrace featurize again with --overwrite.")
 
 
 def _validate_shard_entry(bad, i: int, e: Any, row: int, rows_per_shard: int, last: bool, complete: bool) -> None:

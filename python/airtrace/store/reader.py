@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from airtrace.store.sidecars import sidecar_path
+from airtrace.store.sidecars import sidecar_path, verify_sidecars
 from airtrace.store.errors import IncompleteStoreError, ShardError, StoreError
 from airtrace.store.files import read_header
 from airtrace.store.format import EXTRA_DTYPES, FEATURES, MANIFEST, ST_NAME, STORE_DTYPES, is_int, normalize_layout
@@ -183,12 +183,14 @@ class Store:
         return {b.name: p.unflatten(-1, b.shape) for b, p in zip(self.layout, parts)}
 
     def verify(self) -> None:
-        """Check every shard's header (dtype/shape vs manifest), size and sha256, and every ids file.
+        """Check every shard's header (dtype/shape vs manifest), size and sha256, every ids file, and every
+        sidecar's checksum (the manifest's own checksum was checked on open).
 
         Ids are also checked to be unique across the store.
 
         Raises:
-            ShardError: listing every bad file (``.problems``).
+            ShardError: listing every bad shard or ids file (``.problems``).
+            SidecarError: listing every bad sidecar (when the shards are good).
         """
         problems: list[tuple[str, str]] = []
         seen: set = set()
@@ -206,6 +208,7 @@ class Store:
             seen.update(ids)
         if problems:
             raise ShardError(problems)
+        verify_sidecars(self.path)
 
     def iter_shards(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, prefetch: int = 1,
                     *, verify: bool = True, extras: Sequence[str] = ()) -> Iterator[tuple]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 
-from airtrace.store.errors import StoreError
+from airtrace.store.errors import SidecarError, StoreError
+from airtrace.util.checked_file import load_checked
 
 SIDECAR_RE = re.compile(r"^sidecar-[A-Za-z0-9_.\-]+\.safetensors(?:\.\d+\.tmp)?$")
 """Sidecar files and their temp files (which an overwrite deletes too)."""
@@ -43,3 +44,21 @@ def self_influence_sidecar(store, key: str) -> str:
     """Path of the cached self-influence of ``store`` (a :class:`airtrace.store.Store`) under the curvature that
     ``key`` names."""
     return store.sidecar_path(f"{SELF_INFLUENCE}-{key}")
+
+
+def verify_sidecars(directory: str) -> None:
+    """Check the checksum of every sidecar in the store directory ``directory``.
+
+    Raises:
+        SidecarError: naming every bad sidecar and what is wrong with it.
+    """
+    problems = []
+    for name in sorted(os.listdir(directory)):
+        if SIDECAR_RE.match(name) and name.endswith(".safetensors"):
+            try:
+                load_checked(os.path.join(directory, name), None, "an airtrace sidecar")
+            except ValueError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise SidecarError("\n".join(problems) + "\nFix: delete the bad sidecar; airtrace computes its data again "
+                           "when it needs it")
