@@ -1,5 +1,5 @@
 """Which layers of a model are tracked (``LayerSpec``, ``select_layers``), each seen as a linear map with a (d_out,
-d_in) weight; imports nothing from airtrace."""
+d_in) weight; imports only ``airtrace.util`` (a compiled model's original module)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from torch import nn
+
+from airtrace.util.compiled import unwrap
 
 ROOT = "<root>"
 """Name of the model itself when it is a tracked layer (``Attributor(nn.Linear(...))``); torch names it ''."""
@@ -51,12 +53,6 @@ class LayerSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "tied", tuple((str(n), bool(t)) for n, t in self.tied))  # JSON gives lists
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped (its ``_orig_mod``), else ``model``: a compiled model is the same model."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
