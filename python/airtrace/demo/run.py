@@ -193,11 +193,11 @@ def run(
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(pairs: list[Pair]) -> list:
+    def batches_of(pairs: list[Pair]) -> list:
         return data.batches(pairs, tokenize, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
                             pad_id=tokenizer.pad_token_id)
 
-    train_batches, query_batches = encode(train), encode(queries)
+    train_batches, query_batches = batches_of(train), batches_of(queries)
     attributor = Attributor(model, LAYERS, loss_fn=loss_fn, projection=PROJECTION, curvature=CURVATURE)
     ids = [i for batch_ids, _ in train_batches for i in batch_ids]
     reuse = _recorded(out, {
