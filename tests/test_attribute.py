@@ -23,7 +23,7 @@ from airtrace.store.sidecars import kfac_sidecar
 
 F64 = torch.float64
 K_IN, K_OUT, SEED = 3, 4, 5
-FACTORED = dict(k_in=K_IN, k_out=K_OUT, seed=SEED)
+FACTORED = dict(k_in=K_IN, k_out=K_OUT, seed=SEED, exact_small=False)  # the brute force projects every side
 DENSE = dict(type="dense", k=16, seed=SEED, kind="gaussian")
 ROWS_PER_SHARD = 5
 
@@ -164,7 +164,7 @@ def identity_projections(layers) -> dict:
 
 
 def brute_force(setup, examples, proj=None) -> Brute:
-    layers = select_layers(setup.model)
+    layers = select_layers(setup.model, bias=False)
     proj = proj or make_projections(layers, K_IN, K_OUT, SEED, dtype=F64)
     feats, a, g, flat = {s.name: [] for s in layers}, {s.name: [] for s in layers}, {s.name: [] for s in layers}, []
     for example in examples:
@@ -244,8 +244,10 @@ def dense_inverse_full(method, train):
 
 
 def attributor(kind, curvature="ekfac", projection=FACTORED, **kwargs):
+    """An Attributor on all weights, biases left out (as the brute force)."""
     setup = SETUPS[kind]()
-    return Attributor(setup.model, loss_fn=setup.loss_fn, projection=projection, curvature=curvature, **kwargs)
+    return Attributor(setup.model, loss_fn=setup.loss_fn, projection=projection, curvature=curvature,
+                      **{"bias": False, **kwargs})
 
 
 def featurized(kind, path, projection=FACTORED):
@@ -321,7 +323,7 @@ def test_exact_small_projection_scores_equal_the_unprojected_math(tmp_path, meth
     at.fit(batched(setup, setup.train, "t"), store=store, progress=False)
     n = len(setup.train)
     scores = run_score(at, "lm", store, topk=n)
-    layers = select_layers(setup.model)
+    layers = select_layers(setup.model, bias=False)
     train, queries = (brute_force(setup, ex, identity_projections(layers)) for ex in (setup.train, setup.queries))
     Qt, X = dense_query_train(method, train, queries)
     assert_topk_matches(scores, Qt @ X.T, n)
@@ -331,7 +333,7 @@ def test_exact_small_projection_scores_equal_the_unprojected_math(tmp_path, meth
 def test_exact_small_projects_only_the_wide_sides():
     setup = lm_setup()
     at = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=True))
-    plain = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED))
+    plain = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=False))
     for spec in at.layers:
         (p_in, p_out), (q_in, q_out) = at.featurizer.projections[spec.name], plain.featurizer.projections[spec.name]
         for d, k, exact, projected in ((spec.d_in, 7, p_in, q_in), (spec.d_out, 6, p_out, q_out)):
@@ -419,7 +421,7 @@ def test_dense_projection_with_fisher_equals_brute_force(tmp_path):
     H = F + auto_lambda("fisher", X, float(F.diagonal().mean())) * torch.eye(F.shape[0], dtype=F64)
     assert_topk_matches(scores, torch.linalg.solve(H, Q.T).T @ X.T, 5)
     with pytest.raises(ValueError, match="needs the factored projection"):
-        Attributor(setup.model, loss_fn=mlp_loss, projection=DENSE, curvature="ekfac")
+        Attributor(setup.model, bias=False, loss_fn=mlp_loss, projection=DENSE, curvature="ekfac")
 
 
 def test_sparse_projection_with_fisher_equals_brute_force(tmp_path):
@@ -445,9 +447,9 @@ def test_kept_dense_matrix_equals_the_on_the_fly_projection(monkeypatch, kind):
     model.load_state_dict(setup.model.state_dict())
     projection = dict(type="dense", k=24, seed=SEED, kind=kind)
     batch = setup.collate(setup.train[:5])
-    kept = Attributor(model, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
+    kept = Attributor(model, bias=False, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
     monkeypatch.setattr("airtrace.attribute.featurizer.DENSE_MATRIX_MAX_ENTRIES", 0)
-    on_the_fly = Attributor(model, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
+    on_the_fly = Attributor(model, bias=False, loss_fn=lm_loss, projection=projection, curvature="identity").features(batch)
     assert kept.dtype == on_the_fly.dtype == torch.float32
     torch.testing.assert_close(kept, on_the_fly, rtol=1e-5, atol=1e-6 * float(on_the_fly.abs().max()))
 
@@ -474,7 +476,7 @@ def test_featurize_resumes_after_an_interruption_to_an_identical_store(tmp_path)
     batches = batched(setup, setup.train, "t")
     calls, counting_loss = counting_lm_loss()
 
-    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
+    at = Attributor(setup.model, bias=False, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
     kwargs = dict(dtype="bfloat16", rows_per_shard=4, progress=False)
     with pytest.raises(KeyboardInterrupt):
         at.featurize(killed_after(batches, 3), tmp_path / "resumed", **kwargs)
@@ -498,7 +500,7 @@ def test_featurize_again_on_a_finished_store_returns_it_without_a_forward_pass(t
     batches = batched(setup, setup.train, "t")
     calls, counting_loss = counting_lm_loss()
 
-    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
+    at = Attributor(setup.model, bias=False, loss_fn=counting_loss, projection=FACTORED, curvature="identity")
     kwargs = dict(dtype="bfloat16", rows_per_shard=4, progress=False)
     first = at.featurize(batches, tmp_path / "s", **kwargs)
     before = {name: (tmp_path / "s" / name).read_bytes() for name in os.listdir(first.path)}
@@ -519,12 +521,12 @@ def test_fit_reuses_the_kfac_factors_featurize_accumulated(tmp_path, method):
     calls, counting_loss = counting_lm_loss()
 
     kwargs = dict(dtype="float32", rows_per_shard=4, progress=False)
-    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
+    at = Attributor(setup.model, bias=False, loss_fn=counting_loss, projection=FACTORED, curvature=method)
     store = at.featurize(batches, tmp_path / "s", **kwargs)
     calls.clear()
     reused = at.fit(batches, store=store, progress=False)
     assert calls == []  # no K-FAC pass (and EK-FAC corrects from the store)
-    fresh = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature=method)
+    fresh = Attributor(setup.model, bias=False, loss_fn=counting_loss, projection=FACTORED, curvature=method)
     from_sidecar = fresh.fit(batches, store=store, progress=False)
     assert calls == []  # another Attributor (process) reads the sums featurize left in the store's sidecar
     data = open(kfac_sidecar(store), "rb").read()
@@ -545,7 +547,7 @@ def test_a_resumed_featurize_leaves_the_kfac_pass_to_fit(tmp_path):
     batches = batched(setup, setup.train, "t")
     calls, counting_loss = counting_lm_loss()
 
-    at = Attributor(setup.model, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
+    at = Attributor(setup.model, bias=False, loss_fn=counting_loss, projection=FACTORED, curvature="kfac")
     kwargs = dict(dtype="float32", rows_per_shard=4, progress=False)
     with pytest.raises(KeyboardInterrupt):
         at.featurize(killed_after(batches, 2), tmp_path / "s", **kwargs)
@@ -558,7 +560,7 @@ def test_a_resumed_featurize_leaves_the_kfac_pass_to_fit(tmp_path):
 def test_a_store_of_other_weights_or_projection_is_refused(stores):
     setup = mlp_setup()
     changed = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    other = Attributor(changed, loss_fn=mlp_loss, projection=FACTORED, curvature="identity")
+    other = Attributor(changed, bias=False, loss_fn=mlp_loss, projection=FACTORED, curvature="identity")
     with pytest.raises(StoreError, match="fingerprint"):
         other.score(batched(setup, setup.queries, "q"), stores["mlp"], progress=False)
     reseeded = attributor("mlp", "identity", dict(FACTORED, seed=SEED + 1))
@@ -576,7 +578,7 @@ def test_usage_errors_are_clear(stores, tmp_path):
     with pytest.raises(ValueError, match="one-shot iterator"):
         attributor("mlp", "ekfac").fit(iter(batched(setup, setup.train, "t")), progress=False)
     with pytest.raises(ValueError, match=r"\(B,\) per-example losses"):
-        Attributor(setup.model, loss_fn=lambda m, b: mlp_loss(m, b).sum(), projection=FACTORED).features(
+        Attributor(setup.model, bias=False, loss_fn=lambda m, b: mlp_loss(m, b).sum(), projection=FACTORED).features(
             setup.train[0])
     with pytest.raises(ValueError, match="metric must be one of"):
         attributor("mlp", "identity").score([], stores["mlp"], metric="dot")
@@ -592,5 +594,5 @@ def test_scores_to_rows_skip_empty_slots(stores):
     assert scores.values.shape == (6, 30) and (scores.indices[:, 24:] == -1).all()
     rows = scores.to_rows()
     assert len(rows) == 6 * 24
-    assert rows[0] == {"query_id": "q0", "rank": 1, "train_index": int(scores.indices[0, 0]),
-                       "train_id": scores.ids[0][0], "score": float(scores.values[0, 0])}
+    assert rows[0] == {"query_id": "q0", "order": "top", "rank": 1, "train_index": int(scores.indices[0, 0]),
+                       "train_id": scores.ids[0][0], "score": float(scores.values[0, 0]), "metric": "inner"}

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from airtrace.capture import (
+    ROOT,
     GradientCapture,
+    LayerSpec,
     Projections,
     make_projections,
     per_example_loss,
@@ -311,7 +313,9 @@ def test_unsupported_layers_and_inputs_raise():
         with pytest.raises(ValueError, match=r"layer '\d': mask of shape \(2, 4\) does not fit"):
             model(torch.randn(2, 3, 3)).sum().backward()
     frozen = nn.Embedding(5, 3).requires_grad_(False)
-    with GradientCapture(frozen, select_layers(frozen)) as cap:
+    with pytest.raises(ValueError, match=r"'\*' matches only frozen layers \(<root>"):
+        select_layers(frozen)
+    with GradientCapture(frozen, [LayerSpec(ROOT, "embedding", 5, 3)]) as cap:
         with pytest.raises(ValueError, match="does not require grad"):
             frozen(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="has no projection"):
@@ -329,7 +333,7 @@ def test_projections_are_deterministic_and_rebuildable():
         assert torch.equal(P_in, b[spec.name][0]) and torch.equal(P_out, b[spec.name][1])
     assert not torch.equal(a["q"][0], a["k"][0])
     assert not torch.equal(a["q"][0], make_projections(layers, 5, 3, 124)["q"][0])
-    big = make_projections(select_layers(nn.Linear(400, 300)), 50, 40, 0, dtype=torch.float64)[""]
+    big = make_projections(select_layers(nn.Linear(400, 300)), 50, 40, 0, dtype=torch.float64)[ROOT]
     assert abs(big[0].var().item() * 50 - 1) < 0.05 and abs(big[1].var().item() * 40 - 1) < 0.05
 
 

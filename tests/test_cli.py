@@ -73,9 +73,9 @@ def test_round_trip_equals_the_python_api(workdir, capsys):
     groups.write_text(json.dumps([[0, 1, 2], [19], list(range(10, 20))]))
     capsys.readouterr()
     assert cli.main(["score", store, "--model", MODEL, "--curvature", curv, "--topk", "4", "--metric", "relative",
-                     "--groups", str(groups), "--output", str(output), "--quiet"]) == 0
+                     "--groups", str(groups), "--output", str(output)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "query_id\trank\ttrain_id\tscore" and len(printed) == 1 + N_QUERY * 4 + 1
+    assert printed[0] == "query_id\torder\trank\ttrain_id\tscore" and len(printed) == 1 + N_QUERY * 4 + 1
     result = json.loads(output.read_text())
 
     task = tiny_task()
@@ -86,7 +86,8 @@ def test_round_trip_equals_the_python_api(workdir, capsys):
     assert result["curvature"] == "ekfac" and result["metric"] == "relative"
     assert [r["train_id"] for r in result["topk"]] == [r["train_id"] for r in scores.to_rows()]
     torch.testing.assert_close(torch.tensor(result["groups"]), scores.groups)
-    assert printed[1].split("\t")[:3] == ["q0", "1", scores.ids[0][0]]
+    assert printed[1].split("\t")[:4] == ["q0", "top", "1", scores.ids[0][0]]
+    assert os.stat(output).st_mode & 0o777 == 0o644
 
 
 def test_featurize_kfac_lets_fit_skip_its_model_pass(workdir, tmp_path):
@@ -115,10 +116,12 @@ def test_score_without_curvature_is_identity(workdir, capsys):
     _, store, _ = workdir
     capsys.readouterr()
     assert cli.main(["score", store, "--model", MODEL, "--topk", "2", "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")  # --quiet: nothing but errors
+    assert cli.main(["score", store, "--model", MODEL, "--topk", "2"]) == 0
     task = tiny_task()
     scores = Attributor.from_store(task.model, store, loss_fn=loss_fn, curvature="identity").score(
         task.queries, store, topk=2, progress=False)
-    assert capsys.readouterr().out.splitlines()[1].split("\t")[2] == scores.ids[0][0]
+    assert capsys.readouterr().out.splitlines()[1].split("\t")[3] == scores.ids[0][0]
 
 
 def test_inspect_prints_the_manifest_summary_and_verifies(workdir, capsys):
@@ -126,7 +129,7 @@ def test_inspect_prints_the_manifest_summary_and_verifies(workdir, capsys):
     assert cli.main(["inspect", store, "--verify"]) == 0
     out = capsys.readouterr().out
     for text in ("rows         20 in 3 shards (8 rows per shard)", "dtype        float32", "width        12",
-                 "layout       2 blocks", "  0  [2, 3]  6  (linear 6x4)", "fingerprint  fp2:", '"k_in": 3', '"seed": 7',
+                 "layout       2 blocks", "  0  [2, 3]  6  (linear 6x5 +bias)", "fingerprint  fp2:", '"k_in": 3', '"seed": 7',
                  '"curvature": null', "verified     3 shards"):
         assert text in out, text
 

@@ -1,4 +1,4 @@
-"""The default demo: chatterbot loader, instruction format, HTML report; end to end on SmolLM2 (slow)."""
+"""The default demo: chatterbot loader, instruction format; end to end on SmolLM2 with its report (slow)."""
 
 import html
 import importlib.util
@@ -8,7 +8,6 @@ import torch
 
 from airtrace.capture import IGNORE_INDEX
 from airtrace import data
-from airtrace.demo import report
 
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("chatterbot_corpus") is None, reason="chatterbot-corpus is not installed"
@@ -95,23 +94,6 @@ def test_hold_out_and_subsample():
     assert data.subsample(rest, 1000) == rest
     with pytest.raises(ValueError, match="category 'w' has no pairs"):
         data.hold_out(pairs, ["w"])
-
-
-def test_report_escapes_text_and_lists_every_query_and_score(tmp_path):
-    queries = [pair(0, "Is 1 < 2 & 3 > 2?", "<b>yes</b>", "math"), pair(1, 'Say "hi"', "hi", "greetings")]
-    train = [pair(i, f"<script>alert({i})</script>", f"answer & {i}", "x<y") for i in range(3)]
-    top = [[(train[0], 0.75), (train[1], -0.125)], [(train[2], 12.5)]]
-    path = report.write_report(tmp_path / "sub" / "report.html", queries, top, settings={"layers": "<all>"})
-    text = path.read_text(encoding="utf-8")
-    assert "<script" not in text and "<b>yes" not in text and "http" not in text
-    for q in queries:
-        assert html.escape(q["question"]) in text and html.escape(q["answer"]) in text
-    for score in ("0.75", "-0.125", "12.5"):
-        assert score in text
-    assert html.escape("<script>alert(1)</script>") in text and "x&lt;y" in text and "&lt;all&gt;" in text
-    assert 'class="neg"' in text and "width:100.0%" in text
-    with pytest.raises(ValueError, match="2 queries but 1"):
-        report.render(queries, top[:1])
 
 
 def test_batches_group_by_length_and_keep_every_id():

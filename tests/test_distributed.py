@@ -133,10 +133,11 @@ def test_split_helpers_partition_the_work():
     assert distributed.share(7) == 7 and distributed.share(None) is None
 
 
-def _torchrun(*command: str) -> str:
-    """``torchrun --standalone --nproc-per-node 2 -m airtrace COMMAND --model test_distributed:task --quiet``."""
+def _torchrun(*command: str, quiet: bool = True) -> str:
+    """``torchrun --standalone --nproc-per-node 2 -m airtrace COMMAND --model test_distributed:task [--quiet]``."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "airtrace", *command, "--model", "test_distributed:task", "--quiet"], cwd=HERE,
+                           "-m", "airtrace", *command, "--model", "test_distributed:task", *["--quiet"] * quiet],
+                          cwd=HERE,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -172,8 +173,8 @@ def test_cli_torchrun_featurize_and_score(single, tmp_path, monkeypatch):
     _assert_same_store(store, root / "store")
     curv = str(root / "ekfac.safetensors")
     printed = _torchrun("score", str(store), "--curvature", curv, "--topk", str(TOPK), "--metric", "relative",
-                        "--output", str(out), "--profile", str(trace)).splitlines()
-    assert printed.count("query_id\trank\ttrain_id\tscore") == 1  # rank 0 alone prints
+                        "--output", str(out), "--profile", str(trace), quiet=False).splitlines()
+    assert printed.count("query_id\torder\trank\ttrain_id\tscore") == 1  # rank 0 alone prints
     assert trace.exists() and (tmp_path / "trace.rank1.json").exists()
 
     monkeypatch.chdir(HERE)

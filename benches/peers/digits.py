@@ -28,7 +28,7 @@ AIRTRACE = {
     "airtrace identity": ("identity", None),
     "airtrace kfac": ("kfac", None),
     "airtrace ekfac": ("ekfac", None),
-    "airtrace ekfac wide": ("ekfac", {"type": "factored", "k_in": 65, "k_out": 32, "seed": 0}),
+    "airtrace ekfac wide": ("ekfac", {"type": "factored", "k_in": 65, "k_out": 32, "seed": 0, "exact_small": False}),
     "airtrace ekfac exact": ("ekfac", EXACT),
     "airtrace fisher": ("fisher", None),
     "airtrace trak": ("trak", None),

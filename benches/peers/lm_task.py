@@ -31,9 +31,11 @@ exact, features are the unprojected weight and bias gradients (the parameter spa
 
 AIRTRACE = {
     **{f"airtrace {name}": settings for name, settings in lm_eval.METHODS.items()},
-    "airtrace logra-ekfac 64x65": dict(projection=dict(k_in=65, k_out=64, seed=0), curvature="ekfac", bias=True),
-    "airtrace logra-ekfac 256x65": dict(projection=dict(k_in=65, k_out=256, seed=0), curvature="ekfac", bias=True),
-    "airtrace trak-fisher": dict(projection=dict(type="dense", k=TRAK_K, seed=0), curvature="fisher"),
+    "airtrace logra-ekfac 64x65": dict(projection=dict(k_in=65, k_out=64, seed=0, exact_small=False),
+                                       curvature="ekfac", bias=True),
+    "airtrace logra-ekfac 256x65": dict(projection=dict(k_in=65, k_out=256, seed=0, exact_small=False),
+                                        curvature="ekfac", bias=True),
+    "airtrace trak-fisher": dict(projection=dict(type="dense", k=TRAK_K, seed=0), curvature="fisher", bias=False),
     "airtrace logra-ekfac exact": dict(projection=EXACT, curvature="ekfac", bias=True),
     "airtrace logra-identity exact": dict(projection=EXACT, curvature="identity", bias=True),
 }

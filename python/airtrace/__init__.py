@@ -12,7 +12,14 @@ from airtrace.util.preflight import check_cli_memory
 
 check_cli_memory()  # before torch loads: the command's one-line error under a too-low ulimit -v
 
-from airtrace.attribute import Attributor, Task
+from airtrace.attribute import (
+    Attributor,
+    CheckpointCapture,
+    Task,
+    as_batches,
+    score_checkpoints,
+    trainer_callback,
+)
 from airtrace.capture import per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
 from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
@@ -46,6 +53,10 @@ __all__ = [
     # attribution: featurize -> fit -> score
     "Attributor",
     "Task",
+    "as_batches",
+    "CheckpointCapture",
+    "trainer_callback",
+    "score_checkpoints",
     "Scores",
     "Curvature",
     "Damping",

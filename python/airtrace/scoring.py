@@ -1,21 +1,32 @@
-"""Streamed query x train scoring over a feature store: top-k, groups, full matrix, self-influence; imports
-``airtrace.store``, ``airtrace.curvature``, ``airtrace.distributed``, the kernels layer and ``airtrace.util``.
+"""Streamed query x train scoring over a feature store: top-k (most helpful, most harmful), groups, the full matrix
+(in memory or streamed to a file), a score sample per query, self-influence; imports ``airtrace.store``,
+``airtrace.curvature``, ``airtrace.distributed``, the kernels layer and ``airtrace.util``.
 
 The store is read one shard at a time (see :meth:`airtrace.store.Store.iter_shards`);
 for every shard the per-query top-k comes from the ``score_topk`` op
 and is merged into the running top-k with ``merge_topk``, so
-memory is O(q * (topk + rows_per_shard)) and never O(q * n). Group scores and
-the optional full score matrix are accumulated from the same per-shard
-(q, rows) blocks.
+memory is O(q * (topk + rows_per_shard)) and never O(q * n). Group scores,
+the score sample and the optional full score matrix are accumulated from the
+same per-shard (q, rows) blocks. The most harmful rows are the top-k of the
+negated scores (for ``order="both"`` the negated queries are scored in the same pass).
 
-Metrics, for a preconditioned query ``q̃ = H⁻¹ ĝ_q`` and a train feature ``ĝ_x``:
+Sign convention: a score > 0 means the training example lowers the query's loss
+(it helps the model fit the query); < 0 means it raises it (harmful).
 
-- ``"inner"``: ``q̃ · ĝ_x`` (influence).
-- ``"cosine"``: ``q̃ · ĝ_x / (|q̃| |ĝ_x|)`` (norms clamped at 1e-12).
+Metrics, for a preconditioned query ``q̃ = H⁻¹ ĝ_q`` and a train feature ``ĝ_x``
+(``ĝ`` the projected gradient of an example's loss):
+
+- ``"inner"``: ``q̃ · ĝ_x`` (influence: the first-order change of the query's loss when
+  the training example is up-weighted, with its sign flipped). Its scale grows with
+  the query's and the example's gradient norms: compare it within a query.
+- ``"cosine"``: ``q̃ · ĝ_x / (|q̃| |ĝ_x|)`` (norms clamped at 1e-12), in [-1, 1]:
+  comparable across queries and examples.
 - ``"relative"``: ``q̃ · ĝ_x / sqrt(ĝ_xᵀ H⁻¹ ĝ_x)`` (relative influence; the
-  self-influence is clamped at 0 and its root at 1e-12). Self-influence is
-  computed per train row while streaming and cached in a store sidecar keyed by
-  the store content and the curvature, so later calls skip the preconditioning.
+  self-influence is clamped at 0 and its root at 1e-12): examples with large
+  gradients (outliers) no longer dominate; the query's scale remains, so rank within
+  a query. Self-influence is computed per train row while streaming and cached in
+  a store sidecar keyed by the store content and the curvature, so later calls skip
+  the preconditioning.
 
 Precision: scores accumulate in float32 (float64 for float64 queries, on the
 "torch" backend), whatever the store dtype.
@@ -50,6 +61,18 @@ from airtrace.util.progress import progress_bar
 log = logging.getLogger("airtrace")
 
 METRICS = ("inner", "cosine", "relative")
+METRIC_DEFINITIONS = {
+    "inner": "influence q̃·ĝ_x, q̃ = H⁻¹ĝ_q (scale grows with both gradients: compare within a query)",
+    "cosine": "q̃·ĝ_x / (|q̃| |ĝ_x|), in [-1, 1] (comparable across queries)",
+    "relative": "relative influence q̃·ĝ_x / sqrt(ĝ_xᵀH⁻¹ĝ_x) (large-gradient outliers do not dominate; "
+                "compare within a query)",
+}
+"""One line per metric (``ĝ``: an example's projected loss gradient, ``H``: the fitted curvature)."""
+SIGN_CONVENTION = ("score > 0: the training example lowers the query's loss (helps); "
+                   "score < 0: it raises it (harmful)")
+ORDERS = ("top", "bottom", "both")
+SAMPLE_SIZE = 256
+"""Rows per query in :attr:`Scores.sample` (every ⌈n / 256⌉-th train row): the score distribution."""
 SCORES = "scores"
 METADATA_KEY = "airtrace.scores"
 SELF_INFLUENCE_KEY = "airtrace.self_influence"
@@ -60,11 +83,29 @@ Precondition = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class Scores:
-    """Top-k training examples per query (and optional group scores).
+class TokenScores:
+    """Per-token attribution of one (query, training example) score.
 
     Attributes:
-        values: (q, topk) scores, sorted descending; -inf in empty slots (topk > n).
+        scores: (T,) contribution of each (unmasked) token of the training example; with
+            ``rest`` they sum to the example's score (up to the store's rounding).
+        rest: the part of the score from layers without a token axis (pooled heads,
+            one-token inputs).
+        input_ids: the example's token ids, when its batch had ``input_ids``.
+    """
+
+    scores: list[float]
+    rest: float
+    input_ids: list[int] | None = None
+
+
+@dataclass
+class Scores:
+    """Top-k training examples per query, most helpful and/or most harmful (and optional extras).
+
+    Attributes:
+        values: (q, topk) scores, sorted descending (most helpful first); -inf in empty slots
+            (topk > n). None for ``order="bottom"``.
         indices: (q, topk) int64 global train row indices; -1 in empty slots.
         ids: q lists of topk train example ids (None in empty slots).
         query_ids: the q query ids, in order.
@@ -75,29 +116,66 @@ class Scores:
             candidates were re-scored exactly.
         recall: recall@topk of a two-stage search against the exact pass, when measured, else None.
         solves: curvature "exact": one convergence report per solve (method, iterations, residual, ...), else None.
+        bottom_values: (q, topk) scores sorted ascending (most harmful first; +inf in empty
+            slots), for ``order="bottom"`` or ``"both"``, else None.
+        bottom_indices: (q, topk) train row indices of ``bottom_values``.
+        bottom_ids: q lists of their train ids.
+        matrix: the full (q, n) scores when ``score(..., matrix=True)``, else None.
+        sample: (q, s) scores of the train rows ``sample_rows`` (every ⌈n/256⌉-th row): the
+            distribution of a query's scores over the training set.
+        sample_rows: (s,) int64 train row indices of ``sample``.
+        tokens: {(query index, train row index): TokenScores} for the listed rows, when
+            ``score(..., token_batches=...)``.
     """
 
-    values: torch.Tensor
-    indices: torch.Tensor
-    ids: list[list]
+    values: torch.Tensor | None
+    indices: torch.Tensor | None
+    ids: list[list] | None
     query_ids: list
     metric: str
     groups: torch.Tensor | None = None
     stage: str = "exact"
     recall: float | None = None
     solves: list[dict] | None = None
+    bottom_values: torch.Tensor | None = None
+    bottom_indices: torch.Tensor | None = None
+    bottom_ids: list[list] | None = None
+    matrix: torch.Tensor | None = None
+    sample: torch.Tensor | None = None
+    sample_rows: torch.Tensor | None = None
+    tokens: dict[tuple[int, int], TokenScores] | None = None
+
+    def rankings(self) -> list[tuple[str, torch.Tensor, torch.Tensor, list[list]]]:
+        """``(order, values, indices, ids)`` for "top" and/or "bottom", whichever were scored."""
+        out = []
+        if self.values is not None:
+            out.append(("top", self.values, self.indices, self.ids))
+        if self.bottom_values is not None:
+            out.append(("bottom", self.bottom_values, self.bottom_indices, self.bottom_ids))
+        return out
 
     def to_rows(self) -> list[dict]:
-        """One dict per (query, rank): ``query_id, rank`` (1-based), ``train_index, train_id, score``.
+        """One dict per (query, order, rank), pandas-friendly (``pd.DataFrame(scores.to_rows())``).
 
+        Keys: ``query_id``, ``order`` ("top": most helpful first, "bottom": most harmful
+        first), ``rank`` (1-based), ``train_index``, ``train_id``, ``score``, ``metric``,
+        and ``tokens`` / ``token_rest`` when per-token scores were computed for the row.
         Empty slots (index -1) are left out.
         """
         rows = []
         for qi, query_id in enumerate(self.query_ids):
-            for rank, (index, value) in enumerate(zip(self.indices[qi].tolist(), self.values[qi].tolist()), 1):
-                if index >= 0:
-                    rows.append({"query_id": query_id, "rank": rank, "train_index": index,
-                                 "train_id": self.ids[qi][rank - 1], "score": value})
+            for order, values, indices, ids in self.rankings():
+                for rank, (index, value) in enumerate(zip(indices[qi].tolist(), values[qi].tolist()), 1):
+                    if index < 0:
+                        continue
+                    row = {"query_id": query_id, "order": order, "rank": rank, "train_index": index,
+                           "train_id": ids[qi][rank - 1], "score": value, "metric": self.metric}
+                    token = (self.tokens or {}).get((qi, index))
+                    if token is not None:
+                        row["tokens"], row["token_rest"] = token.scores, token.rest
+                        if token.input_ids is not None:
+                            row["input_ids"] = token.input_ids
+                    rows.append(row)
         return rows
 
 
@@ -106,6 +184,13 @@ def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     return metric
+
+
+def check_order(order: str) -> str:
+    """``order`` if it is one of ORDERS, else a ValueError listing them."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
 
 
 # --------------------------------------------------------------------------- self-influence
@@ -256,6 +341,58 @@ def _group_members(groups: Sequence[Sequence[int]], n: int) -> tuple[torch.Tenso
     return torch.cat(rows), torch.cat(owners)
 
 
+class ScoreSample:
+    """Scores of every ⌈n / size⌉-th train row per query (a uniform sample by row index), streamed.
+
+    Args:
+        n: train rows in the store.
+        q: queries.
+        dtype: score dtype.
+        device: where the (q, s) sample lives.
+        size: most rows sampled.
+    """
+
+    def __init__(self, n: int, q: int, dtype: torch.dtype, device: str | torch.device, size: int = SAMPLE_SIZE):
+        self.stride = max(1, -(-n // size))
+        self.rows = torch.arange(0, n, self.stride)
+        self.values = torch.zeros(q, self.rows.numel(), dtype=dtype, device=device)
+
+    def local(self, row_offset: int, rows: int) -> torch.Tensor:
+        """Positions within a shard of ``rows`` rows starting at ``row_offset`` that are sampled."""
+        first = -(-row_offset // self.stride) * self.stride
+        return torch.arange(first - row_offset, rows, self.stride)
+
+    def put(self, row_offset: int, local: torch.Tensor, S: torch.Tensor) -> None:
+        """Store scores S (q, len(local)) of the sampled shard positions ``local``."""
+        columns = (local + row_offset) // self.stride
+        self.values[:, columns.to(self.values.device)] = S.to(self.values.dtype)
+
+
+class FullMatrix:
+    """The (q, n) score matrix kept in memory, filled shard by shard (the in-memory twin of
+    :class:`FullMatrixWriter`).
+
+    Raises:
+        ValueError: the matrix would take more than half of this machine's memory (write it to a
+            file with ``full_matrix_path`` instead).
+    """
+
+    def __init__(self, q: int, n: int, dtype: torch.dtype):
+        need = q * n * torch.empty(0, dtype=dtype).element_size()
+        try:
+            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (ValueError, OSError, AttributeError):
+            limit = None
+        if limit is not None and need > limit:
+            raise ValueError(f"the full ({q}, {n}) score matrix takes {need / 2**30:.1f} GiB, more than half of this "
+                             f"machine's memory; stream it to a file with full_matrix_path= (CLI --full-matrix) instead")
+        self.matrix = torch.zeros(q, n, dtype=dtype)
+
+    def write(self, row_offset: int, S: torch.Tensor) -> None:
+        """Store the block S (q, rows) as columns ``row_offset ..``."""
+        self.matrix[:, row_offset: row_offset + S.shape[1]] = S.detach().to("cpu", self.matrix.dtype)
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -350,15 +487,34 @@ def score_block(Q: torch.Tensor, X: torch.Tensor, normalize: bool) -> torch.Tens
     return normalized(Q) @ normalized(X).T if normalize else Q @ X.T
 
 
+def signed_queries(Q: torch.Tensor, order: str) -> torch.Tensor:
+    """The queries whose top-k :func:`stream_scores` finds: Q ("top"), -Q ("bottom": the top-k of -S are the
+    most harmful rows) or both stacked (2q, width)."""
+    check_order(order)
+    return Q if order == "top" else -Q if order == "bottom" else torch.cat([Q, -Q])
+
+
+def split_signed(values: torch.Tensor, indices: torch.Tensor, q: int, order: str) -> tuple:
+    """Top-k of :func:`signed_queries` -> (top values, top indices, bottom values, bottom indices), the bottom
+    ones as scores (ascending: most harmful first) and None for an order not asked."""
+    if order == "top":
+        return values, indices, None, None
+    if order == "bottom":
+        return None, None, -values, indices
+    return values[:q], indices[:q], -values[q:], indices[q:]
+
+
 def stream_scores(
     Q: torch.Tensor,
     store: Store,
     *,
     topk: int,
     metric: str = "inner",
+    order: str = "top",
     self_influence: SelfInfluence | None = None,
     groups: GroupScores | None = None,
-    full_matrix: FullMatrixWriter | None = None,
+    full_matrix: FullMatrixWriter | FullMatrix | Sequence[FullMatrixWriter | FullMatrix] | None = None,
+    sample: ScoreSample | None = None,
     backend: str = "auto",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,14 +525,17 @@ def stream_scores(
         store: the train features, same layout.
         topk: results per query.
         metric: "inner", "cosine" or "relative" (needs ``self_influence``).
+        order: "top" (most helpful), "bottom" (most harmful) or "both", see :func:`signed_queries`.
         self_influence: per-row self-influence provider for "relative".
         groups: accumulates group sums of the scores, if given.
-        full_matrix: receives every (q, rows) block, if given.
+        full_matrix: receives every (q, rows) block, if given (one writer, or several: a file and memory).
+        sample: receives the scores of its sampled rows, if given.
         backend: ``score_topk`` backend ("auto" runs float64 queries on "torch").
         progress: show a progress bar (train examples scored, examples/s, ETA).
 
     Returns:
-        values (q, topk) and indices (q, topk) int64, sorted descending.
+        values and indices (int64) of the top-k of ``signed_queries(Q, order)``, (q or 2q, topk),
+        sorted descending; :func:`split_signed` turns them into scores.
     """
     check_metric(metric)
     if metric == "relative" and self_influence is None:
@@ -386,21 +545,31 @@ def stream_scores(
         raise ValueError(f"Q must be (q, {store.width}) to match the rows of the store {store.path}, got {shape}")
     acc = accumulation_dtype(Q.dtype)
     Q = Q.to(acc)
-    values, indices = empty_topk(Q.shape[0], topk, acc, Q.device)
+    signed = signed_queries(Q, order)
+    writers = [] if full_matrix is None else list(full_matrix) if isinstance(full_matrix, Sequence) else [full_matrix]
+    cosine = metric == "cosine"
+    values, indices = empty_topk(signed.shape[0], topk, acc, Q.device)
     with progress_bar(len(store), f"score ({metric})", progress) as bar:
         for chunk in timed_iter(store.iter_shards(Q.device)):
             X = chunk.features
             if metric == "relative":
                 X = relative_rows(X, self_influence.rows(chunk.row_offset, X.to(acc)))
-            with stage("score"):
-                v, i = score_topk(Q, X, topk, metric == "cosine", index_offset=chunk.row_offset, backend=backend)
+            with stage("score", rows=X.shape[0]):
+                v, i = score_topk(signed, X, topk, cosine, index_offset=chunk.row_offset, backend=backend)
                 values, indices = merge_topk([values, v.to(acc)], [indices, i], topk)
-                if groups is not None or full_matrix is not None:
-                    S = score_block(Q, X, metric == "cosine")
+                if groups is not None or writers:
+                    S = score_block(Q, X, cosine)
                     if groups is not None:
                         groups.add(chunk.row_offset, S)
-                    if full_matrix is not None:
-                        full_matrix.write(chunk.row_offset, S)
+                    for writer in writers:
+                        writer.write(chunk.row_offset, S)
+                    if sample is not None:
+                        local = sample.local(chunk.row_offset, X.shape[0])
+                        sample.put(chunk.row_offset, local, S[:, local.to(S.device)])
+                elif sample is not None:
+                    local = sample.local(chunk.row_offset, X.shape[0])
+                    if local.numel():
+                        sample.put(chunk.row_offset, local, score_block(Q, X[local.to(X.device)], cosine))
             bar.update(X.shape[0])
     if self_influence is not None:
         self_influence.save()

@@ -51,13 +51,16 @@ inverted in float64; scores accumulate in float32 (float64 for float64 models).
 """
 
 from airtrace.attribute.attributor import Attributor
+from airtrace.attribute.batches import as_batches
 from airtrace.attribute.config import CURVATURES, DENSE, DENSE_BLOCK, FACTORED, SPARSE, projection_config
 from airtrace.attribute.ensemble import score_ensemble
 from airtrace.attribute.featurizer import DENSE_MATRIX_MAX_ENTRIES, Featurizer
 from airtrace.attribute.task import Task, load_task
+from airtrace.attribute.training import CheckpointCapture, checkpoints, score_checkpoints, trainer_callback
 
 __all__ = [
     "Attributor",
+    "CheckpointCapture",
     "CURVATURES",
     "DENSE",
     "DENSE_BLOCK",
@@ -66,7 +69,11 @@ __all__ = [
     "SPARSE",
     "Featurizer",
     "Task",
+    "as_batches",
+    "checkpoints",
     "load_task",
     "projection_config",
+    "score_checkpoints",
     "score_ensemble",
+    "trainer_callback",
 ]

@@ -17,9 +17,11 @@ from airtrace import distributed
 from airtrace.attribute.batches import (
     CONTENT,
     Batches,
+    as_batches,
     check_same_data,
     checked_rows,
     content_digests,
+    example_count,
     pairs,
     reiterable,
     stored_digests,
@@ -27,18 +29,18 @@ from airtrace.attribute.batches import (
 )
 from airtrace.attribute.config import (
     CURVATURES,
-    FACTORED,
-    PROJECTIONS,
     LossFn,
     essential,
     exact_projection,
     layer_specs,
     projection_config,
+    recorded_projection,
 )
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.ranks import featurize_ranks
-from airtrace.capture import LayerSpec
+from airtrace.attribute.tokens import token_scores
+from airtrace.capture import LayerSpec, unwrap
 from airtrace.curvature import Curvature
 from airtrace.curvature.damping import auto_factors
 from airtrace.curvature.fitting import as_damping
@@ -47,12 +49,16 @@ from airtrace.index import EmbeddingCandidates, Index, index_queries, two_stage
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
+    FullMatrix,
     FullMatrixWriter,
     GroupScores,
     Scores,
+    ScoreSample,
     SelfInfluence,
     check_metric,
+    check_order,
     self_influence_key,
+    split_signed,
     store_self_influence,
     stream_scores,
 )
@@ -77,13 +83,22 @@ class Attributor:
     """Gradient-based attribution of queries to training examples, end to end.
 
     Args:
-        model: the model; moved to ``device``, put in eval mode during every pass.
+        model: the model; moved to ``device``, put in eval mode during every pass. A
+            ``torch.compile``'d model is the same model (same store, same layer names): the
+            passes run its original module, which ``loss_fn`` receives.
         layers: fnmatch pattern(s) of tracked layers (nn.Linear, Conv1D, nn.Conv2d,
-            nn.Embedding), see :func:`airtrace.capture.select_layers`; or LayerSpecs.
-        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (see the module docstring).
+            nn.Embedding), see :func:`airtrace.capture.select_layers`; ``"lora"`` for a PEFT
+            LoRA adapter's matrices; or LayerSpecs. Frozen layers are skipped, so ``"*"`` on a
+            model with a frozen base and a LoRA adapter tracks the adapter only; tied weights
+            are one layer.
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses of training examples
+            (see the module docstring).
+        query_loss_fn: the same for queries (default ``loss_fn``), e.g. a token mean where
+            training sums, or a measurement of a behaviour.
         exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
-        bias: also attribute through the biases of the tracked layers.
-        projection: see :func:`projection_config`; default factored 16 x 16, seed 0; "exact" (the default with
+        bias: also attribute through the biases of the tracked layers (default True).
+        projection: see :func:`projection_config`; default factored 16 x 16, seed 0, layer sides no
+            wider than 16 kept exact; "exact" (the default with
             curvature "exact") keeps every layer unprojected (:func:`airtrace.attribute.config.exact_projection`).
         curvature: "ekfac", "kfac", "fisher", "lowrank", "identity" or "exact": ``(H + D)⁻¹`` of the training
             loss's Gauss-Newton matrix or Hessian over the tracked parameters, solved per query by ``solver``
@@ -117,8 +132,9 @@ class Attributor:
         layers: str | Sequence[str] | Sequence[LayerSpec] = ("*",),
         *,
         loss_fn: LossFn,
+        query_loss_fn: LossFn | None = None,
         exclude: str | Sequence[str] = (),
-        bias: bool = False,
+        bias: bool = True,
         projection: Mapping | str | None = None,
         curvature: str = "ekfac",
         damping: cv.Damping | float | str | None = "auto",
@@ -127,11 +143,12 @@ class Attributor:
         backend: str = "auto",
         solver: SolverConfig | Mapping | str | None = None,
     ):
-        if not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got {loss_fn!r}")
+        for name, fn in (("loss_fn", loss_fn), ("query_loss_fn", query_loss_fn or loss_fn)):
+            if not callable(fn):
+                raise ValueError(f"{name} must be callable as {name}(model, batch) -> (B,) losses, got {fn!r}")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        self.layers = layer_specs(model, layers, exclude, bias)
+        self.layers = layer_specs(unwrap(model), layers, exclude, bias)
         if projection == "exact" or (projection is None and curvature == "exact"):
             projection = exact_projection(self.layers)
         self.projection = projection_config(projection)
@@ -143,10 +160,11 @@ class Attributor:
             raise ValueError(f"damping must be 'auto', a Damping, a number (absolute λ) or None, got {damping!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.loss_fn, self.backend = loss_fn, backend
+        self.module = unwrap(self.model)  # what the passes run (a compiled model's original module)
+        self.loss_fn, self.query_loss_fn, self.backend = loss_fn, query_loss_fn or loss_fn, backend
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
         self.solver_config = SolverConfig.of(solver)
-        self.featurizer = Featurizer(self.model, self.layers, loss_fn, self.projection, self.device, backend)
+        self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend)
         if curvature == "exact":
             projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
             if projected:
@@ -176,8 +194,7 @@ class Attributor:
         if not isinstance(record, Mapping) or "layers" not in record or "type" not in record:
             raise StoreError(f"{store.path}: its manifest has no projection record; it was not written by "
                              "Attributor.featurize")
-        defaults = PROJECTIONS.get(record["type"], FACTORED)
-        projection = {key: record.get(key, default) for key, default in defaults.items()}
+        projection = recorded_projection(record)
         layers = [LayerSpec(**spec) for spec in record["layers"]]
         return cls(model, layers, loss_fn=loss_fn, projection=projection, **kwargs)
 
@@ -215,12 +232,14 @@ class Attributor:
         (:mod:`airtrace.attribute.ranks`).
 
         Args:
-            batches: iterable of (ids, batch); ids unique across the dataset.
+            batches: (ids, batch) pairs with ids unique across the dataset, a DataLoader or a
+                dataset (ids = dataset index; see :func:`airtrace.as_batches`).
             path: store directory (new, empty, or an incomplete store from the same settings).
             dtype: stored dtype, "float32", "bfloat16" or "float16".
             rows_per_shard: rows per shard file; default 4096, fewer for wide rows so that a shard
                 stays within 128 MiB (:func:`airtrace.store.default_rows_per_shard`).
-            total: number of examples, for the progress bar's ETA.
+            total: number of examples, for the progress bar's ETA (default: the length of a
+                DataLoader's sampler or a dataset, or the ids of a list of pairs).
             overwrite: replace an existing store at ``path``.
             progress: show a progress bar (examples/s, ETA).
 
@@ -235,6 +254,8 @@ class Attributor:
         """
         if rows_per_shard is None:
             rows_per_shard = default_rows_per_shard(self.width, dtype)
+        batches = as_batches(batches)
+        total = example_count(batches) if total is None else total
         try:
             if distributed.active():
                 write = functools.partial(self._write_features, dtype=dtype, rows_per_shard=rows_per_shard)
@@ -272,7 +293,7 @@ class Attributor:
                         rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
-        writer = StoreWriter(path, model_fingerprint(self.model), list(self.dims.items()), dtype, rows_per_shard,
+        writer = StoreWriter(path, model_fingerprint(self.module), list(self.dims.items()), dtype, rows_per_shard,
                              {"projection": self.featurizer.record(), "curvature": None},
                              extras={CONTENT: ("int64", (2,))}, overwrite=overwrite)
         with writer:
@@ -291,7 +312,8 @@ class Attributor:
                         kfac = None  # resumed: the factors would miss the rows written before
                     if keep:
                         features = checked_rows(self.featurizer.features(batch, kfac), ids)
-                        with stage("store_write"):
+                        with stage("store_write", rows=len(keep),
+                                   nbytes=len(keep) * writer.width * writer.dtype.itemsize):
                             writer.append(features[keep], [ids[j] for j in keep], **{CONTENT: digests[keep]})
                         bar.update(len(keep))
         store = Store.open(path)
@@ -330,10 +352,11 @@ class Attributor:
         curvature and rank 0 saves it.
 
         Args:
-            batches: iterable of (ids, batch) training batches (ids are not used).
+            batches: training batches as :meth:`featurize` takes them (ids are not used).
             path: save the factors here (safetensors) when given.
             store: training features written by :meth:`featurize` of this model.
-            total: examples in ``batches``, for the progress bars' ETA (default: the store's rows).
+            total: examples in ``batches``, for the progress bars' ETA (default: the store's rows, else
+                as in :meth:`featurize`).
             progress: show progress bars.
 
         Returns:
@@ -343,7 +366,9 @@ class Attributor:
         if store is not None and len(store) == 0:
             raise StoreError(f"{store.path}: the store holds no rows (was the training set empty?); "
                              "nothing to fit the curvature on")
-        total = len(store) if total is None and store is not None else total
+        batches = None if batches is None else as_batches(batches)
+        if total is None:
+            total = len(store) if store is not None else example_count(batches)
         method = "ekfac" if self.curvature_method == "exact" else self.curvature_method
         if self.curvature_method == "exact":
             if batches is None:
@@ -371,7 +396,7 @@ class Attributor:
             else:
                 ekfac = cv.EKFACFitter(fitter.finalize(), fixed)  # only the K-FAC eigenbases are used
                 curvature = self._fit_features(ekfac, batches, store, total, progress, moments, method)
-        curvature.fingerprint = model_fingerprint(self.model)
+        curvature.fingerprint = model_fingerprint(self.module)
         curvature.store_key = None if store is None else store.content_key()
         if path is not None:
             with distributed.all_or_none("saving the curvature"):
@@ -447,14 +472,14 @@ class Attributor:
                           progress and distributed.is_main()) as bar:
             if store is not None:
                 for chunk in timed_iter(distributed.rank_shards(store).iter_shards(self.device)):
-                    with stage("fit_update"):
+                    with stage("fit_update", rows=chunk.features.shape[0]):
                         for sink in sinks:
                             sink.update(self.featurizer.split(chunk.features))
                     bar.update(chunk.features.shape[0])
             else:
                 for ids, batch in pairs(distributed.rank_batches(batches), "batches"):
                     features = checked_rows(self.features(batch), ids)
-                    with stage("fit_update"):
+                    with stage("fit_update", rows=len(ids)):
                         for sink in sinks:
                             sink.update(self.featurizer.split(features))
                     bar.update(len(ids))
@@ -494,7 +519,7 @@ class Attributor:
 
     def _precondition(self, features: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """H⁻¹ applied to (rows, width) features, block by block -> (rows, width); see Curvature.precondition."""
-        with stage("precondition"):
+        with stage("precondition", rows=features.shape[0]):
             curvature = self._fitted()
             if self.solver is not None:
                 return self.solver.solve(features).to(accumulation_dtype(features.dtype))
@@ -511,7 +536,7 @@ class Attributor:
         """Open a store and check it holds this model's features (``fingerprint``: the model's, when known) with
         this layout and projection."""
         store = store if isinstance(store, Store) else Store.open(store)
-        store.check_fingerprint(fingerprint or model_fingerprint(self.model))
+        store.check_fingerprint(fingerprint or model_fingerprint(self.module))
         ours, theirs = essential(self.featurizer.record()), essential(store.meta.get("projection") or {})
         if ours != theirs or [(b.name, b.shape) for b in store.layout] != list(self.dims.items()):
             raise StoreError(f"{store.path}: the store was featurized with projection {theirs}, this Attributor "
@@ -520,7 +545,7 @@ class Attributor:
 
     def _store_and_curvature(self, store: Store | str | os.PathLike) -> tuple[Store, Curvature]:
         """The checked store and the fitted curvature, refused unless fitted for this model and this store."""
-        fingerprint = model_fingerprint(self.model)
+        fingerprint = model_fingerprint(self.module)
         store = self._checked_store(store, fingerprint)
         curvature = self._fitted()
         curvature.check_for(fingerprint, store.content_key(), store.path)
@@ -534,27 +559,34 @@ class Attributor:
         return store_self_influence(store, key, self._precondition_rows, device=self.device, dtype=dtype,
                                     progress=progress)
 
-    def _queries(self, query_batches: Batches) -> tuple[list, torch.Tensor, torch.Tensor]:
-        """Query ids, their preconditioned features q̃ (q, width) and their raw features ĝ_q (q, width)."""
+    def _queries(self, query_batches: Batches, progress: bool = False) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """Query ids, their preconditioned features q̃ (q, width) and their raw features ĝ_q (q, width), through
+        ``query_loss_fn``."""
         ids, raw = [], []
-        for qids, batch in pairs(query_batches, "query_batches"):
-            raw.append(checked_rows(self.features(batch), qids))
-            ids.extend(qids)
+        query_batches = as_batches(query_batches)
+        with progress_bar(example_count(query_batches), "queries", progress) as bar:
+            for qids, batch in pairs(query_batches, "query_batches"):
+                raw.append(checked_rows(self.featurizer.features(batch, loss_fn=self.query_loss_fn), qids))
+                ids.extend(qids)
+                bar.update(len(qids))
         if not raw:
             raise ValueError("query_batches yielded no examples")
         raw = torch.cat(raw)
         return ids, self._precondition(raw), raw
 
     def score(self, query_batches: Batches, store: Store | str | os.PathLike, *, topk: int = 10,
-              metric: str = "inner", full_matrix_path: str | os.PathLike | None = None,
-              groups: Sequence[Sequence[int]] | None = None, index: Any = None, nprobe: int | None = None,
+              metric: str = "inner", order: str = "top", matrix: bool = False,
+              full_matrix_path: str | os.PathLike | None = None, groups: Sequence[Sequence[int]] | None = None,
+              token_batches: Batches | None = None, index: Any = None, nprobe: int | None = None,
               ef: int | None = None, candidates: int | None = None, rerank: bool = True,
               recall: bool | None = None, progress: bool = True) -> Scores:
         """Score queries against every training example of a store, streamed shard by shard.
 
-        Query features go through the same capture and projection as the store,
-        then the fitted curvature: ``q̃ = H⁻¹ ĝ_q``. See :mod:`airtrace.scoring`
-        for the metrics. Memory is bounded by a shard, not by n × q. Under an
+        Query features go through the same capture and projection as the store
+        (with ``query_loss_fn``), then the fitted curvature: ``q̃ = H⁻¹ ĝ_q``. See
+        :mod:`airtrace.scoring` for the metrics; a score > 0 means the training
+        example lowers the query's loss (helps), < 0 that it raises it (harmful).
+        Memory is bounded by a shard, not by n × q (unless ``matrix``). Under an
         initialised process group every rank scores a contiguous block of the
         shards and the per-rank top-k (global indices) and group sums are
         combined on every rank (:mod:`airtrace.distributed`).
@@ -567,13 +599,19 @@ class Attributor:
         ``stage`` says which produced it, ``recall`` the measured recall@topk.
 
         Args:
-            query_batches: iterable of (ids, batch) queries.
+            query_batches: queries, as :meth:`featurize` takes batches.
             store: training features of this model (:meth:`featurize`).
-            topk: results per query.
+            topk: results per query (and per order).
             metric: "inner", "cosine" or "relative".
+            order: "top" (most helpful first), "bottom" (most harmful first) or "both".
+            matrix: also return the full (q, n) score matrix in memory (``Scores.matrix``);
+                refused when it would take more than half of the machine's memory.
             full_matrix_path: also write the (q, n) score matrix (tensor "scores",
                 float32 / float64) to this safetensors file (single process only).
             groups: G lists of train row indices; adds (q, G) group sums of the scores.
+            token_batches: the training batches again: the listed rows (top and/or
+                bottom) are recomputed token by token (``Scores.tokens``, see
+                :mod:`airtrace.attribute.tokens`).
             index: None (the exact streamed pass), "flat" / "ivfpq" / "hnsw" (that index beside the
                 store), a path to an index file, an :class:`airtrace.index.Index` or an
                 :class:`airtrace.index.EmbeddingCandidates`.
@@ -586,66 +624,118 @@ class Attributor:
             progress: show progress bars.
 
         Returns:
-            :class:`Scores` with values / indices (q, topk), train ids, query ids,
-            group scores (q, G) when ``groups`` is given, the stage and the recall, on the CPU, and for
-            curvature "exact" the convergence of its solves (``solves``).
+            :class:`Scores` with values / indices (q, topk) (and bottom_*), train ids,
+            query ids, a sample of each query's scores, group scores (q, G) when
+            ``groups`` is given, the matrix and per-token scores when asked, the stage and
+            the recall, and for curvature "exact" the convergence of its solves (``solves``), on the CPU.
 
         Raises:
             StoreError: the store belongs to another model (fingerprint) or projection.
             IndexFileError: an index built from another store content, curvature or metric.
             SolverError: curvature "exact": a solve did not converge (see :mod:`airtrace.ihvp`).
-            ValueError: ``full_matrix_path`` under a process group of several ranks; ``groups``
-                or ``full_matrix_path`` with ``index``.
+            ValueError: bad topk / metric / order, ``full_matrix_path`` under a process group of several
+                ranks, or ``index`` with what needs every row (groups, matrix, full_matrix_path, order).
         """
         check_metric(metric)
+        check_order(order)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
         if full_matrix_path is not None and distributed.active():
             raise ValueError("full_matrix_path is not supported in a distributed run (each rank scores only its "
                              "shards); score with one process to write the full matrix")
         store, curvature = self._store_and_curvature(store)
+        if index is not None and (groups is not None or full_matrix_path is not None or matrix or order != "top"
+                                  or distributed.active()):
+            raise ValueError("index= gives the top-k only, in one process: groups, matrix, full_matrix_path and "
+                             "order='bottom' / 'both' need the exact pass over every row (drop index=), and a "
+                             "distributed run scores exactly")
         solved_before = len(self.solver.reports) if self.solver is not None else 0
-        query_ids, Q, raw = self._queries(query_batches)
+        query_ids, Q, raw = self._queries(query_batches, progress and distributed.is_main())
+        if index is not None:
+            scores = self._two_stage_scores(Q, raw, query_ids, store, curvature, metric, topk, index, nprobe, ef,
+                                            candidates, rerank, recall, progress)
+        else:
+            scores = self._exact_scores(Q, query_ids, store, curvature, metric, topk, order, matrix,
+                                        full_matrix_path, groups, progress)
+        scores.solves = None if self.solver is None else [r.as_dict() for r in self.solver.reports[solved_before:]]
+        if token_batches is not None:
+            wanted: dict = {}
+            for _, _, rows, ids in scores.rankings():
+                for qi, (row_indices, row_ids) in enumerate(zip(rows.tolist(), ids)):
+                    for row_index, train_id in zip(row_indices, row_ids):
+                        if row_index >= 0:
+                            wanted.setdefault(train_id, []).append((qi, row_index))
+            scores.tokens = token_scores(self.featurizer, Q, wanted, as_batches(token_batches), metric=metric,
+                                         precondition=self._precondition_rows,
+                                         progress=progress and distributed.is_main())
+        return scores
+
+    def _two_stage_scores(self, Q: torch.Tensor, raw: torch.Tensor, query_ids: list, store: Store,
+                          curvature: Curvature, metric: str, topk: int, index: Any, nprobe: int | None,
+                          ef: int | None, candidates: int | None, rerank: bool, recall: bool | None,
+                          progress: bool) -> Scores:
+        """The top-k of :meth:`score` from two stages (:mod:`airtrace.index`): candidates, then their exact scores."""
         n, q = len(store), Q.shape[0]
-        sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
-        full = None
-        if full_matrix_path is not None:
-            meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,
-                    "query_ids": query_ids, "curvature": curvature.method}
-            full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
 
         def exact() -> tuple[torch.Tensor, torch.Tensor]:
             influence = None
             if metric == "relative":
                 influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
-            return stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric,
-                                 self_influence=influence, groups=sums, full_matrix=full, backend=self.backend,
-                                 progress=progress and distributed.is_main())
+            return stream_scores(Q, store, topk=topk, metric=metric, self_influence=influence, backend=self.backend,
+                                 progress=progress)
 
-        stage, measured = "exact", None
-        if index is not None:
-            source = index if hasattr(index, "search") else Index.beside(store, curvature, metric, index)
-            if isinstance(source, EmbeddingCandidates):
-                source.check(n, q)
-            found = two_stage(Q, index_queries(raw, Q, metric), store, source, topk=topk, metric=metric,
-                              precondition=self._precondition_rows, exact=exact, candidates=candidates,
-                              rerank_candidates=rerank, recall=recall, nprobe=nprobe, ef=ef)
-            values, indices, stage, measured = found.values, found.indices, found.stage, found.recall
-        else:
-            try:
-                values, indices = exact()
-            except BaseException:
-                if full is not None:
-                    full.abort()
-                raise
-            if full is not None:
-                full.close()
-            values, indices = distributed.merge_topk(values, indices, topk)
-            if sums is not None:
-                distributed.all_reduce_sum(sums.values)
+        source = index if hasattr(index, "search") else Index.beside(store, curvature, metric, index)
+        if isinstance(source, EmbeddingCandidates):
+            source.check(n, q)
+        found = two_stage(Q, index_queries(raw, Q, metric), store, source, topk=topk, metric=metric,
+                          precondition=self._precondition_rows, exact=exact, candidates=candidates,
+                          rerank_candidates=rerank, recall=recall, nprobe=nprobe, ef=ef)
         train_ids = store.ids
-        ids = [[train_ids[i] if i >= 0 else None for i in row] for row in indices.tolist()]
-        solves = None if self.solver is None else [r.as_dict() for r in self.solver.reports[solved_before:]]
-        return Scores(values.cpu(), indices.cpu(), ids, query_ids, metric, None if sums is None else sums.values.cpu(),
-                      stage=stage, recall=measured, solves=solves)
+        ids = [[train_ids[i] if i >= 0 else None for i in row] for row in found.indices.tolist()]
+        return Scores(found.values.cpu(), found.indices.cpu(), ids, query_ids, metric, stage=found.stage,
+                      recall=found.recall)
+
+    def _exact_scores(self, Q: torch.Tensor, query_ids: list, store: Store, curvature: Curvature, metric: str,
+                      topk: int, order: str, matrix: bool, full_matrix_path: str | os.PathLike | None,
+                      groups: Sequence[Sequence[int]] | None, progress: bool) -> Scores:
+        """The scores of :meth:`score` from one streamed pass over every row of ``store`` (this rank's shards)."""
+        n, q = len(store), Q.shape[0]
+        sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
+        sample = ScoreSample(n, q, Q.dtype, self.device)
+        influence = None
+        if metric == "relative":
+            influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
+        in_memory = FullMatrix(q, n, accumulation_dtype(Q.dtype)) if matrix else None
+        full = None
+        if full_matrix_path is not None:
+            meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,
+                    "query_ids": query_ids, "curvature": curvature.method}
+            full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
+        try:
+            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric, order=order,
+                                            self_influence=influence, groups=sums,
+                                            full_matrix=[w for w in (in_memory, full) if w is not None],
+                                            sample=sample, backend=self.backend,
+                                            progress=progress and distributed.is_main())
+        except BaseException:
+            if full is not None:
+                full.abort()
+            raise
+        if full is not None:
+            full.close()
+        values, indices = distributed.merge_topk(values, indices, topk)
+        for reduced in (sums.values if sums is not None else None, sample.values,
+                        in_memory.matrix if in_memory is not None else None):
+            if reduced is not None:
+                distributed.all_reduce_sum(reduced)
+        top_v, top_i, bottom_v, bottom_i = split_signed(values.cpu(), indices.cpu(), q, order)
+        train_ids = store.ids
+        names = lambda rows: [[train_ids[i] if i >= 0 else None for i in row] for row in rows.tolist()]  # noqa: E731
+        return Scores(top_v, top_i, None if top_i is None else names(top_i), query_ids, metric,
+                      groups=None if sums is None else sums.values.cpu(), bottom_values=bottom_v,
+                      bottom_indices=bottom_i, bottom_ids=None if bottom_i is None else names(bottom_i),
+                      matrix=None if in_memory is None else in_memory.matrix, sample=sample.values.cpu(),
+                      sample_rows=sample.rows)
 
 
 class _DeviceBatches:

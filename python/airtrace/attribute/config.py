@@ -4,7 +4,9 @@ projection record that decide the features; imports ``airtrace.capture``, ``airt
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from airtrace.util.checks import positive_int
 
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity", "exact")
-FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": False}
+FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": True}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 SPARSE = {"type": "sparse", "k": 1024, "s": 2, "seed": 0}
 PROJECTIONS = {"factored": FACTORED, "dense": DENSE, "sparse": SPARSE}
@@ -31,11 +33,11 @@ def projection_config(projection: Mapping | str | None) -> dict:
     """Normalise a projection spec to a full config dict.
 
     Args:
-        projection: None or "factored" (k_in = k_out = 16, seed 0); "dense"
+        projection: None or "factored" (k_in = k_out = 16, seed 0, exact_small); "dense"
             (k = 1024, seed 0, rademacher); "sparse" (k = 1024, s = 2, seed 0); or a dict with
             ``type`` ("factored", "dense" or "sparse"; default "sparse" when it has ``s``, "dense"
             when it has ``k``, else "factored") and any of ``k_in, k_out, seed, exact_small``
-            (factored; ``exact_small=True`` keeps a layer side no wider than its k unprojected, see
+            (factored; ``exact_small`` (default True) keeps a layer side no wider than its k unprojected, see
             :func:`airtrace.capture.make_projections`), ``k, seed, kind`` (dense) or ``k, s, seed``
             (sparse: s nonzeros per gradient coordinate, 1..4, see :func:`airtrace.ops.project_sparse.project_sparse`).
 
@@ -89,10 +91,21 @@ def layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpec
     return select_layers(model, layers, exclude, bias=bias)
 
 
+def recorded_projection(record: Mapping) -> dict:
+    """The projection config of a store's projection record (``exact_small`` False in records written
+    before the option existed)."""
+    if record["type"] == "factored":
+        return {**{key: record.get(key, default) for key, default in FACTORED.items()},
+                "exact_small": record.get("exact_small", False)}
+    return {key: record.get(key, default) for key, default in PROJECTIONS[record["type"]].items()}
+
+
 def essential(record: Mapping) -> dict:
     """The parts of a projection record that decide the features (not provenance)."""
     keys = ("type", "k_in", "k_out", "seed", "exact_small", "k", "kind", "s", "layers")
     essential = {key: record[key] for key in keys if key in record}
     if essential.get("type") == "factored":
         essential.setdefault("exact_small", False)  # records written before the option existed
+    if "layers" in record:  # as LayerSpecs read them (fields added since have their defaults)
+        essential["layers"] = json.loads(json.dumps([asdict(LayerSpec(**spec)) for spec in record["layers"]]))
     return essential

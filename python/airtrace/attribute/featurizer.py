@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from airtrace.attribute.batches import attention_mask, to_device
-from airtrace.attribute.config import LossFn
-from airtrace.capture import GradientCapture, LayerSpec, make_projections
+from airtrace.attribute.config import DENSE_BLOCK, LossFn
+from airtrace.capture import GradientCapture, LayerSpec, make_projections, tracked_parameters
 from airtrace.curvature import KFACFitter
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.ops.hash import dense_entries
@@ -48,6 +48,7 @@ class Featurizer:
         self.projection, self.device, self.backend = projection, device, backend
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.projections = self._make_projections()
+        self._tracked = tracked_parameters(model, layers)
         self._dense_r: torch.Tensor | None = None  # kept dense projection matrix (small models)
 
     @property
@@ -84,37 +85,45 @@ class Featurizer:
 
     @contextlib.contextmanager
     def capture(self, keep_tokens: bool = False) -> Iterator[GradientCapture]:
-        """The gradient hooks on the tracked layers, with the model in eval mode, for the block."""
+        """The gradient hooks on the tracked layers for the block, with the model in eval mode and only the
+        tracked parameters requiring grad (both restored after): the forward records no graph below the first
+        tracked layer and the backward stops there (the model's own ``.grad`` fields are never touched)."""
         was_training = self.model.training
+        untracked = [p for p in self.model.parameters() if p.requires_grad and id(p) not in self._tracked]
         self.model.eval()
+        for p in untracked:
+            p.requires_grad_(False)
         try:
             with GradientCapture(self.model, self.layers, self.projections, backend=self.backend,
                                  keep_tokens=keep_tokens) as cap:
                 yield cap
         finally:
+            for p in untracked:
+                p.requires_grad_(True)
             self.model.train(was_training)
 
-    def backward(self, batch: Any, cap: GradientCapture) -> int:
-        """One forward/backward of a batch under the capture; returns B."""
+    def backward(self, batch: Any, cap: GradientCapture, loss_fn: LossFn | None = None) -> int:
+        """One forward/backward of a batch under the capture (``loss_fn`` default: the training loss); returns B."""
         batch = to_device(batch, self.device)
         cap.set_mask(attention_mask(batch))
-        with stage("capture"):
-            losses = self.loss_fn(self.model, batch)
+        with stage("capture") as timed:
+            losses = (loss_fn or self.loss_fn)(self.model, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
             outputs = cap.take_outputs()
             if outputs:  # none: collect() names the layers that were never called
                 torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            timed.add(losses.shape[0])
         return losses.shape[0]
 
-    def _assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    def assemble(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Captured per-layer blocks -> (B, width) features."""
         if self.projections is not None:
             return torch.cat(list(blocks.values()), dim=1)
         p = self.projection
         flat = list(blocks.values())
-        with stage("project"):
+        with stage("project", rows=flat[0].shape[0]):
             if p["type"] == "sparse":
                 return project_sparse(flat, p["k"], p["s"], p["seed"], backend=self.backend)
             matrix = self._dense_matrix(sum(block.shape[1] for block in flat), flat[0])
@@ -136,17 +145,22 @@ class Featurizer:
             self._dense_r = cached = entries.to(like.device, dtype)
         return cached
 
-    def features(self, batch: Any, kfac: KFACFitter | None = None) -> torch.Tensor:
+    def features(self, batch: Any, kfac: KFACFitter | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned; also adds the batch's projected
         tokens to ``kfac`` when given (the same pass).
+
+        Args:
+            batch: one batch, as ``loss_fn`` takes it.
+            kfac: a K-FAC fitter to update from the same pass.
+            loss_fn: per-example losses to differentiate (default: the training loss).
 
         Returns:
             (B, width) float32 (float64 for float64 models) on ``device``, layout order.
         """
         with self.capture(keep_tokens=kfac is not None) as cap:
-            self.backward(batch, cap)
-            features = self._assemble(cap.collect())
+            n = self.backward(batch, cap, loss_fn)
+            features = self.assemble(cap.collect())
             if kfac is not None:
-                with stage("fit_update"):
+                with stage("fit_update", rows=n):
                     kfac.update(*cap.collect_tokens())
             return features

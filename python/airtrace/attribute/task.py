@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -18,15 +21,24 @@ from airtrace.attribute.config import LossFn
 class Task:
     """What a model factory returns for the CLI (``airtrace featurize|fit|score --model pkg.module:function``).
 
-    The factory is called without arguments. It may return a Task, or a tuple
+    The factory is called with the ``--model-arg KEY=VALUE`` pairs as keyword
+    arguments (none by default). It may return a Task, or a tuple
     ``(model, loss_fn, train, queries)``.
 
     Attributes:
         model: the model.
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
-        train: re-iterable of (ids, batch) training batches (``fit`` may pass over it twice).
-        queries: iterable of (ids, batch) query batches, needed by ``score``.
-        train_size: number of training examples, for progress ETAs (None: unknown).
+        train: training batches, re-iterable (``fit`` may pass over it twice): (ids, batch)
+            pairs, a DataLoader or a dataset (see :func:`airtrace.as_batches`).
+        queries: query batches (the same kinds), used by ``score`` without ``--queries``.
+        train_size: number of training examples, for progress ETAs (None: the length of a
+            DataLoader / dataset / list when it has one).
+        query_loss_fn: per-example losses of queries (default ``loss_fn``).
+        format_queries: JSON records -> one batch, for ``score --queries FILE`` (a line of a
+            text file becomes ``{"text": line}``); default :func:`airtrace.attribute.batches.collate_records`.
+        describe: example id (training or query) -> its text, or ``{"text", "label"}``, shown in
+            the scores file and the report.
+        decode: token ids -> one string per token, for per-token scores (``score --tokens``).
     """
 
     model: nn.Module
@@ -34,14 +46,18 @@ class Task:
     train: Batches
     queries: Batches | None = None
     train_size: int | None = None
+    query_loss_fn: LossFn | None = None
+    format_queries: Callable[[Sequence[Mapping]], Any] | None = None
+    describe: Callable[[Any], Any] | None = None
+    decode: Callable[[list[int]], list[str]] | None = None
 
 
-def load_task(spec: str) -> Task:
-    """Import ``package.module:function`` (the current directory is searched last) and call it.
+def load_task(spec: str, kwargs: Mapping[str, Any] | None = None) -> Task:
+    """Import ``package.module:function`` (the current directory is searched last) and call it with ``kwargs``.
 
     Raises:
-        ValueError: malformed spec, module or function not found, or a result that is
-            neither a Task nor a (model, loss_fn, train, queries) tuple.
+        ValueError: malformed spec, module or function not found, arguments it does not take,
+            or a result that is neither a Task nor a (model, loss_fn, train, queries) tuple.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -55,7 +71,15 @@ def load_task(spec: str) -> Task:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
-    result = factory()
+    kwargs = dict(kwargs or {})
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"--model {spec!r}: the factory cannot be called with the --model-arg values {kwargs} "
+                         f"({exc})") from None
+    except ValueError:  # no signature (a builtin): just call it
+        pass
+    result = factory(**kwargs)
     if isinstance(result, tuple) and len(result) == 4:
         result = Task(*result)
     if not isinstance(result, Task):

@@ -3,7 +3,16 @@ per-example losses; re-exports the names of its modules, which import the kernel
 ``airtrace.util``."""
 
 from airtrace.capture.hooks import GradientCapture
-from airtrace.capture.layers import LayerSpec, layer_kind, select_layers
+from airtrace.capture.layers import (
+    PRESETS,
+    ROOT,
+    LayerSpec,
+    layer_kind,
+    named_modules,
+    select_layers,
+    tracked_parameters,
+    unwrap,
+)
 from airtrace.capture.losses import IGNORE_INDEX, per_example_loss, response_labels
 from airtrace.capture.projections import LAYER_SEED_STRIDE, MAX_SEED, Projections, layer_seed, make_projections
 
@@ -13,11 +22,16 @@ __all__ = [
     "LAYER_SEED_STRIDE",
     "LayerSpec",
     "MAX_SEED",
+    "PRESETS",
+    "ROOT",
     "Projections",
     "layer_kind",
     "layer_seed",
     "make_projections",
+    "named_modules",
     "per_example_loss",
     "response_labels",
     "select_layers",
+    "tracked_parameters",
+    "unwrap",
 ]

@@ -21,7 +21,7 @@ Conventions:
   and ``weight.grad.T`` for transformers' Conv1D (weight stored (d_in, d_out)) and
   for nn.Embedding (a one-hot map: ``d_in = num_embeddings``, ``A P_in = P_in[ids]``;
   no one-hot tensor is built).
-- Bias (``select_layers(..., bias=True)``, default off): ``A`` gets a ones column,
+- Bias (``select_layers(..., bias=True)``, the default): ``A`` gets a ones column,
   so ``d_in`` grows by one and the last input column is the bias gradient.
 - The loss must be a SUM over examples (e.g. ``per_example_loss(...).sum()``),
   not a mean: then ``G`` of example ``b`` is exactly the gradient of example
@@ -29,8 +29,15 @@ Conventions:
   not use it). Examples must not interact in the forward pass (use
   ``model.eval()``: no dropout, no batch-norm batch statistics). Batch dim first.
 - A module called several times in one forward gets the sum over its calls. A
-  weight shared by two modules (e.g. GPT-2's tied ``wte``/``lm_head``) gets one
-  feature block per selected module, each the gradient through that module only.
+  weight shared by several selected modules (GPT-2's tied ``wte``/``lm_head``, see
+  ``LayerSpec.tied``) is one feature block: every module's gradient of that weight,
+  projected with the shared layer's matrices (transposed for a module that stores
+  the weight the other way round) and added, i.e. the projected gradient of the weight.
+- Broadcast inputs: a layer whose input and output have batch size 1 while the
+  batch has B > 1 examples (GPT-2's and BERT's position embeddings of ``position_ids``
+  (1, T)) has its output expanded to B before the model broadcasts it, so each
+  example gets its own gradient. B is the mask's first dim, else the first dim of
+  the first tensor passed to the model. Any other batch size is an error.
 - Padding: ``set_mask`` takes a (B, T) attention mask; padding tokens contribute 0
   to the token sum of layers whose input is (B, T, d). Layers with (B, d) inputs
   and nn.Conv2d ignore it. Embedding tokens equal to ``padding_idx`` contribute 0,
@@ -49,12 +56,13 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from airtrace.capture.layers import LayerSpec, layer_spec
+from airtrace.capture.layers import LayerSpec, layer_kind, layer_spec, named_modules, unwrap
 from airtrace.capture.projections import Projections
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.ops.project_factored import project_factored
@@ -81,6 +89,18 @@ def _with_ones(A: torch.Tensor) -> torch.Tensor:
     return torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1)
 
 
+@dataclass(frozen=True)
+class _Member:
+    """A module whose weight gradient goes into the feature block of ``owner`` (the layer itself, or a tied one)."""
+
+    spec: LayerSpec  # the module's own view (kind, d_in, d_out; no bias for a tied module)
+    module: nn.Module
+    owner: LayerSpec
+    transposed: bool  # the module stores the shared weight the other way round
+    matrices: tuple[torch.Tensor, torch.Tensor] | None  # (P_in, P_out) in the module's own orientation
+    exact: tuple[bool, bool]  # sides kept exact (P = I): the einsum / scatter shortcut applies
+
+
 class GradientCapture:
     """Context manager that turns one batched forward/backward into per-example features.
 
@@ -94,7 +114,8 @@ class GradientCapture:
             features = cap.collect()  # name -> (B, 16 * 16)
 
     Args:
-        model: the model (batch dim first; in eval mode).
+        model: the model (batch dim first; in eval mode); a ``torch.compile``'d model is
+            hooked through its original module, so run that one.
         layers: LayerSpecs from ``select_layers``.
         projections: per-layer (P_in, P_out) for the factored mode; None gives the
             flat per-example gradients (B, d_out * d_in).
@@ -114,19 +135,28 @@ class GradientCapture:
     ):
         if keep_tokens and projections is None:
             raise ValueError("keep_tokens=True needs projections: token-level a, g are projected tokens")
-        modules = dict(model.named_modules())
+        modules = dict(named_modules(model))
+        members = []
         for spec in layers:
             if spec.name not in modules:
                 raise ValueError(f"layer {spec.name!r} is not a module of the model")
-            if layer_spec(spec.name, modules[spec.name], spec.kind, spec.bias) != spec:
+            module = modules[spec.name]
+            if layer_spec(spec.name, module, spec.kind, spec.bias) != replace(spec, tied=()):
                 raise ValueError(f"layer {spec.name!r}: {spec} does not match the model's module")
+            matrices = exact = None
             if projections is not None:
                 self._check_projection(spec, projections)
+                matrices, exact = projections[spec.name], projections.exact_sides(spec.name)
+            members.append(_Member(spec, module, spec, False, matrices, exact or (False, False)))
+            for name, transposed in spec.tied:
+                members.append(self._tied_member(spec, module, modules, name, transposed, matrices))
         self.layers, self.projections, self.backend = list(layers), projections, backend
-        self._modules = {spec.name: modules[spec.name] for spec in layers}
+        self._model = unwrap(model)
+        self._members = members
         self._handles: list = []
         self._features: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+        self._batch_size: int | None = None
         self.keep_tokens = keep_tokens
         self._tokens: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._outputs: list[torch.Tensor] = []
@@ -142,10 +172,26 @@ class GradientCapture:
                 f" do not fit d_in={spec.d_in}, d_out={spec.d_out}"
             )
 
+    @staticmethod
+    def _tied_member(spec: LayerSpec, module: nn.Module, modules: dict, name: str, transposed: bool,
+                     matrices: tuple[torch.Tensor, torch.Tensor] | None) -> _Member:
+        """The module ``name`` that shares ``spec``'s weight, with the layer's matrices seen from its side:
+        the bias row dropped, and P_in / P_out swapped when it stores the weight transposed."""
+        other = modules.get(name)
+        if other is None or getattr(other, "weight", None) is not module.weight:
+            raise ValueError(f"layer {spec.name!r}: tied module {name!r} does not share its weight")
+        own = layer_spec(name, other, layer_kind(other), False)
+        if matrices is not None:
+            p_in, p_out = matrices
+            p_in = p_in[: spec.d_in - spec.bias]
+            matrices = (p_out, p_in) if transposed else (p_in, p_out)
+        return _Member(own, other, spec, transposed, matrices, (False, False))
+
     def __enter__(self) -> GradientCapture:
-        for spec in self.layers:
-            hook = self._forward_hook(spec)
-            self._handles.append(self._modules[spec.name].register_forward_hook(hook, with_kwargs=True))
+        self._handles.append(self._model.register_forward_pre_hook(self._note_batch_size, with_kwargs=True))
+        for member in self._members:
+            hook = self._forward_hook(member)
+            self._handles.append(member.module.register_forward_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -156,6 +202,11 @@ class GradientCapture:
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Token mask (B, T) for the following forward passes (None: all tokens count)."""
         self._mask = mask
+
+    def _note_batch_size(self, module, args, kwargs) -> None:
+        """Batch size of a model call: the first dim of its first tensor argument."""
+        self._batch_size = next((v.shape[0] for v in (*args, *kwargs.values())
+                                 if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
 
     def take_outputs(self) -> list[torch.Tensor]:
         """The tracked layers' outputs since the last call, then cleared.
@@ -196,97 +247,123 @@ class GradientCapture:
             (activations, gradients): name -> a = A P_in (B, T, k_in) and
             name -> g = m G P_out (B, T, k_out), masked tokens zero in both,
             float32 (float64 for float64 models), in layer order; the calls of
-            a module are concatenated along T.
+            a module (and of the modules tied to it) are concatenated along T.
 
         Raises:
             ValueError: ``keep_tokens`` is off, or a layer was never reached by backward.
         """
+        tokens = self.token_parts()
+        acts = {name: torch.cat([a for a, _ in parts], dim=1) for name, parts in tokens.items()}
+        grads = {name: torch.cat([g for _, g in parts], dim=1) for name, parts in tokens.items()}
+        return acts, grads
+
+    def token_parts(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Like :meth:`collect_tokens`, one ``(a, g)`` pair per call of a module, not concatenated:
+        name -> [(a (B, T_call, k_in), g (B, T_call, k_out)), ...] in call order; the token-level
+        features of call ``c`` are ``g[b, t] ⊗ a[b, t]``, summing to the layer's features."""
         if not self.keep_tokens:
             raise ValueError("collect_tokens() needs GradientCapture(..., keep_tokens=True)")
         tokens, self._tokens = self._tokens, {}
         missing = [spec.name for spec in self.layers if spec.name not in tokens]
         if missing:
             raise ValueError(f"layers {missing} captured no tokens: not called in the forward pass or no gradient")
-        acts = {spec.name: torch.cat([a for a, _ in tokens[spec.name]], dim=1) for spec in self.layers}
-        grads = {spec.name: torch.cat([g for _, g in tokens[spec.name]], dim=1) for spec in self.layers}
-        return acts, grads
+        return {spec.name: tokens[spec.name] for spec in self.layers}
 
-    def _forward_hook(self, spec: LayerSpec):
+    def _forward_hook(self, member: _Member):
+        name = member.spec.name
+
         def hook(module, args, kwargs, output):
             if not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 raise ValueError(
-                    f"layer {spec.name!r}: its output does not require grad, so dLoss/dOutput cannot be captured"
+                    f"layer {name!r}: its output does not require grad, so dLoss/dOutput cannot be captured"
                     " (set requires_grad on its weight or input)"
                 )
             x = (args[0] if args else next(iter(kwargs.values()))).detach()
-            output.register_hook(self._grad_hook(spec, [x, self._mask]))
+            batch = self._mask.shape[0] if self._mask is not None else self._batch_size
+            expanded = batch is not None and batch > 1 and output.dim() >= 1 and output.shape[0] == 1 == x.shape[0]
+            if expanded:  # one row broadcast over the batch (position embeddings): one gradient per example
+                output, x = output.expand(batch, *output.shape[1:]), x.expand(batch, *x.shape[1:])
+            elif batch is not None and output.dim() >= 1 and output.shape[0] != batch:
+                raise ValueError(
+                    f"layer {name!r}: its output has {output.shape[0]} rows in its first dimension but the batch "
+                    f"has {batch} examples (reshaped or pooled across examples?), so its per-example gradients "
+                    "cannot be captured; exclude it"
+                )
+            output.register_hook(self._grad_hook(member, [x, self._mask]))
             self._outputs.append(output)
+            return output if expanded else None
 
         return hook
 
-    def _grad_hook(self, spec: LayerSpec, saved: list):
+    def _grad_hook(self, member: _Member, saved: list):
         """Reduce on the first backward, then drop the saved input (the output may outlive the graph)."""
 
         def on_grad(grad: torch.Tensor) -> None:
             if not saved:
                 raise ValueError(
-                    f"layer {spec.name!r}: a second backward through one forward pass is not supported;"
+                    f"layer {member.spec.name!r}: a second backward through one forward pass is not supported;"
                     " run the forward again"
                 )
             x, mask = saved
             saved.clear()
-            with stage("project"):
-                feats = self._reduce(spec, x, grad, mask).reshape(x.shape[0], -1)
-            prev = self._features.get(spec.name)
-            self._features[spec.name] = feats if prev is None else prev + feats
+            with stage("project", rows=x.shape[0]):
+                feats = self._reduce(member, x, grad, mask)
+                if member.transposed:
+                    feats = feats.transpose(1, 2)
+                if member.matrices is None and member.owner.bias and member.spec is not member.owner:
+                    feats = F.pad(feats, (0, 1))  # flat gradient of a tied module: no bias column
+                feats = feats.reshape(x.shape[0], -1)
+            owner = member.owner.name
+            prev = self._features.get(owner)
+            self._features[owner] = feats if prev is None else prev + feats
 
         return on_grad
 
-    def _reduce(self, spec: LayerSpec, x: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(A, G) of one call -> (B, k_out, k_in) or (B, d_out, d_in)."""
-        module = self._modules[spec.name]
+    def _reduce(self, member: _Member, x: torch.Tensor, grad: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """(A, G) of one call -> (B, k_out, k_in) or (B, d_out, d_in), in the module's own orientation."""
+        spec, module = member.spec, member.module
         if spec.kind == "conv2d":
             A, G, mask = _conv_inputs(module, x), grad.flatten(2).transpose(1, 2), None
         else:
             G = _tokens(grad, spec.d_out)
             mask = _token_mask(spec, mask, x)
             if spec.kind == "embedding":
-                return self._reduce_embedding(spec, module, x.reshape(G.shape[:2]), G, mask)
+                return self._reduce_embedding(member, x.reshape(G.shape[:2]), G, mask)
             A = _tokens(x, spec.d_in - spec.bias)
         if spec.bias:
             A = _with_ones(A)
         dtype = torch.promote_types(A.dtype, G.dtype)
         A, G = A.to(dtype), G.to(dtype)
-        flat = self.projections is None
+        flat = member.matrices is None
         if not flat:
-            p_in, p_out = self.projections[spec.name]
-            exact_in, exact_out = self.projections.exact_sides(spec.name)
+            p_in, p_out = member.matrices
+            exact_in, exact_out = member.exact
             flat = exact_in and exact_out  # P_in = I and P_out = I: no product with an identity
             if self.keep_tokens:
                 acc = accumulation_dtype(dtype)
-                self._keep(spec, A.to(acc) if exact_in else A.to(acc) @ p_in.to(A.device, acc), G,
+                self._keep(member, A.to(acc) if exact_in else A.to(acc) @ p_in.to(A.device, acc), G,
                            None if exact_out else p_out, mask)
         if flat:
             return torch.einsum("bto,bti->boi", _masked(G, mask), A.to(accumulation_dtype(dtype)))
         return project_factored(A, G, p_in, p_out, mask, backend=self.backend)
 
-    def _reduce_embedding(
-        self, spec: LayerSpec, module: nn.Embedding, ids: torch.Tensor, G: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _reduce_embedding(self, member: _Member, ids: torch.Tensor, G: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
         """One-hot inputs ids (B, T): A P_in = P_in[ids]; the flat gradient scatters rows of G into (d, V)."""
+        spec, module = member.spec, member.module
         if module.padding_idx is not None:
             keep = ids != module.padding_idx
             mask = keep if mask is None else mask * keep
-        exact_in = exact_out = False
-        if self.projections is not None:
-            p_in, p_out = self.projections[spec.name]
-            exact_in, exact_out = self.projections.exact_sides(spec.name)
+        exact_in, exact_out = member.exact
+        if member.matrices is not None:
+            p_in, p_out = member.matrices
             if self.keep_tokens:
-                self._keep(spec, p_in.to(G.device, accumulation_dtype(G.dtype))[ids], G,
+                self._keep(member, p_in.to(G.device, accumulation_dtype(G.dtype))[ids], G,
                            None if exact_out else p_out, mask)
-        if self.projections is None or (exact_in and exact_out):
+        if member.matrices is None or (exact_in and exact_out):
             G = _masked(G, mask)
             B, T, d = G.shape
             rows = G.new_zeros(B, spec.d_in, d).scatter_add_(1, ids[:, :, None].expand(B, T, d), G)
@@ -296,16 +373,18 @@ class GradientCapture:
         return project_factored(A, G, eye, p_out, mask, backend=self.backend)
 
     def _keep(
-        self, spec: LayerSpec, a: torch.Tensor, G: torch.Tensor, p_out: torch.Tensor | None, mask: torch.Tensor | None
+        self, member: _Member, a: torch.Tensor, G: torch.Tensor, p_out: torch.Tensor | None,
+        mask: torch.Tensor | None
     ) -> None:
         """Keep projected tokens a (B, T, k_in) and m G P_out (B, T, k_out) (m G for an exact side, ``p_out``
-        None); masked tokens zeroed in both."""
+        None) under the owning layer, swapped for a module that stores the weight transposed; masked tokens
+        zeroed in both."""
         g = _masked(G, mask)
         if p_out is not None:
             g = g @ p_out.to(G.device, accumulation_dtype(G.dtype))
         if mask is not None:
             a = a * (mask != 0).to(a.dtype)[:, :, None]
-        self._tokens.setdefault(spec.name, []).append((a, g))
+        self._tokens.setdefault(member.owner.name, []).append((g, a) if member.transposed else (a, g))
 
 
 def _masked(G: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

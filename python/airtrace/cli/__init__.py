@@ -11,25 +11,30 @@ Commands:
   LoGra + EK-FAC: top-3 training pairs per held-out question, and an HTML report.
 - ``airtrace featurize --model M STORE``: per-example features of the training set -> a store.
 - ``airtrace fit --model M STORE --out CURV``: fit the curvature (layers and projection from the store).
-- ``airtrace score --model M STORE [--curvature CURV | --exact SOLVER]``: top-k training examples per query.
+- ``airtrace score --model M STORE [--curvature CURV] [--queries FILE] [--order both] [--output F]``: the most
+  helpful / harmful training examples per query (JSON, CSV or Parquet).
+- ``airtrace score ... --exact SOLVER``: exact influence (H + λ)⁻¹ by CG / LiSSA / Arnoldi / dense.
 - ``airtrace index build STORE [--curvature CURV] [--type flat|ivfpq|hnsw]``: an ANN index beside the store, for
   ``airtrace score --index TYPE`` (two-stage: candidates, then their exact scores).
 - ``airtrace ensemble STORE... --models M... [--curvatures CURV...] [--weights W...]``: the scores of several
   independently trained models (one store each), averaged or weighted.
 - ``airtrace calibrate --model M --labels GT --out DIR``: projection size x curvature x damping x metric chosen by
   cross-validated LDS against retrained-subset labels; featurize / fit / score take ``--calibration DIR/calibration.json``.
+- ``airtrace report SCORES [--out HTML]``: the HTML report of a scores file.
+- ``airtrace profile TRACE.json``: the per-stage summary of a ``--profile`` trace.
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
 - ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
   really retrained models (see :mod:`airtrace.eval.cli`).
 
 ``--model`` names a factory ``package.module:function`` (importable, the current
-directory is searched too) called without arguments; it returns an
+directory is searched too) called with the ``--model-arg KEY=VALUE`` pairs; it returns an
 :class:`airtrace.Task` or a tuple ``(model, loss_fn, train, queries)`` where
 ``train`` / ``queries`` are re-iterables of ``(ids, batch)`` pairs and
 ``loss_fn(model, batch)`` returns (B,) per-example losses (see
 :mod:`airtrace.attribute`). ``featurize``, ``fit`` and ``score`` also run
 distributed (``torchrun --nproc-per-node N -m airtrace featurize ...``; see
-:mod:`airtrace.distributed`) and take ``--profile TRACE.json`` (see :mod:`airtrace.profiling`).
+:mod:`airtrace.distributed`) and take ``--profile [TRACE.json]`` (see :mod:`airtrace.profiling`).
+``--quiet`` prints nothing but errors; files are written whole (atomically) with mode 0644.
 
 Exit status: 0 on success, 2 on usage errors (bad flags, a bad ``--model``),
 1 on runtime errors (a corrupt or mismatched store, bad data, a full disk, memory
@@ -44,14 +49,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airtrace.cli import calibrate, demo, ensemble, env, featurize, fit, index, inspect, score, selfcheck
+from airtrace.cli import calibrate, demo, ensemble, env, featurize, fit, index, inspect, profile, report, score, selfcheck
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
 from airtrace.util.fix import cli_message
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from airtrace import __version__
+
     parser = argparse.ArgumentParser(prog="airtrace", description="Training-data attribution engine.")
+    parser.add_argument("--version", action="version", version=f"airtrace {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     env.add_parser(sub)
     selfcheck.add_parser(sub)
@@ -62,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_parser(sub)
     ensemble.add_parser(sub)
     calibrate.add_parser(sub)
+    report.add_parser(sub)
+    profile.add_parser(sub)
 
     from airtrace.eval.cli import add_parser as eval_parser
 

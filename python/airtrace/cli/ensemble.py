@@ -7,7 +7,7 @@ import argparse
 import math
 
 from airtrace.cli.args import UsageError
-from airtrace.cli.score import add_output_options, report_scores
+from airtrace.cli.score import add_output_options, checked_output, write_scores
 from airtrace.cli.task import load_named
 
 
@@ -16,6 +16,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from airtrace.attribute.ensemble import score_ensemble
 
     m = len(args.stores)
+    fmt = checked_output(args)
     for flag, values in (("--models", args.models), ("--curvatures", args.curvatures), ("--weights", args.weights)):
         if values is not None and len(values) != m:
             raise UsageError(f"{flag} takes one value per store ({m}), got {len(values)}")
@@ -34,7 +35,10 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
         members.append((attributor, store))
     scores = score_ensemble(members, queries, topk=args.topk, metric=args.metric or "inner", weights=args.weights,
                             full_matrix_path=args.full_matrix, progress=not args.quiet)
-    report_scores(scores, args.output, {"ensemble": m, "weights": args.weights or [1 / m] * m})
+    weights = args.weights or [1 / m] * m
+    write_scores(args, scores, fmt, order="top", extra={"ensemble": m, "weights": weights},
+                 settings={"models": ", ".join(f"{f} ({s})" for f, s in zip(args.models, args.stores)),
+                           "weights": ", ".join(f"{w:.4g}" for w in weights)})
     return 0
 
 
@@ -51,5 +55,5 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "cuda", "triton"),
                    help="kernel backend (default auto)")
     add_output_options(p)  # --metric: each model's score, before combining
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(run=_cmd_ensemble, parser=p)

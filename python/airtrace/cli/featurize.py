@@ -11,23 +11,23 @@ from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 def _projection(args: argparse.Namespace) -> dict | str:
     if args.exact:
-        if args.dense is not None or args.sparse is not None or args.exact_small:
-            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --exact-small")
+        if args.dense is not None or args.sparse is not None or args.exact_small is not None:
+            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --[no-]exact-small")
         return "exact"
     if args.dense is not None and args.sparse is not None:
         raise UsageError("--dense and --sparse are two projections: give one")
     if args.sparse_s is not None and args.sparse is None:
         raise UsageError("--sparse-s applies to --sparse K")
     flat = "--dense" if args.dense is not None else "--sparse" if args.sparse is not None else None
-    if flat and args.exact_small:
-        raise UsageError(f"--exact-small applies to the factored projection, not to {flat}")
+    if flat and args.exact_small is not None:
+        raise UsageError(f"--[no-]exact-small applies to the factored projection, not to {flat}")
     if args.sparse is not None:
         return {"type": "sparse", "k": args.sparse, "s": 2 if args.sparse_s is None else args.sparse_s,
                 "seed": args.seed}
     if args.dense is not None:
         return {"type": "dense", "k": args.dense, "seed": args.seed, "kind": args.kind}
     return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed,
-            "exact_small": args.exact_small}
+            "exact_small": args.exact_small is not False}
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
@@ -47,7 +47,8 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
                             device=args.device, backend=args.backend)
     store = attributor.featurize(task.train, args.store, dtype=args.dtype, rows_per_shard=args.rows_per_shard,
                                  total=train_size(task), overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {store!r}")
+    if not args.quiet:
+        print(f"wrote {store!r}")
     return 0
 
 
@@ -57,13 +58,16 @@ def add_parser(sub) -> None:
     p.add_argument("store", metavar="STORE", help="store directory (resumed when incomplete)")
     add_model_options(p)
     p.add_argument("--layers", nargs="+", default=["*"], metavar="PATTERN",
-                   help="fnmatch patterns of tracked layer names (default: all supported layers)")
+                   help="fnmatch patterns of tracked layer names (default: all trainable supported layers; "
+                        "'lora' for a LoRA adapter's matrices)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="layer name patterns to drop")
-    p.add_argument("--bias", action="store_true", help="attribute through biases too")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="attribute through the biases too (default: yes)")
     p.add_argument("--k-in", type=positive_int, default=16, help="factored projection input dim (default 16)")
     p.add_argument("--k-out", type=positive_int, default=16, help="factored projection output dim (default 16)")
-    p.add_argument("--exact-small", action="store_true",
-                   help="keep layer sides no wider than --k-in / --k-out unprojected (exact gradient there)")
+    p.add_argument("--exact-small", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep layer sides no wider than --k-in / --k-out unprojected, their exact gradient "
+                        "(default: yes, factored projection)")
     p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
     p.add_argument("--sparse", type=positive_int, metavar="K",
                    help="sparse Johnson-Lindenstrauss projection to K dims instead (O(p s) per example)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from airtrace.cli.args import UsageError, bounded, positive_float, positive_int
+from airtrace.cli.args import UsageError, bounded, check_output, positive_float, positive_int, world_readable
 from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 _positive_or_auto = bounded(float, 0.0, "a finite positive number or 'auto'")
@@ -27,6 +27,7 @@ def _damping(args: argparse.Namespace):
 def _cmd_fit(args: argparse.Namespace) -> int:
     from airtrace.attribute import Attributor
 
+    check_output(args.out, "--out")
     task = load(args)
     method, damping = args.method or "ekfac", _damping(args)
     if args.calibration is not None:
@@ -41,12 +42,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                                        damping=damping, rank=args.rank, device=args.device, backend=args.backend)
     curvature = attributor.fit(task.train, args.out, store=args.store, total=train_size(task),
                                progress=not args.quiet)
-    print(f"fitted {curvature.method} on {curvature.n_examples} examples -> {args.out}")
-    rule = curvature.damping_rule or {}
-    criterion = rule.get("criterion") or {}
-    for layer, lam in curvature.damping.items():
-        extra = f" (rule {rule['rule']}, criterion ρ = {criterion[layer]:.4g})" if layer in criterion else ""
-        print(f"  {layer}: damping {lam:.4g}{extra}")
+    world_readable(args.out)
+    if not args.quiet:
+        print(f"fitted {curvature.method} on {curvature.n_examples} examples -> {args.out}")
+        rule = curvature.damping_rule or {}
+        criterion = rule.get("criterion") or {}
+        for layer, lam in curvature.damping.items():
+            extra = f" (rule {rule['rule']}, criterion ρ = {criterion[layer]:.4g})" if layer in criterion else ""
+            print(f"  {layer}: damping {lam:.4g}{extra}")
     return 0
 
 

@@ -36,7 +36,9 @@ def store_summary(store) -> str:
 def _layer_text(spec: dict | None) -> str:
     if spec is None:
         return ""
-    return f"  ({spec.get('kind')} {spec.get('d_out')}x{spec.get('d_in')}{' +bias' if spec.get('bias') else ''})"
+    tied = ", ".join(name for name, _ in spec.get("tied") or [])
+    return (f"  ({spec.get('kind')} {spec.get('d_out')}x{spec.get('d_in')}{' +bias' if spec.get('bias') else ''}"
+            f"{f', tied with {tied}' if tied else ''})")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -1,5 +1,7 @@
-"""``airtrace score``: top-k training examples per query, streamed over the store; imports ``airtrace.attribute``,
-``airtrace.store`` and the other ``airtrace.cli`` modules."""
+"""``airtrace score``: the most helpful / harmful training examples per query, streamed over the store (or from two
+stages, an index then exact scores; or by exact influence), written as JSON, CSV or Parquet; imports
+``airtrace.attribute``, ``airtrace.report``, ``airtrace.scoring``, ``airtrace.store`` and the other ``airtrace.cli``
+modules."""
 
 from __future__ import annotations
 
@@ -7,9 +9,70 @@ import argparse
 import json
 import os
 
-from airtrace.cli.args import UsageError, bounded, positive_int, read_groups
+from airtrace.cli.args import UsageError, bounded, check_output, positive_int, read_groups, world_readable
 from airtrace.cli.fit import damping_value
 from airtrace.cli.task import add_model_options, load, scaled, train_size
+from airtrace.scoring import METRIC_DEFINITIONS, METRICS, ORDERS, SIGN_CONVENTION
+
+
+def read_queries(path: str) -> list[dict]:
+    """The records of a ``--queries`` file: JSON lines (an object, or a string = ``{"text": ...}``), or any other
+    file one text query per line (``{"text": line}``); blank lines are skipped.
+
+    Raises:
+        ValueError: unreadable file, a bad JSON line (names the line), or no queries.
+    """
+    jsonl = os.path.splitext(path)[1].lower() in (".jsonl", ".json", ".ndjson")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                records.append({"text": line.rstrip("\n")})
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"--queries {path}: line {number} is not JSON ({exc})") from None
+            if isinstance(record, str):
+                record = {"text": record}
+            if not isinstance(record, dict):
+                raise ValueError(f"--queries {path}: line {number} must be a JSON object or string, "
+                                 f"got {type(record).__name__}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"--queries {path}: no queries in the file")
+    return records
+
+
+def query_batches(records: list[dict], format_queries, batch_size: int) -> tuple[list, list]:
+    """(ids, batch) pairs of the records, and the ids: from an "id" field when every record has one, else the
+    record's position; batches made by ``format_queries`` (default: one tensor per field)."""
+    from airtrace.attribute.batches import collate_records
+
+    ids = [r["id"] for r in records] if all("id" in r for r in records) else list(range(len(records)))
+    if len(set(map(str, ids))) != len(ids):
+        raise ValueError("--queries: the records' \"id\" values are not unique")
+    collate = format_queries or collate_records
+    batches = [(ids[s: s + batch_size], collate(records[s: s + batch_size])) for s in range(0, len(records), batch_size)]
+    return batches, ids
+
+
+def _settings(args: argparse.Namespace, attributor, store) -> dict:
+    projection = attributor.projection
+    shape = (f"factored {projection['k_out']} x {projection['k_in']} per layer" if projection["type"] == "factored"
+             else f"dense k = {projection['k']}")
+    damping = sorted(attributor.curvature.damping.values()) if attributor.curvature.method != "identity" else []
+    return {
+        "model": args.model + "".join(f" {k}={v}" for k, v in args.model_arg),
+        "store": f"{args.store} ({len(store)} training examples)",
+        "layers": f"{len(attributor.layers)} tracked layers, {attributor.width} features per example ({shape})",
+        "curvature": attributor.curvature.method + (f", damping {damping[0]:.3g} .. {damping[-1]:.3g}"
+                                                    if damping else ""),
+        "queries": args.queries or "the factory's queries",
+        "ranking": f"top {args.topk}, order {args.order}" + (", per-token scores" if args.tokens else ""),
+    }
 
 
 _tolerance = bounded(float, 0.0, "a relative residual in (0, 1)", 1.0)
@@ -21,7 +84,7 @@ def _solver(args: argparse.Namespace) -> dict:
     return {"method": args.exact, "tol": tol, "matrix": "hessian" if args.hessian else "ggn"}
 
 
-def _two_stage(args: argparse.Namespace, task) -> dict:
+def _two_stage(args: argparse.Namespace, queries) -> dict:
     """The two-stage arguments of Attributor.score from --index / --airrep and their knobs."""
     if args.index is None and args.airrep is None:
         flags = [f for f, v in (("--nprobe", args.nprobe), ("--ef", args.ef), ("--candidates", args.candidates),
@@ -31,16 +94,17 @@ def _two_stage(args: argparse.Namespace, task) -> dict:
         return {}
     if args.index is not None and args.airrep is not None:
         raise UsageError("--index and --airrep are two candidate sources: give one")
-    if args.groups is not None or args.full_matrix is not None:
-        raise UsageError("--groups and --full-matrix need the exact pass over every row: drop --index / --airrep")
+    if args.groups is not None or args.full_matrix is not None or args.order != "top":
+        raise UsageError("--groups, --full-matrix and --order bottom / both need the exact pass over every row: "
+                         "drop --index / --airrep")
     index = args.index
     if args.airrep is not None:
-        index = _airrep_candidates(args, task)
+        index = _airrep_candidates(args, queries)
     return {"index": index, "nprobe": args.nprobe, "ef": args.ef, "candidates": args.candidates,
             "rerank": not args.no_rerank, "recall": True if args.recall else None}
 
 
-def _airrep_candidates(args: argparse.Namespace, task):
+def _airrep_candidates(args: argparse.Namespace, queries):
     """EmbeddingCandidates from ``--airrep TRAIN QUERIES`` (``airtrace airrep embed`` outputs), aligned by id."""
     import torch
 
@@ -49,7 +113,7 @@ def _airrep_candidates(args: argparse.Namespace, task):
     from airtrace.store import Store
 
     aligned = []
-    for path, want in zip(args.airrep, (Store.open(args.store).ids, [i for ids, _ in task.queries for i in ids])):
+    for path, want in zip(args.airrep, (Store.open(args.store).ids, [i for ids, _ in queries for i in ids])):
         ids, embeddings = read_embeddings(path)
         row = {str(i): r for r, i in enumerate(ids)}
         missing = [i for i in want if str(i) not in row]
@@ -60,23 +124,71 @@ def _airrep_candidates(args: argparse.Namespace, task):
     return EmbeddingCandidates(*aligned)
 
 
+def checked_output(args: argparse.Namespace) -> str | None:
+    """The format of ``--output`` (``--format``, else its extension), with ``--output`` and ``--full-matrix``
+    checked writable before any work."""
+    from airtrace.report import output_format
+
+    fmt = output_format(args.output, args.format) if args.output else args.format
+    if fmt is not None and args.output is None:
+        raise UsageError("--format needs --output FILE")
+    check_output(args.output, "--output")
+    check_output(args.full_matrix, "--full-matrix")
+    return fmt
+
+
+def write_scores(args: argparse.Namespace, scores, fmt: str | None, *, order: str, settings: dict, extra: dict,
+                 task=None, describe_query=None) -> None:
+    """Print the rows (unless ``--quiet``) and write ``--output`` (all or nothing, mode 0644) with ``extra`` keys;
+    ``task`` gives texts and token strings to the document."""
+    from airtrace.report import encode, scores_document
+    from airtrace.store import atomic_write
+
+    world_readable(args.full_matrix)
+    if not args.quiet:
+        print("query_id\torder\trank\ttrain_id\tscore")
+        for row in scores.to_rows():
+            print(f"{row['query_id']}\t{row['order']}\t{row['rank']}\t{row['train_id']}\t{row['score']:.6g}")
+    if args.output is not None:
+        document = scores_document(scores, settings=settings, order=order,
+                                   describe_train=None if task is None else task.describe,
+                                   describe_query=describe_query, decode=None if task is None else task.decode)
+        document.update(extra)
+        path = os.path.abspath(args.output)
+        atomic_write(path, [encode(document, fmt)])  # all or nothing
+        world_readable(path)
+        if not args.quiet:
+            print(f"wrote {args.output}")
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from airtrace.attribute import Attributor
+    from airtrace.store import Store
 
+    fmt = checked_output(args)
+    groups = read_groups(args.groups)
     task = load(args)
-    if task.queries is None:
-        raise UsageError(f"--model {args.model!r}: the factory returned no query batches to score")
+    if args.queries is not None:
+        records = read_queries(args.queries)
+        queries, ids = query_batches(records, task.format_queries, args.batch_size)
+        describe_query = dict(zip(ids, (r.get("text", json.dumps(r)) for r in records))).get
+    else:
+        queries, describe_query = task.queries, task.describe
+        if queries is None:
+            raise UsageError(f"--model {args.model!r}: the factory returned no query batches; pass --queries FILE")
     if args.exact is None:
         given = [flag for flag, value in (("--damping", args.damping), ("--solver-tol", args.solver_tol),
                                           ("--hessian", args.hessian or None)) if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to exact influence: add --exact SOLVER")
-        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn, curvature="identity",
+        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn,
+                                           query_loss_fn=task.query_loss_fn, curvature="identity",
                                            device=args.device, backend=args.backend)
         if args.curvature is not None:
             attributor.load_curvature(args.curvature)
     else:
-        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn, curvature="exact",
+        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn,
+                                           query_loss_fn=task.query_loss_fn, curvature="exact",
                                            damping=args.damping or "auto", solver=_solver(args), device=args.device,
                                            backend=args.backend)
         attributor.fit(task.train, store=args.store, total=train_size(task), progress=not args.quiet)
@@ -85,43 +197,33 @@ def _cmd_score(args: argparse.Namespace) -> int:
         from airtrace.attribute.calibration import Calibration
 
         metric = args.metric or Calibration.load(args.calibration).metric
-    from airtrace.store import Store
-
-    topk = max(1, min(args.topk, len(Store.open(args.store))))  # a store of n rows has at most n results per query
-    two_stage = _two_stage(args, task)
-    scores = attributor.score(task.queries, args.store, topk=topk, metric=metric,
-                              full_matrix_path=args.full_matrix, groups=read_groups(args.groups),
-                              progress=not args.quiet, **two_stage)
-    if scores.stage != "exact":
-        recall = "not measured (--recall measures it)" if scores.recall is None else f"{scores.recall:.4f}"
-        print(f"# stage {scores.stage}, recall@{topk} {recall}")
-    for report in scores.solves or []:
-        print(f"solve: {report['method']} ({attributor.solver.config.matrix}), {report['columns']} queries, "
-              f"{report['iterations']} iterations, relative residual {report['residual']:.3g}")
+    store = Store.open(args.store)
+    topk = max(1, min(args.topk, len(store)))  # a store of n rows has at most n results per query
+    scores = attributor.score(queries, args.store, topk=topk, metric=metric, order=args.order,
+                              full_matrix_path=args.full_matrix, groups=groups,
+                              token_batches=task.train if args.tokens else None, progress=not args.quiet,
+                              **_two_stage(args, queries))
+    if not args.quiet:
+        if scores.stage != "exact":
+            recall = "not measured (--recall measures it)" if scores.recall is None else f"{scores.recall:.4f}"
+            print(f"# stage {scores.stage}, recall@{topk} {recall}")
+        for report in scores.solves or []:
+            print(f"solve: {report['method']} ({attributor.solver.config.matrix}), {report['columns']} queries, "
+                  f"{report['iterations']} iterations, relative residual {report['residual']:.3g}")
     curvature = attributor.curvature_method if args.exact else attributor.curvature.method
-    report_scores(scores, args.output, {"curvature": curvature, "solves": scores.solves, "stage": scores.stage,
-                                        "recall": scores.recall})
+    write_scores(args, scores, fmt, order=args.order, settings=_settings(args, attributor, store),
+                 extra={"curvature": curvature, "solves": scores.solves, "stage": scores.stage,
+                        "recall": scores.recall}, task=task, describe_query=describe_query)
     return 0
-
-
-def report_scores(scores, output: str | None, extra: dict) -> None:
-    """Print the top-k rows as a table and, with ``output``, write them (and ``extra``) as JSON, all or nothing."""
-    rows = scores.to_rows()
-    print("query_id\trank\ttrain_id\tscore")
-    for row in rows:
-        print(f"{row['query_id']}\t{row['rank']}\t{row['train_id']}\t{row['score']:.6g}")
-    if output is not None:
-        result = {"metric": scores.metric, **extra, "query_ids": scores.query_ids, "topk": rows,
-                  "groups": None if scores.groups is None else scores.groups.tolist()}
-        from airtrace.store import atomic_write
-
-        atomic_write(os.path.abspath(output), [json.dumps(result, indent=1).encode()])
-        print(f"wrote {output}")
 
 
 def add_parser(sub) -> None:
     """Register ``airtrace score``."""
-    p = sub.add_parser("score", help="top-k training examples per query, streamed over STORE")
+    metrics = "; ".join(f"{m}: {METRIC_DEFINITIONS[m]}" for m in METRICS)
+    p = sub.add_parser(
+        "score", help="most helpful / harmful training examples per query, streamed over STORE",
+        description=f"Score queries against every training example of STORE. Sign: {SIGN_CONVENTION}. "
+                    f"Metrics ({metrics}).")
     p.add_argument("store", metavar="STORE", help="store written by featurize")
     add_model_options(p)
     curvature = p.add_mutually_exclusive_group()
@@ -134,7 +236,18 @@ def add_parser(sub) -> None:
     p.add_argument("--solver-tol", type=_tolerance, help="with --exact: relative residual (default 1e-6)")
     p.add_argument("--hessian", action="store_true",
                    help="with --exact: the loss's Hessian instead of the Gauss-Newton matrix")
+    p.add_argument("--queries", metavar="FILE",
+                   help="queries from a file instead of the factory's: JSON lines (objects, made into batches by the "
+                        "task's format_queries, or strings = {\"text\": ...}) or plain text, one query per line")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="queries per batch with --queries (default 8)")
     add_output_options(p)
+    p.add_argument("--order", default="top", choices=ORDERS,
+                   help="top: the most helpful examples (highest scores) first; bottom: the most harmful (lowest, "
+                        "most negative) first; both (default top)")
+    p.add_argument("--tokens", action="store_true",
+                   help="also score the listed training examples token by token (runs them again; factored "
+                        "projection): which tokens carry the influence")
+    p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train row indices: group sums")
     p.add_argument("--index", metavar="TYPE|PATH",
                    help="two-stage: candidates from the index built by `airtrace index build` (flat, ivfpq, hnsw, or "
                         "the .faiss path), re-scored exactly")
@@ -149,14 +262,18 @@ def add_parser(sub) -> None:
                    help="also run the exact pass and report recall@topk (default: only on small stores)")
     p.add_argument("--calibration", metavar="FILE",
                    help="score with the metric chosen by `airtrace calibrate` (unless --metric is given)")
-    p.add_argument("--groups", metavar="JSON", help="JSON list of lists of train row indices: group sums")
     p.set_defaults(run=scaled(_cmd_score), parser=p)
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
-    """``--topk``, ``--metric``, ``--full-matrix`` and ``--output`` (what :func:`report_scores` writes)."""
+    """``--topk``, ``--metric``, ``--full-matrix``, ``--output`` and ``--format`` (what :func:`write_scores` writes)."""
     p.add_argument("--topk", type=positive_int, default=10,
-                   help="results per query (default 10; at most the store's rows)")
-    p.add_argument("--metric", choices=("inner", "cosine", "relative"), help="score (default inner)")
+                   help="results per query and order (default 10; at most the store's rows)")
+    p.add_argument("--metric", choices=METRICS, help="score (default inner; the metrics are defined above)")
     p.add_argument("--full-matrix", metavar="PATH", help="also write the (q, n) score matrix (safetensors)")
-    p.add_argument("--output", metavar="JSON", help="write the results as JSON")
+    p.add_argument("--output", metavar="FILE",
+                   help="write the results (checked before any work): JSON (rows, texts, settings, distribution; "
+                        "what `airtrace report` reads), CSV or Parquet (rows: query_id, order, rank, train_index, "
+                        "train_id, score, metric)")
+    p.add_argument("--format", choices=("json", "csv", "parquet"),
+                   help="format of --output (default: from its extension, else json)")

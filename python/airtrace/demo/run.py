@@ -16,8 +16,9 @@ Pipeline (about two minutes on 2 CPU cores once the model is cached):
    ``<out>/curvature.safetensors``, ``score`` the queries (by default with
    relative influence: the EK-FAC influence divided by the training pair's
    root self-influence, so pairs with merely large gradients do not top every list).
-4. Print the top-3 training pairs per query and write ``<out>/report.html``
-   with the top-10.
+4. Print the top-3 training pairs per query; write ``<out>/scores.json`` (the
+   10 most helpful and 10 most harmful pairs per query, their answers scored token
+   by token) and its HTML report ``<out>/report.html`` (:mod:`airtrace.report`).
 
 The loss of every pair is the summed cross-entropy of its answer tokens
 ("Question: <q>\\nAnswer: <a>", prompt tokens masked). ``<out>/settings.json``
@@ -41,8 +42,8 @@ import torch
 from airtrace import data
 from airtrace.capture import per_example_loss
 from airtrace.data import Pair
-from airtrace.demo import report
-from airtrace.demo.report import Ranked
+from airtrace.report import encode, scores_document, write_report
+from airtrace.scoring import METRIC_DEFINITIONS
 
 QUERY_CATEGORIES = ("ai", "coding", "emotion", "literature", "money", "science")
 LAYERS = ("model.layers.2[4-9].self_attn.*_proj", "model.layers.2[4-9].mlp.*_proj")
@@ -56,15 +57,14 @@ REPORT_TOPK = 10
 PRINT_TOPK = 3
 SETTINGS_FILE = "settings.json"
 CURVATURE_FILE = "curvature.safetensors"
-_METRIC_TEXT = {
-    "inner": "influence q̃·g (q̃ = EK-FAC⁻¹ × query gradient, g = training gradient)",
-    "relative": "relative influence q̃·g / sqrt(g·EK-FAC⁻¹·g)",
-    "cosine": "cosine of q̃ and g",
-}
 _DAMPING_TEXT = {
     "auto": "'auto': a factor per layer from the mean-gradient ratio × mean eigenvalue",
     "default": "fixed factor × mean eigenvalue per layer",
 }
+SCORES_FILE = "scores.json"
+
+Ranked = list[tuple[Pair, float]]
+"""Top training pairs of one query with their scores, best first."""
 
 
 def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,14 +106,6 @@ class DemoResult:
     report: Path
     settings: dict[str, object]
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _freeze_except(model: torch.nn.Module, names: list[str]) -> None:
-    """Only the tracked layers' weights require grad: backward stops at the first of them."""
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in names:
-        modules[name].weight.requires_grad_(True)
 
 
 def _recorded(out: Path, settings: dict) -> bool:
@@ -166,7 +158,8 @@ def _settings(attributor, curvature, metric: str, n_train: int, n_queries: int, 
                       f"{PROJECTION['seed']} ({attributor.width} features per example)",
         "curvature": f"{curvature.method}, damping {_DAMPING_TEXT.get(rule, rule)} "
                      f"({damping[0]:.3g} .. {damping[-1]:.3g})",
-        "score": f"{_METRIC_TEXT[metric]}, top {REPORT_TOPK}",
+        "score": f"{metric}: {METRIC_DEFINITIONS[metric]}; the {REPORT_TOPK} most helpful and harmful, "
+                 "answers scored token by token",
         "seconds": ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()),
     }
 
@@ -205,13 +198,12 @@ def run(
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(pairs: list[Pair]) -> list:
+    def batches_of(pairs: list[Pair]) -> list:
         return data.batches(pairs, tokenize, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
                             pad_id=tokenizer.pad_token_id)
 
-    train_batches, query_batches = encode(train), encode(queries)
+    train_batches, query_batches = batches_of(train), batches_of(queries)
     attributor = Attributor(model, LAYERS, loss_fn=loss_fn, projection=PROJECTION, curvature=CURVATURE)
-    _freeze_except(model, [spec.name for spec in attributor.layers])
     ids = [i for batch_ids, _ in train_batches for i in batch_ids]
     reuse = _recorded(out, {
         "model": model_fingerprint(model), "layers": [spec.name for spec in attributor.layers],
@@ -230,15 +222,20 @@ def run(
     seconds["fit"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    scores = attributor.score(query_batches, store, topk=REPORT_TOPK, metric=metric, progress=progress)
+    scores = attributor.score(query_batches, store, topk=REPORT_TOPK, metric=metric, order="both",
+                              token_batches=train_batches, progress=progress)
     seconds["score"] = time.perf_counter() - step
 
-    by_id = {p["id"]: p for p in train}
+    by_id = {p["id"]: p for p in train + queries}
     by_query = dict(zip(scores.query_ids, zip(scores.ids, scores.values.tolist())))
     top = [[(by_id[i], v) for i, v in zip(*by_query[q["id"]]) if i is not None] for q in queries]
     settings = _settings(attributor, curvature, scores.metric, len(train), len(queries), seconds)
-    path = report.write_report(out / "report.html", queries, top, title="airtrace demo: SmolLM2 on chatterbot",
-                               settings=settings)
+    describe = lambda i: {"text": f"Question: {by_id[i]['question']}\nAnswer: {by_id[i]['answer']}",  # noqa: E731
+                          "label": by_id[i]["category"]}
+    document = scores_document(scores, settings=settings, order="both", describe_train=describe,
+                               describe_query=describe, decode=lambda ids: [tokenizer.decode([i]) for i in ids])
+    (out / SCORES_FILE).write_bytes(encode(document, "json"))
+    path = write_report(out / "report.html", document, title="airtrace demo: SmolLM2 on chatterbot")
     return DemoResult(queries, top, path, settings, seconds)
 
 

@@ -94,8 +94,8 @@ def add_parser(subparsers) -> None:
     d.add_argument("--steps", type=positive_int, help="MLP Adam steps (default 300)")
     d.add_argument("--k-in", type=positive_int, default=16, help="factored projection input dim (default 16)")
     d.add_argument("--k-out", type=positive_int, default=16, help="factored projection output dim (default 16)")
-    d.add_argument("--exact-small", action="store_true",
-                   help="keep layer sides no wider than --k-in / --k-out unprojected")
+    d.add_argument("--exact-small", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep layer sides no wider than --k-in / --k-out unprojected (default: yes)")
     d.add_argument("--loo", type=non_negative_int, default=0, metavar="N",
                    help="also leave-one-out: retrain without each of N examples (default 0: off)")
     d.add_argument("--mislabel", type=fraction, metavar="FRACTION",

@@ -1,5 +1,5 @@
 """The model fingerprint (``model_fingerprint``) that ties a store to the model it was written for; imports the digest
-op of the kernels layer."""
+op of the kernels layer and ``airtrace.util``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import torch
 
 from airtrace.ops.digest import digest, hexdigest
+from airtrace.util.compiled import unwrap
 
 PREFIX = "fp2:"
 """Names this fingerprint's recipe; a store whose fingerprint lacks it was written by an older airtrace."""
@@ -23,7 +24,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     shape and the 128-bit :func:`airtrace.digest` of all its bytes, computed on the
     tensor's own device (a model on a GPU is hashed there, not copied to the host).
     The same modules and bytes give the same fingerprint on any device or backend; a
-    change of any byte, buffer, dtype or module class gives another.
+    change of any byte, buffer, dtype or module class gives another. A
+    ``torch.compile``d model is hashed as the module it wraps (the same model).
 
     Args:
         model: the module.
@@ -34,6 +36,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     Raises:
         ValueError: a parameter or buffer on the meta device (it has no bytes to hash).
     """
+    model = unwrap(model)
     h = hashlib.sha256()
     for name, module in model.named_modules():
         cls = type(module)

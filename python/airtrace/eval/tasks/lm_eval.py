@@ -39,13 +39,14 @@ from airtrace.eval.tasks.lm import GPT, LMConfig, LMTask
 
 LAYERS = ("blocks.*", "lm_head")
 METHODS: dict[str, dict] = {
-    "logra-identity": dict(projection=dict(k_in=16, k_out=16, seed=0), curvature="identity"),
-    "logra-ekfac": dict(projection=dict(k_in=16, k_out=16, seed=0), curvature="ekfac"),
-    "trak-dense": dict(projection=dict(type="dense", k=4096, seed=0), curvature="identity"),
+    "logra-identity": dict(projection=dict(k_in=16, k_out=16, seed=0, exact_small=False), curvature="identity",
+                           bias=False),
+    "logra-ekfac": dict(projection=dict(k_in=16, k_out=16, seed=0, exact_small=False), curvature="ekfac", bias=False),
+    "trak-dense": dict(projection=dict(type="dense", k=4096, seed=0), curvature="identity", bias=False),
 }
-"""Attributor settings per method: LoGra (factored 16 x 16 per layer) with identity or
-EK-FAC curvature, and TRAK-style dense projection (Rademacher, k = 4096) of the flattened
-gradient of all tracked layers."""
+"""Attributor settings per method: LoGra (factored 16 x 16 per layer, every side projected) with
+identity or EK-FAC curvature, and TRAK-style dense projection (Rademacher, k = 4096) of the
+flattened gradient of all tracked layers; weights only (no biases), as the recorded results."""
 FULL_MODEL_FILE = "full-model.safetensors"
 
 
