@@ -1,5 +1,10 @@
 """The ``Attributor``: featurize -> fit -> score of one model, end to end (see :mod:`airtrace.attribute`); imports the
-pipeline (capture, store, curvature, scoring), ``airtrace.distributed``, the kernels layer and ``airtrace.util``."""
+pipeline (capture, store, curvature, scoring, ihvp), ``airtrace.distributed``, the kernels layer and ``airtrace.util``.
+
+It is longer than the other modules (~650 lines) because it is one class whose three passes share the model, the
+featurizer, the projection and the fitted curvature and are documented argument by argument; the parts that need no
+shared state live beside it: the scoring passes in ``passes.py``, batch handling in ``batches.py``, per-token scores
+in ``tokens.py``, rank splitting in ``ranks.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from airtrace import distributed
 from airtrace.attribute.batches import (
     CONTENT,
     Batches,
+    DeviceBatches,
     as_batches,
     check_same_data,
     checked_rows,
@@ -25,7 +31,6 @@ from airtrace.attribute.batches import (
     pairs,
     reiterable,
     stored_digests,
-    to_device,
 )
 from airtrace.attribute.config import (
     CURVATURES,
@@ -38,6 +43,7 @@ from airtrace.attribute.config import (
 )
 from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
+from airtrace.attribute.passes import exact_scores, two_stage_scores
 from airtrace.attribute.ranks import featurize_ranks
 from airtrace.attribute.tokens import token_scores
 from airtrace.capture import LayerSpec, unwrap
@@ -45,22 +51,14 @@ from airtrace.curvature import Curvature
 from airtrace.curvature.damping import auto_factors
 from airtrace.curvature.fitting import as_damping
 from airtrace.ihvp import CurvatureProducts, InverseHVP, SolverConfig
-from airtrace.index import EmbeddingCandidates, Index, index_queries, two_stage
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
-    FullMatrix,
-    FullMatrixWriter,
-    GroupScores,
     Scores,
-    ScoreSample,
-    SelfInfluence,
     check_metric,
     check_order,
     self_influence_key,
-    split_signed,
     store_self_influence,
-    stream_scores,
 )
 from airtrace.store import (
     Store,
@@ -411,7 +409,7 @@ class Attributor:
         """The exact solver over ``batches`` with the damping (and, for "cg", the preconditioner) of the EK-FAC fit."""
         if distributed.active():
             raise ValueError("curvature 'exact' runs in one process (its solver passes over every batch per product)")
-        device_batches = _DeviceBatches(batches, self.device)
+        device_batches = DeviceBatches(batches, self.device)
         n = device_batches.count() if n is None else n
         products = CurvatureProducts(self.model, self.layers, self.loss_fn, device_batches, n,
                                      matrix=self.solver_config.matrix)
@@ -652,11 +650,13 @@ class Attributor:
         solved_before = len(self.solver.reports) if self.solver is not None else 0
         query_ids, Q, raw = self._queries(query_batches, progress and distributed.is_main())
         if index is not None:
-            scores = self._two_stage_scores(Q, raw, query_ids, store, curvature, metric, topk, index, nprobe, ef,
-                                            candidates, rerank, recall, progress)
+            scores = two_stage_scores(Q, raw, query_ids, store, curvature, metric, topk, index, self._precondition_rows,
+                                      self.backend, progress, nprobe=nprobe, ef=ef, candidates=candidates,
+                                      rerank=rerank, recall=recall)
         else:
-            scores = self._exact_scores(Q, query_ids, store, curvature, metric, topk, order, matrix,
-                                        full_matrix_path, groups, progress)
+            scores = exact_scores(Q, query_ids, store, curvature, metric, topk, order, self._precondition_rows,
+                                  self.backend, progress, matrix=matrix, full_matrix_path=full_matrix_path,
+                                  groups=groups)
         scores.solves = None if self.solver is None else [r.as_dict() for r in self.solver.reports[solved_before:]]
         if token_batches is not None:
             wanted: dict = {}
@@ -669,86 +669,3 @@ class Attributor:
                                          precondition=self._precondition_rows,
                                          progress=progress and distributed.is_main())
         return scores
-
-    def _two_stage_scores(self, Q: torch.Tensor, raw: torch.Tensor, query_ids: list, store: Store,
-                          curvature: Curvature, metric: str, topk: int, index: Any, nprobe: int | None,
-                          ef: int | None, candidates: int | None, rerank: bool, recall: bool | None,
-                          progress: bool) -> Scores:
-        """The top-k of :meth:`score` from two stages (:mod:`airtrace.index`): candidates, then their exact scores."""
-        n, q = len(store), Q.shape[0]
-
-        def exact() -> tuple[torch.Tensor, torch.Tensor]:
-            influence = None
-            if metric == "relative":
-                influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
-            return stream_scores(Q, store, topk=topk, metric=metric, self_influence=influence, backend=self.backend,
-                                 progress=progress)
-
-        source = index if hasattr(index, "search") else Index.beside(store, curvature, metric, index)
-        if isinstance(source, EmbeddingCandidates):
-            source.check(n, q)
-        found = two_stage(Q, index_queries(raw, Q, metric), store, source, topk=topk, metric=metric,
-                          precondition=self._precondition_rows, exact=exact, candidates=candidates,
-                          rerank_candidates=rerank, recall=recall, nprobe=nprobe, ef=ef)
-        train_ids = store.ids
-        ids = [[train_ids[i] if i >= 0 else None for i in row] for row in found.indices.tolist()]
-        return Scores(found.values.cpu(), found.indices.cpu(), ids, query_ids, metric, stage=found.stage,
-                      recall=found.recall)
-
-    def _exact_scores(self, Q: torch.Tensor, query_ids: list, store: Store, curvature: Curvature, metric: str,
-                      topk: int, order: str, matrix: bool, full_matrix_path: str | os.PathLike | None,
-                      groups: Sequence[Sequence[int]] | None, progress: bool) -> Scores:
-        """The scores of :meth:`score` from one streamed pass over every row of ``store`` (this rank's shards)."""
-        n, q = len(store), Q.shape[0]
-        sums = None if groups is None else GroupScores(groups, n, q, Q.dtype, self.device)
-        sample = ScoreSample(n, q, Q.dtype, self.device)
-        influence = None
-        if metric == "relative":
-            influence = SelfInfluence(store, self_influence_key(store, curvature), self._precondition_rows)
-        in_memory = FullMatrix(q, n, accumulation_dtype(Q.dtype)) if matrix else None
-        full = None
-        if full_matrix_path is not None:
-            meta = {"metric": metric, "store": os.path.abspath(store.path), "fingerprint": store.fingerprint,
-                    "query_ids": query_ids, "curvature": curvature.method}
-            full = FullMatrixWriter(full_matrix_path, q, n, Q.dtype, meta)
-        try:
-            values, indices = stream_scores(Q, distributed.rank_shards(store), topk=topk, metric=metric, order=order,
-                                            self_influence=influence, groups=sums,
-                                            full_matrix=[w for w in (in_memory, full) if w is not None],
-                                            sample=sample, backend=self.backend,
-                                            progress=progress and distributed.is_main())
-        except BaseException:
-            if full is not None:
-                full.abort()
-            raise
-        if full is not None:
-            full.close()
-        values, indices = distributed.merge_topk(values, indices, topk)
-        for reduced in (sums.values if sums is not None else None, sample.values,
-                        in_memory.matrix if in_memory is not None else None):
-            if reduced is not None:
-                distributed.all_reduce_sum(reduced)
-        top_v, top_i, bottom_v, bottom_i = split_signed(values.cpu(), indices.cpu(), q, order)
-        train_ids = store.ids
-        names = lambda rows: [[train_ids[i] if i >= 0 else None for i in row] for row in rows.tolist()]  # noqa: E731
-        return Scores(top_v, top_i, None if top_i is None else names(top_i), query_ids, metric,
-                      groups=None if sums is None else sums.values.cpu(), bottom_values=bottom_v,
-                      bottom_indices=bottom_i, bottom_ids=None if bottom_i is None else names(bottom_i),
-                      matrix=None if in_memory is None else in_memory.matrix, sample=sample.values.cpu(),
-                      sample_rows=sample.rows)
-
-
-class _DeviceBatches:
-    """The batches of (ids, batch) pairs as a re-iterable of batches on ``device`` (the exact solver's passes)."""
-
-    def __init__(self, batches: Batches, device: torch.device):
-        self.batches, self.device = batches, device
-
-    def __iter__(self):
-        for _, batch in pairs(self.batches, "batches"):
-            yield to_device(batch, self.device)
-
-    def count(self) -> int:
-        """Examples in the batches (their ids)."""
-        return sum(len(ids) for ids, _ in pairs(self.batches, "batches"))
-

@@ -383,3 +383,18 @@ def check_same_data(path: str, ids: list, digests: torch.Tensor, stored: Mapping
                 "batch tensors differs), so its stored features are not its features. Fix: featurize into a new "
                 "directory, or pass overwrite=True to write the store again"),
                 "featurize into a new directory, or pass --overwrite to write the store again.")
+
+
+class DeviceBatches:
+    """The batches of (ids, batch) pairs as a re-iterable of batches on ``device`` (the exact solver's passes)."""
+
+    def __init__(self, batches: Batches, device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __iter__(self):
+        for _, batch in pairs(self.batches, "batches"):
+            yield to_device(batch, self.device)
+
+    def count(self) -> int:
+        """Examples in the batches (their ids)."""
+        return sum(len(ids) for ids, _ in pairs(self.batches, "batches"))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from airtrace.attribute.batches import attention_mask, to_device
-from airtrace.attribute.config import DENSE_BLOCK, LossFn
+from airtrace.attribute.config import LossFn
 from airtrace.capture import GradientCapture, LayerSpec, make_projections, tracked_parameters
 from airtrace.curvature import KFACFitter
 from airtrace.ops.backends import accumulation_dtype
