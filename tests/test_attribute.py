@@ -434,7 +434,7 @@ def test_sparse_projection_with_fisher_equals_brute_force(tmp_path):
     X = project_sparse(train.flat, 16, 3, SEED, backend="torch")
     Q = project_sparse(queries.flat, 16, 3, SEED, backend="torch")
     F = X.T @ X / X.shape[0]
-    H = F + FACTOR * float(F.diagonal().mean()) * torch.eye(F.shape[0], dtype=F64)
+    H = F + auto_lambda("fisher", X, float(F.diagonal().mean())) * torch.eye(F.shape[0], dtype=F64)
     assert_topk_matches(scores, torch.linalg.solve(H, Q.T).T @ X.T, 5)
     assert Attributor.from_store(mlp_setup().model, store, loss_fn=mlp_loss, curvature="identity").projection == sparse
     assert store.layout[0].name == "sparse" and store.layout[0].shape == (1, 16)

@@ -189,7 +189,7 @@ def test_exact_influence_through_the_cli(tmp_path, capsys):
         capsys.readouterr()
         path = tmp_path / f"{solver}.safetensors"
         assert cli.main(["score", store, "--model", MODEL, "--exact", solver, "--damping", "0.01",
-                         "--solver-tol", "1e-5", "--full-matrix", str(path), "--quiet"]) == 0
+                         "--solver-tol", "1e-5", "--full-matrix", str(path)]) == 0
         out = capsys.readouterr().out
         assert f"solve: {solver} (ggn), {N_QUERY} queries" in out
         matrices[solver] = load_file(str(path))["scores"]

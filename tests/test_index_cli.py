@@ -41,7 +41,7 @@ def test_score_with_a_flat_index_equals_the_exact_pass(workdir, metric, capsys):
     assert "sidecar-index-flat-" + metric in capsys.readouterr().out
     output = root / f"scores-{metric}.json"
     assert cli.main(["score", store, "--model", MODEL, "--curvature", curv, "--metric", metric, "--topk", "4",
-                     "--index", "flat", "--recall", "--output", str(output), "--quiet"]) == 0
+                     "--index", "flat", "--recall", "--output", str(output)]) == 0
     assert f"# stage index:flat+exact, recall@4 1.0000" in capsys.readouterr().out
     result = json.loads(output.read_text())
     at, task = attributor(store, curv)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 
 from airtrace.cli.args import UsageError, positive_float, positive_int
-from airtrace.cli.task import load
+from airtrace.cli.task import load_named
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from airtrace.eval.calibrate import CALIBRATION_FILE, calibrate
 
-    task = load(args)
+    task = load_named(args.model)
     if task.queries is None:
         raise UsageError(f"--model {args.model!r}: the factory returned no query batches (the labelled queries)")
     cal = calibrate(task.model, task.loss_fn, task.train, task.queries, None, None, args.out, labels=args.labels,

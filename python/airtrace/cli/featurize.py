@@ -12,7 +12,7 @@ from airtrace.cli.task import add_model_options, load, scaled, train_size
 def _projection(args: argparse.Namespace) -> dict | str:
     if args.exact:
         if args.dense is not None or args.sparse is not None or args.exact_small is not None:
-            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --[no-]exact-small")
+            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --exact-small")
         return "exact"
     if args.dense is not None and args.sparse is not None:
         raise UsageError("--dense and --sparse are two projections: give one")
@@ -20,7 +20,7 @@ def _projection(args: argparse.Namespace) -> dict | str:
         raise UsageError("--sparse-s applies to --sparse K")
     flat = "--dense" if args.dense is not None else "--sparse" if args.sparse is not None else None
     if flat and args.exact_small is not None:
-        raise UsageError(f"--[no-]exact-small applies to the factored projection, not to {flat}")
+        raise UsageError(f"--exact-small applies to the factored projection, not to {flat}")
     if args.sparse is not None:
         return {"type": "sparse", "k": args.sparse, "s": 2 if args.sparse_s is None else args.sparse_s,
                 "seed": args.seed}

@@ -84,19 +84,25 @@ def _solver(args: argparse.Namespace) -> dict:
     return {"method": args.exact, "tol": tol, "matrix": "hessian" if args.hessian else "ggn"}
 
 
-def _two_stage(args: argparse.Namespace, queries) -> dict:
-    """The two-stage arguments of Attributor.score from --index / --airrep and their knobs."""
+def _check_two_stage(args: argparse.Namespace) -> bool:
+    """Whether --index / --airrep asks for two-stage scoring; their knobs without them, or what needs every row with
+    them, is a usage error (checked before any work)."""
     if args.index is None and args.airrep is None:
         flags = [f for f, v in (("--nprobe", args.nprobe), ("--ef", args.ef), ("--candidates", args.candidates),
                                 ("--no-rerank", args.no_rerank), ("--recall", args.recall)) if v]
         if flags:
             raise UsageError(f"{' '.join(flags)} apply to two-stage scoring: add --index TYPE or --airrep")
-        return {}
+        return False
     if args.index is not None and args.airrep is not None:
         raise UsageError("--index and --airrep are two candidate sources: give one")
     if args.groups is not None or args.full_matrix is not None or args.order != "top":
-        raise UsageError("--groups, --full-matrix and --order bottom / both need the exact pass over every row: "
-                         "drop --index / --airrep")
+        raise UsageError("--groups and --full-matrix need the exact pass over every row, as does --order bottom / "
+                         "both: drop --index / --airrep")
+    return True
+
+
+def _two_stage(args: argparse.Namespace, queries) -> dict:
+    """The two-stage arguments of Attributor.score from --index / --airrep and their knobs."""
     index = args.index
     if args.airrep is not None:
         index = _airrep_candidates(args, queries)
@@ -166,6 +172,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from airtrace.store import Store
 
     fmt = checked_output(args)
+    staged = _check_two_stage(args)
     groups = read_groups(args.groups)
     task = load(args)
     if args.queries is not None:
@@ -202,7 +209,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     scores = attributor.score(queries, args.store, topk=topk, metric=metric, order=args.order,
                               full_matrix_path=args.full_matrix, groups=groups,
                               token_batches=task.train if args.tokens else None, progress=not args.quiet,
-                              **_two_stage(args, queries))
+                              **(_two_stage(args, queries) if staged else {}))
     if not args.quiet:
         if scores.stage != "exact":
             recall = "not measured (--recall measures it)" if scores.recall is None else f"{scores.recall:.4f}"
