@@ -1,0 +1,227 @@
+"""Training-data selection from attribution scores: random, top-k, LESS and BIDS over a (n_train, q) score matrix
+with one task label per query column, and the reader of the full-matrix file; the apps layer, imports
+``airtrace.scoring`` (the file's tensor and metadata names) and ``airtrace.store`` (the train ids).
+
+Strategies (``budget`` rows are chosen; ``S`` is the (n_train, q) score matrix, higher = the training row helps the
+query more, see :mod:`airtrace.scoring`):
+
+- ``"random"``: a uniformly random subset (``torch.randperm`` under ``seed``).
+- ``"topk"``: the rows of highest mean score over all queries, ``mean_j S[i, j]``.
+- ``"less"``: LESS (Xia, Malladi, Gururangan, Arora, Chen, "LESS: Selecting Influential Data for Targeted
+  Instruction Tuning", ICML 2024, arXiv:2402.04333): per task ``t`` the mean of the row's scores over the task's
+  validation queries, ``L[i, t] = mean_{j in t} S[i, j]``; a row's score is ``max_t L[i, t]``; the highest are taken.
+  The paper's scores are cosines of (Adam-preconditioned LoRA) gradient features: score with ``--metric cosine``.
+- ``"bids"``: BIDS (Dai, Zhang, Ma, Peng, "Improving Influence-based Instruction Tuning Data Selection for Balanced
+  Learning of Diverse Capabilities", 2025, arXiv:2501.12147). (1) Instance-level normalisation: every query column
+  is z-scored over the training rows, ``Z[i, j] = (S[i, j] - mean_i S[i, j]) / std_i S[i, j]`` (population std; a
+  constant column becomes 0), so no task dominates because its scores are larger. (2) Task-level influence
+  ``B[i, t] = mean_{j in t} Z[i, j]``. (3) Iterative selection: the coverage of task ``t`` by the selection ``R`` is
+  ``mean_{i in R} B[i, t]``; each step takes the task of lowest coverage (the most under-represented) and adds the
+  unselected row of highest ``B[i, t]`` on it.
+
+Deterministic ties: tasks are ordered by their first appearance in ``tasks``; among equal scores the lower row
+index wins, among equally covered tasks the earlier task (with nothing selected yet every task is equally covered,
+so BIDS starts with the first task).
+
+Coverage (the same for every strategy, so they can be compared): per task, ``mean_normalized`` is the mean of
+``B[i, t]`` over the selected rows (0 means as influential as an average training row; higher is better), and
+``best`` counts the selected rows whose highest ``B[i, t]`` is on that task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from airtrace.scoring import METADATA_KEY, SCORES
+
+STRATEGIES = ("random", "topk", "less", "bids")
+STRATEGY_DEFINITIONS = {
+    "random": "a uniformly random subset (seeded)",
+    "topk": "highest mean score over all queries",
+    "less": "LESS: per task the mean score over its queries, each row's max over tasks, highest first",
+    "bids": "BIDS: per-query z-scores, per-task means, then repeatedly the best row for the least covered task",
+}
+"""One line per strategy."""
+
+
+@dataclass
+class Selection:
+    """What :func:`select` chose.
+
+    Attributes:
+        rows: selected train row indices, in selection order.
+        tasks: the task labels, in order of first appearance.
+        coverage: per task ``{"mean_normalized": float, "best": int}`` (see the module docstring).
+        strategy: the strategy used.
+    """
+
+    rows: list[int]
+    tasks: list
+    coverage: dict
+    strategy: str
+
+
+def load_matrix(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """The full score matrix written by ``airtrace score --full-matrix``, as (n_train, q) rows per training example.
+
+    Args:
+        path: safetensors file holding tensor "scores" of shape (q, n_train), float32 or float64.
+
+    Returns:
+        (scores (n_train, q) float64, the file's metadata: metric, query_ids, store, fingerprint when recorded).
+
+    Raises:
+        ValueError: naming the file: unreadable, not safetensors, no tensor "scores", or not a 2-D float matrix.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            if SCORES not in f.keys():
+                raise ValueError(f"{path}: no tensor {SCORES!r}; write the matrix with airtrace score --full-matrix")
+            matrix = f.get_tensor(SCORES)
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors score matrix ({exc})") from None
+    if matrix.ndim != 2 or not matrix.is_floating_point():
+        raise ValueError(f"{path}: tensor {SCORES!r} is {tuple(matrix.shape)} {matrix.dtype}; expected a (q, n) float "
+                         "matrix as airtrace score --full-matrix writes")
+    try:
+        info = json.loads(meta.get(METADATA_KEY, "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: its {METADATA_KEY} metadata is not JSON") from None
+    return matrix.T.to(torch.float64), info if isinstance(info, dict) else {}
+
+
+def budget_rows(budget: int | float, n: int) -> int:
+    """Rows a budget stands for: an int is a count in [1, n]; a float in (0, 1] a fraction of n, rounded half up,
+    at least 1.
+
+    Raises:
+        ValueError: naming ``budget`` and the allowed range.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise ValueError(f"budget must be a row count (int) or a fraction (float in (0, 1]), got {budget!r}")
+    if isinstance(budget, (int, np.integer)):
+        if not 1 <= budget <= n:
+            raise ValueError(f"budget={budget} rows is outside [1, {n}] (the matrix has {n} training rows)")
+        return int(budget)
+    if not (math.isfinite(budget) and 0 < budget <= 1):
+        raise ValueError(f"budget={budget} is not a fraction in (0, 1]; pass an int for a row count")
+    return max(1, min(n, math.floor(budget * n + 0.5)))
+
+
+def task_order(tasks: Sequence, q: int) -> tuple[list, torch.Tensor]:
+    """The distinct task labels in order of first appearance, and each query column's task index (q,) int64.
+
+    Raises:
+        ValueError: ``tasks`` does not hold one hashable label per query column.
+    """
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise ValueError(f"tasks must be a list of one task label per query column, got {type(tasks).__name__}")
+    if len(tasks) != q:
+        raise ValueError(f"tasks has {len(tasks)} labels but the score matrix has {q} query columns; give one label "
+                         "per query, in the matrix's query order")
+    labels: dict = {}
+    try:
+        index = [labels.setdefault(t, len(labels)) for t in tasks]
+    except TypeError:
+        raise ValueError("tasks must hold hashable labels (strings or numbers)") from None
+    return list(labels), torch.tensor(index, dtype=torch.int64)
+
+
+def task_means(S: torch.Tensor, column_task: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """Per row and task the mean over the task's query columns: (n, q) -> (n, n_tasks) float64."""
+    sums = torch.zeros(S.shape[0], n_tasks, dtype=torch.float64).index_add_(1, column_task, S)
+    return sums / torch.bincount(column_task, minlength=n_tasks).to(torch.float64)
+
+
+def normalized(S: torch.Tensor) -> torch.Tensor:
+    """BIDS's instance-level normalisation: every column z-scored over the rows (population std; constant -> 0)."""
+    std = S.std(dim=0, unbiased=False)
+    Z = (S - S.mean(dim=0)) / torch.where(std > 0, std, 1.0)
+    return torch.where(std > 0, Z, 0.0)
+
+
+def ranked(values: torch.Tensor) -> list[int]:
+    """Row indices by descending value, the lower index first among equal values."""
+    v = values.numpy()
+    return np.lexsort((np.arange(v.shape[0]), -v)).tolist()
+
+
+def bids_order(B: torch.Tensor, k: int) -> list[int]:
+    """BIDS's iterative selection of ``k`` rows from task-level normalised influence B (n, T) float64."""
+    n, n_tasks = B.shape
+    by_task = [ranked(B[:, t]) for t in range(n_tasks)]
+    cursor = [0] * n_tasks
+    taken = np.zeros(n, dtype=bool)
+    sums = np.zeros(n_tasks)
+    rows: list[int] = []
+    for _ in range(k):
+        t = int(np.argmin(sums))  # the mean over the selection orders tasks like the sum; argmin takes the first tie
+        while taken[by_task[t][cursor[t]]]:
+            cursor[t] += 1
+        row = by_task[t][cursor[t]]
+        taken[row] = True
+        rows.append(row)
+        sums += B[row].numpy()
+    return rows
+
+
+def select(scores: torch.Tensor | str | os.PathLike, tasks: Sequence, budget: int | float,
+           strategy: str = "bids", *, seed: int = 0) -> Selection:
+    """Choose ``budget`` training rows by ``strategy`` (see the module docstring for each rule).
+
+    Args:
+        scores: (n_train, q) float scores (score > 0: the row helps the query), or the path of a matrix file written
+            by ``airtrace score --full-matrix`` (its (q, n_train) tensor is transposed).
+        tasks: q task labels, one per query column.
+        budget: a row count (int in [1, n_train]) or a fraction (float in (0, 1], rounded half up, at least 1).
+        strategy: one of :data:`STRATEGIES`.
+        seed: the random strategy's seed.
+
+    Returns:
+        :class:`Selection`: row indices in selection order and the per-task coverage.
+
+    Raises:
+        ValueError: unknown strategy, a matrix that is not 2-D / empty / holds NaN or inf, a task list whose length
+            is not q, a budget out of range.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if isinstance(scores, (str, os.PathLike)):
+        scores = load_matrix(scores)[0]
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a 2-D float tensor (n_train, q), got {shape}")
+    n, q = scores.shape
+    if n == 0 or q == 0:
+        raise ValueError(f"scores is empty: shape ({n}, {q}); it needs training rows and query columns")
+    S = scores.detach().to("cpu", torch.float64)
+    if not torch.isfinite(S).all():
+        bad = (~torch.isfinite(S)).nonzero()[0].tolist()
+        raise ValueError(f"scores holds NaN or inf (first at row {bad[0]}, query {bad[1]}); score again or drop them")
+    labels, column_task = task_order(tasks, q)
+    k = budget_rows(budget, n)
+    B = task_means(normalized(S), column_task, len(labels))
+    if strategy == "random":
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist()
+    elif strategy == "topk":
+        rows = ranked(S.mean(dim=1))[:k]
+    elif strategy == "less":
+        rows = ranked(task_means(S, column_task, len(labels)).max(dim=1).values)[:k]
+    else:
+        rows = bids_order(B, k)
+    chosen = B[rows]
+    best = torch.bincount(chosen.argmax(dim=1), minlength=len(labels)).tolist()
+    coverage = {str(t): {"mean_normalized": float(chosen[:, i].mean()), "best": best[i]}
+                for i, t in enumerate(labels)}
+    return Selection(rows, labels, coverage, strategy)
