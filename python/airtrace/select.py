@@ -17,7 +17,9 @@ query more, see :mod:`airtrace.scoring`):
   constant column becomes 0), so no task dominates because its scores are larger. (2) Task-level influence
   ``B[i, t] = mean_{j in t} Z[i, j]``. (3) Iterative selection: the coverage of task ``t`` by the selection ``R`` is
   ``mean_{i in R} B[i, t]``; each step takes the task of lowest coverage (the most under-represented) and adds the
-  unselected row of highest ``B[i, t]`` on it.
+  unselected row of highest ``B[i, t]`` on it. Steps (1) and (3) follow the paper's own summary; the per-task mean
+  in (2) and the coverage measure in (3) are this implementation's reading and have not been checked against the
+  paper's Algorithm 1.
 
 Deterministic ties: tasks are ordered by their first appearance in ``tasks``; among equal scores the lower row
 index wins, among equally covered tasks the earlier task (with nothing selected yet every task is equally covered,
