@@ -101,25 +101,24 @@ def _check_two_stage(args: argparse.Namespace) -> bool:
     return True
 
 
-def _two_stage(args: argparse.Namespace, queries) -> dict:
+def _two_stage(args: argparse.Namespace, store, queries) -> dict:
     """The two-stage arguments of Attributor.score from --index / --airrep and their knobs."""
     index = args.index
     if args.airrep is not None:
-        index = _airrep_candidates(args, queries)
+        index = _airrep_candidates(args, store, queries)
     return {"index": index, "nprobe": args.nprobe, "ef": args.ef, "candidates": args.candidates,
             "rerank": not args.no_rerank, "recall": True if args.recall else None}
 
 
-def _airrep_candidates(args: argparse.Namespace, queries):
+def _airrep_candidates(args: argparse.Namespace, store, queries):
     """EmbeddingCandidates from ``--airrep TRAIN QUERIES`` (``airtrace airrep embed`` outputs), aligned by id."""
     import torch
 
     from airtrace.airrep.cli import read_embeddings
     from airtrace.index import EmbeddingCandidates
-    from airtrace.store import Store
 
     aligned = []
-    for path, want in zip(args.airrep, (Store.open(args.store).ids, [i for ids, _ in queries for i in ids])):
+    for path, want in zip(args.airrep, (store.ids, [i for ids, _ in queries for i in ids])):
         ids, embeddings = read_embeddings(path)
         row = {str(i): r for r, i in enumerate(ids)}
         missing = [i for i in want if str(i) not in row]
@@ -188,28 +187,26 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                           ("--hessian", args.hessian or None)) if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to exact influence: add --exact SOLVER")
-        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn,
-                                           query_loss_fn=task.query_loss_fn, curvature="identity",
-                                           device=args.device, backend=args.backend)
-        if args.curvature is not None:
-            attributor.load_curvature(args.curvature)
+        curvature = {"curvature": "identity"}
     else:
-        attributor = Attributor.from_store(task.model, args.store, loss_fn=task.loss_fn,
-                                           query_loss_fn=task.query_loss_fn, curvature="exact",
-                                           damping=args.damping or "auto", solver=_solver(args), device=args.device,
-                                           backend=args.backend)
-        attributor.fit(task.train, store=args.store, total=train_size(task), progress=not args.quiet)
+        curvature = {"curvature": "exact", "damping": args.damping or "auto", "solver": _solver(args)}
+    store = Store.open(args.store)
+    attributor = Attributor.from_store(task.model, store, loss_fn=task.loss_fn, query_loss_fn=task.query_loss_fn,
+                                       device=args.device, backend=args.backend, **curvature)
+    if args.exact is not None:
+        attributor.fit(task.train, store=store, total=train_size(task), progress=not args.quiet)
+    elif args.curvature is not None:
+        attributor.load_curvature(args.curvature)
     metric = args.metric or "inner"
     if args.calibration is not None:
         from airtrace.attribute.calibration import Calibration
 
         metric = args.metric or Calibration.load(args.calibration).metric
-    store = Store.open(args.store)
     topk = max(1, min(args.topk, len(store)))  # a store of n rows has at most n results per query
-    scores = attributor.score(queries, args.store, topk=topk, metric=metric, order=args.order,
+    scores = attributor.score(queries, store, topk=topk, metric=metric, order=args.order,
                               full_matrix_path=args.full_matrix, groups=groups,
                               token_batches=task.train if args.tokens else None, progress=not args.quiet,
-                              **(_two_stage(args, queries) if staged else {}))
+                              **(_two_stage(args, store, queries) if staged else {}))
     if not args.quiet:
         if scores.stage != "exact":
             recall = "not measured (--recall measures it)" if scores.recall is None else f"{scores.recall:.4f}"
