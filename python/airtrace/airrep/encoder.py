@@ -86,6 +86,12 @@ def pair_texts(pairs: Sequence[dict]) -> list[str]:
     return [format_text(p["question"], p["answer"]) for p in pairs]
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_t mask_t h_t / max(1, Σ_t mask_t)`` (B, d) of hidden states (B, T, d) and mask (B, T) (1 = token)."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
 class Encoder(nn.Module):
     """Backbone + masked mean pooling + linear projector.
 
@@ -155,12 +161,54 @@ class Encoder(nn.Module):
     def pool_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Masked mean (B, d) of the backbone's last hidden states for ids (B, T) int64, mask (B, T) (1 = token)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return masked_mean(hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, d) of token ids (B, T) int64 with attention mask (B, T) (1 = token, 0 = padding)."""
         return self.projector(self.pool_hidden(input_ids, attention_mask))
+
+    # -- split at a layer: lower layers frozen (cached), top layers trained
+
+    def layers(self) -> nn.ModuleList:
+        """The backbone's transformer layers (``backbone.encoder.layer``, BERT-style).
+
+        Raises:
+            ValueError: the backbone has no such list (not a BERT-style encoder).
+        """
+        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList) or not hasattr(self.backbone, "embeddings"):
+            raise ValueError(f"{type(self.backbone).__name__} has no embeddings + encoder.layer list: splitting at a "
+                             "layer needs a BERT-style backbone; train it with trainable='all' or 'projector'")
+        return layers
+
+    def check_frozen(self, frozen: int) -> int:
+        """``frozen`` if it is an int in [0, L) (L = number of layers), else a ValueError."""
+        count = len(self.layers())
+        if isinstance(frozen, bool) or not isinstance(frozen, int) or not 0 <= frozen < count:
+            raise ValueError(f"frozen layers must be an int in [0, {count}) for this {count}-layer backbone, "
+                             f"got {frozen!r}")
+        return frozen
+
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Hidden states (B, T, d) after layers ``[start, stop)`` applied to ``hidden`` (B, T, d), mask (B, T)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+        for layer in self.layers()[start:stop]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def lower_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, frozen: int) -> torch.Tensor:
+        """Hidden states (B, T, d) after the embeddings and the first ``frozen`` layers of ids / mask (B, T)."""
+        hidden = self.backbone.embeddings(input_ids=input_ids)
+        return self.run_layers(hidden, attention_mask, 0, self.check_frozen(frozen))
+
+    def top_embed(self, hidden: torch.Tensor, attention_mask: torch.Tensor, frozen: int) -> torch.Tensor:
+        """Embeddings (B, d) from :meth:`lower_hidden` outputs (B, T, d): the layers from ``frozen`` on, masked mean
+        pooling, projector. Equals :meth:`forward` on the same tokens."""
+        hidden = self.run_layers(hidden, attention_mask, self.check_frozen(frozen), len(self.layers()))
+        return self.projector(masked_mean(hidden, attention_mask))
 
     def _tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         device = self.projector.weight.device

@@ -45,7 +45,7 @@ def airrep_lds(queries: torch.Tensor, train: torch.Tensor, masks: torch.Tensor, 
         train: (n, d) training embeddings.
         masks: (m, n) bool subsets.
         outputs: (m, q) retrained outputs of the queries.
-        pooling: "attention" or "sum".
+        pooling: "attention", "attention-signed" or "sum".
         bootstrap, seed: confidence interval settings.
         backend: kernel backend of the attention pooling.
     """

@@ -18,34 +18,41 @@ batch, while the memory of a step holds the graph of one chunk, whatever K
 and |U| are (gradient caching). The encoder must be deterministic (its
 backbone stays in eval mode).
 
-Two trainable modes: ``"all"`` fine-tunes backbone and projector on the texts;
+Three trainable modes: ``"all"`` fine-tunes backbone and projector on the texts;
 ``"projector"`` freezes the backbone, computes its pooled features once and
 trains the projector on them (the CPU-friendly mode: 1000 steps in about 6 s
-on one core for the chatterbot pool). ``"all"`` re-encodes the union of a
-step's subsets with the backbone twice per step: with MiniLM-L6 on the
-240-pair chatterbot pool that is 40-60 s per step on two shared CPU cores, so
-it is meant for an accelerator.
+on one core for the chatterbot pool); ``"top"`` trains the top ``top_layers``
+transformer layers and the projector, with the outputs of the frozen layers
+below computed once per example and cached on disk
+(:mod:`airtrace.airrep.layercache`), so a step runs only the trained layers.
+``"all"`` re-encodes the union of a step's subsets with the whole backbone
+twice per step: with MiniLM-L6 on the 240-pair chatterbot pool that is 40-60 s
+per step on two shared CPU cores, so it is meant for an accelerator
+(``"top"`` with ``top_layers`` = L is the same training minus the embeddings).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from airtrace.util.checks import positive_int_fields
+from airtrace.airrep import layercache
 from airtrace.airrep.encoder import Encoder
 from airtrace.airrep.objective import T_MAX, T_MIN, normalize_labels, ranknet_loss
-from airtrace.airrep.pooling import check_pooling, pool
+from airtrace.airrep.pooling import check_pooling, masks_to_csr, padded_members, pool
 from airtrace.util.progress import progress_bar
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 """rows (r,) int64 -> their embeddings (r, d), with autograd."""
 
-TRAINABLE = ("all", "projector")
+TRAINABLE = ("all", "projector", "top")
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,10 @@ class TrainConfig:
         dev_batch: dev examples per step (B).
         subset_batch: subsets per step (K).
         chunk: training examples re-encoded per backward chunk.
-        pooling: "attention" or "sum" group scores.
-        trainable: "all" (backbone + projector) or "projector" (frozen backbone).
+        pooling: "attention", "attention-signed" or "sum" group scores.
+        trainable: "all" (backbone + projector), "projector" (frozen backbone) or "top" (the top
+            ``top_layers`` layers + projector on cached lower-layer outputs).
+        top_layers: layers trained in "top" mode, in [1, L].
         t_min: RankNet label-gap threshold.
         t_max: RankNet pair-weight cap.
         seed: draws the batches.
@@ -86,12 +95,13 @@ class TrainConfig:
     chunk: int = 64
     pooling: str = "attention"
     trainable: str = "projector"
+    top_layers: int = 1
     t_min: float = T_MIN
     t_max: float = T_MAX
     seed: int = 0
 
     def __post_init__(self):
-        positive_int_fields(self, ("steps", "dev_batch", "subset_batch", "chunk"))
+        positive_int_fields(self, ("steps", "dev_batch", "subset_batch", "chunk", "top_layers"))
         check_pooling(self.pooling)
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
@@ -111,21 +121,14 @@ def subset_scores(dev: torch.Tensor, train: torch.Tensor, masks: torch.Tensor, p
         dev: (B, d) dev embeddings.
         train: (u, d) training embeddings.
         masks: (K, u) bool, subset k's members among the u rows.
-        pooling: "attention" or "sum".
+        pooling: "attention", "attention-signed" or "sum".
 
     Returns:
         (B, K): ``f(x_b, S_k)``; 0 for an empty subset.
     """
     if masks.dim() != 2 or masks.shape[1] != train.shape[0] or masks.dtype != torch.bool:
         raise ValueError(f"masks must be (K, {train.shape[0]}) bool, got {masks.dtype} {tuple(masks.shape)}")
-    sizes = masks.sum(dim=1)
-    width = max(int(sizes.max()), 1) if sizes.numel() else 1
-    rows, cols = masks.nonzero(as_tuple=True)
-    starts = torch.cumsum(sizes, 0) - sizes
-    slot = torch.arange(rows.numel()) - starts[rows]
-    index = torch.zeros(masks.shape[0], width, dtype=torch.long)
-    valid = torch.zeros(masks.shape[0], width, dtype=torch.bool)
-    index[rows, slot], valid[rows, slot] = cols, True
+    index, valid = padded_members(*masks_to_csr(masks))
     s = (dev @ train.T)[:, index.to(dev.device)]                     # (B, K, width)
     return pool(s, valid.to(dev.device).expand_as(s), pooling)
 
@@ -146,7 +149,7 @@ def cached_step(encode_dev: EncodeFn, encode_train: EncodeFn, dev_rows: torch.Te
         dev_rows: (B,) int64 dev examples of the batch.
         masks: (K, n) bool subsets of the batch over all n training examples.
         labels: (B, K) labels of the dev examples for the subsets.
-        pooling: "attention" or "sum".
+        pooling: "attention", "attention-signed" or "sum".
         chunk: training examples per re-encoding chunk.
         t_min, t_max: RankNet settings.
 
@@ -172,10 +175,38 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def _top_encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], top_layers: int,
+                  progress: bool, cache_dir: str | os.PathLike | None
+                  ) -> tuple[EncodeFn, EncodeFn, list[nn.Parameter]]:
+    """"top" mode: the frozen lower layers' outputs read from (or written to) the layer cache."""
+    count = len(encoder.layers())
+    if top_layers > count:
+        raise ValueError(f"TrainConfig.top_layers must be in [1, {count}] for this {count}-layer backbone, "
+                         f"got {top_layers}")
+    frozen = count - top_layers
+    trained = encoder.layers()[frozen:]
+    for p in encoder.backbone.parameters():
+        p.requires_grad_(False)
+    for p in trained.parameters():
+        p.requires_grad_(True)
+    caches = []
+    for texts in (dev_texts, train_texts):
+        path = None if cache_dir is None else (Path(cache_dir) / layercache.default_path(encoder, texts, frozen).name)
+        caches.append(layercache.load_or_compute(encoder, texts, frozen, path, progress=progress))
+    device = encoder.projector.weight.device
+
+    def encode(cache: layercache.LayerCache) -> EncodeFn:
+        return lambda rows: encoder.top_embed(*cache.batch(rows, device), frozen)
+
+    return encode(caches[0]), encode(caches[1]), [*trained.parameters(), *encoder.projector.parameters()]
+
+
 def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], trainable: str,
-              progress: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[EncodeFn, EncodeFn, list[nn.Parameter]]:
+              progress: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None, top_layers: int = 1,
+              cache_dir: str | os.PathLike | None = None) -> tuple[EncodeFn, EncodeFn, list[nn.Parameter]]:
     """(encode_dev, encode_train, trainable parameters) for a mode."""
+    if trainable == "top":
+        return _top_encoders(encoder, train_texts, dev_texts, top_layers, progress, cache_dir)
     if trainable == "projector":
         for p in encoder.backbone.parameters():
             p.requires_grad_(False)
@@ -199,7 +230,8 @@ def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[
 
 def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], masks: torch.Tensor,
           dev_outputs: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,
-          features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
+          features: tuple[torch.Tensor, torch.Tensor] | None = None,
+          cache_dir: str | os.PathLike | None = None) -> list[float]:
     """Train ``encoder`` in place on datamodel labels.
 
     Args:
@@ -213,6 +245,8 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
         progress: show a progress bar (steps/s, ETA, loss).
         features: ("projector" mode) the backbone features (n, d) and (q, d) of the training and
             dev texts from :meth:`Encoder.pooled`, when already computed.
+        cache_dir: ("top" mode) folder of the lower-layer caches (default
+            ``$AIRTRACE_CACHE/airrep/layers``; see :mod:`airtrace.airrep.layercache`).
 
     Returns:
         The loss of every step.
@@ -230,7 +264,7 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
     labels = normalize_labels(-dev_outputs.to(torch.float64))
     encoder.train()
     encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, config.trainable, progress,
-                                                 features)
+                                                 features, config.top_layers, cache_dir)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, math.ceil(config.warmup * config.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, config.steps))
