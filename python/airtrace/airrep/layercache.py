@@ -38,6 +38,8 @@ from airtrace.util.progress import progress_bar
 
 KEY = "airtrace.airrep.layercache"
 FORMAT = 1
+PADDED_TOKENS = 4096
+"""Most padded tokens (rows x longest row) per forward pass of the top layers."""
 
 
 def encoder_key(encoder: Encoder, frozen: int) -> str:
@@ -89,6 +91,10 @@ class LayerCache:
     def nbytes(self) -> int:
         """Bytes of the cached hidden states and offsets."""
         return self.hidden.numel() * self.hidden.element_size() + self.offsets.numel() * 8
+
+    def lengths(self, rows: torch.Tensor) -> torch.Tensor:
+        """Token counts (B,) int64 of ``rows`` (B,)."""
+        return self.offsets[rows + 1] - self.offsets[rows]
 
     def batch(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded hidden states (B, T, d) (zeros at padding) and attention mask (B, T) int64 of ``rows`` (B,)."""
@@ -155,3 +161,24 @@ def load_or_compute(encoder: Encoder, texts: Sequence[str], frozen: int, path: s
     save_checked({"hidden": cache.hidden, "offsets": cache.offsets}, path, KEY,
                  {"format": FORMAT, "encoder": ekey, "frozen": frozen, "texts": tkey, "n": len(texts)})
     return cache
+
+
+def embed_rows(encoder: Encoder, cache: LayerCache, rows: torch.Tensor, *,
+               padded_tokens: int = PADDED_TOKENS) -> torch.Tensor:
+    """Embeddings (B, d) of cached ``rows`` (B,) int64 through the top layers, with autograd, in the order given.
+
+    Rows run sorted by length in passes of at most ``padded_tokens`` padded tokens (one long row does not pad a
+    whole batch to its length); the result equals one :meth:`Encoder.top_embed` over all rows.
+    """
+    lengths = cache.lengths(rows)
+    order = torch.argsort(lengths, stable=True)
+    device = encoder.projector.weight.device
+    parts, start = [], 0
+    while start < rows.numel():
+        stop = start + 1
+        while stop < rows.numel() and int(lengths[order[stop]]) * (stop + 1 - start) <= padded_tokens:
+            stop += 1
+        parts.append(encoder.top_embed(*cache.batch(rows[order[start:stop]], device), cache.frozen))
+        start = stop
+    out = torch.cat(parts)
+    return out[torch.argsort(order).to(out.device)]

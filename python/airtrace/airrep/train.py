@@ -80,6 +80,10 @@ class TrainConfig:
         trainable: "all" (backbone + projector), "projector" (frozen backbone) or "top" (the top
             ``top_layers`` layers + projector on cached lower-layer outputs).
         top_layers: layers trained in "top" mode, in [1, L].
+        pool_sample: training examples drawn per step (None: all); each subset of the step is
+            restricted to its members among them, so a step encodes at most this many (the pooled
+            score of the sampled members estimates the whole subset's; for the top-layer and
+            full modes, whose cost grows with the examples encoded per step).
         t_min: RankNet label-gap threshold.
         t_max: RankNet pair-weight cap.
         seed: draws the batches.
@@ -96,6 +100,7 @@ class TrainConfig:
     pooling: str = "attention"
     trainable: str = "projector"
     top_layers: int = 1
+    pool_sample: int | None = None
     t_min: float = T_MIN
     t_max: float = T_MAX
     seed: int = 0
@@ -103,6 +108,8 @@ class TrainConfig:
     def __post_init__(self):
         positive_int_fields(self, ("steps", "dev_batch", "subset_batch", "chunk", "top_layers"))
         check_pooling(self.pooling)
+        if self.pool_sample is not None:
+            positive_int_fields(self, ("pool_sample",))
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1 and self.clip > 0):
@@ -193,10 +200,9 @@ def _top_encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Seque
     for texts in (dev_texts, train_texts):
         path = None if cache_dir is None else (Path(cache_dir) / layercache.default_path(encoder, texts, frozen).name)
         caches.append(layercache.load_or_compute(encoder, texts, frozen, path, progress=progress))
-    device = encoder.projector.weight.device
 
     def encode(cache: layercache.LayerCache) -> EncodeFn:
-        return lambda rows: encoder.top_embed(*cache.batch(rows, device), frozen)
+        return lambda rows: layercache.embed_rows(encoder, cache, rows)
 
     return encode(caches[0]), encode(caches[1]), [*trained.parameters(), *encoder.projector.parameters()]
 
@@ -231,7 +237,8 @@ def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[
 def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], masks: torch.Tensor,
           dev_outputs: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,
           features: tuple[torch.Tensor, torch.Tensor] | None = None,
-          cache_dir: str | os.PathLike | None = None) -> list[float]:
+          cache_dir: str | os.PathLike | None = None, callback: Callable[[int], None] | None = None,
+          every: int = 0) -> list[float]:
     """Train ``encoder`` in place on datamodel labels.
 
     Args:
@@ -247,6 +254,9 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
             dev texts from :meth:`Encoder.pooled`, when already computed.
         cache_dir: ("top" mode) folder of the lower-layer caches (default
             ``$AIRTRACE_CACHE/airrep/layers``; see :mod:`airtrace.airrep.layercache`).
+        callback: called with the number of steps done after every ``every`` steps (e.g. to
+            measure a validation split; it runs with the encoder in training mode).
+        every: see ``callback`` (0: never).
 
     Returns:
         The loss of every step.
@@ -275,8 +285,13 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
         for _ in range(config.steps):
             dev_rows = torch.randperm(q, generator=generator)[: config.dev_batch]
             subsets = torch.randperm(masks.shape[0], generator=generator)[: config.subset_batch]
+            batch_masks = masks[subsets]
+            if config.pool_sample is not None:
+                sample = torch.zeros(n, dtype=torch.bool)
+                sample[torch.randperm(n, generator=generator)[: config.pool_sample]] = True
+                batch_masks = batch_masks & sample
             optimizer.zero_grad(set_to_none=True)
-            loss = cached_step(encode_dev, encode_train, dev_rows, masks[subsets], labels[subsets][:, dev_rows].T,
+            loss = cached_step(encode_dev, encode_train, dev_rows, batch_masks, labels[subsets][:, dev_rows].T,
                                pooling=config.pooling, chunk=config.chunk, t_min=config.t_min, t_max=config.t_max)
             torch.nn.utils.clip_grad_norm_(params, config.clip)
             optimizer.step()
@@ -284,5 +299,7 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
+            if callback is not None and every > 0 and len(losses) % every == 0:
+                callback(len(losses))
     encoder.eval()
     return losses
