@@ -49,6 +49,7 @@ AirRep keeps >= 80% of its seen-category gain over the untrained encoder.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -239,7 +240,7 @@ def top_embeddings(encoder, texts, frozen):
         return layercache.embed_rows(encoder, cache, torch.arange(len(texts)))
 
 
-def train_top(encoder, split, pool_texts, args, progress):
+def train_top(encoder, split, pool_texts, args, lr, progress):
     """Continue ``encoder`` with its top ``args.top_layers`` layers + projector trained; the step count with the best
     validation LDS (checked every ``args.top_every`` steps) is kept. (encoder, seconds, record)."""
     labels = split.labels
@@ -259,7 +260,7 @@ def train_top(encoder, split, pool_texts, args, progress):
         encoder.train()
 
     validate(0)
-    config = TrainConfig(steps=args.top_steps, lr=args.top_lr, trainable="top", top_layers=args.top_layers,
+    config = TrainConfig(steps=args.top_steps, lr=lr, trainable="top", top_layers=args.top_layers,
                          pool_sample=args.pool_sample, dev_batch=args.top_dev_batch, subset_batch=16)
     losses, seconds = one_thread(lambda: train(
         encoder, pool_texts, split.texts(split.fit_dev), labels.masks[split.fit_subsets],
@@ -269,7 +270,7 @@ def train_top(encoder, split, pool_texts, args, progress):
     encoder.eval()
     cache_bytes = sum(layercache.load_or_compute(encoder, t, frozen).nbytes
                       for t in (pool_texts, split.texts(split.fit_dev)))
-    return encoder, seconds, {"best_step": best["step"], "history": history, "cache_bytes": cache_bytes,
+    return encoder, seconds, {"best_step": best["step"], "best_lds": best["lds"], "history": history, "cache_bytes": cache_bytes,
                               "config": config, "losses": losses}
 
 
@@ -408,9 +409,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help=f"projector learning rate (default {defaults.lr:g})")
     parser.add_argument("--top-layers", type=int, default=1, help="top layers trained (default 1)")
-    parser.add_argument("--top-steps", type=int, default=40, help="top-layer training steps (default 40)")
+    parser.add_argument("--top-steps", type=int, default=30, help="top-layer training steps (default 30)")
     parser.add_argument("--top-every", type=int, default=10, help="validation every N top-layer steps (default 10)")
-    parser.add_argument("--top-lr", type=float, default=1e-4, help="top-layer learning rate (default 1e-4)")
+    parser.add_argument("--top-lr", type=float, nargs="+", default=[3e-5, 1e-4],
+                        help="top-layer learning rates tried, the best on validation kept (default 3e-5 1e-4)")
     parser.add_argument("--top-dev-batch", type=int, default=16, help="dev examples per top-layer step (default 16)")
     parser.add_argument("--pool-sample", type=int, default=48,
                         help="training examples encoded per top-layer step (default 48)")
@@ -475,8 +477,12 @@ def main(argv=None) -> int:
                     rows.append(airrep_row(f"{name}/{other}-inference", queries, pool, eval_masks, eval_outputs,
                                            other, per_example_ms, embed_seconds, seconds,
                                            f"airrep-projector encoder scored with {other} pooling"))
-        encoder = trained["attention"]
-        encoder, seconds, record = train_top(encoder, split, pool_texts, args, progress)
+        runs = []
+        for lr in args.top_lr:                  # the learning rate is chosen on the validation split too
+            runs.append(train_top(copy.deepcopy(trained["attention"]), split, pool_texts, args, lr, progress))
+        encoder, seconds, record = max(runs, key=lambda run: run[2]["best_lds"])
+        tried = "; ".join(f"lr {r['config'].lr:g}: best validation LDS {r['best_lds']:.3f} at step {r['best_step']}"
+                          for _, _, r in runs)
         frozen = len(encoder.layers()) - args.top_layers
         start = time.perf_counter()
         pool = top_embeddings(encoder, pool_texts, frozen)
@@ -489,7 +495,8 @@ def main(argv=None) -> int:
                                f"{cfg.pool_sample} pool rows and {cfg.dev_batch} dev x {cfg.subset_batch} subsets per "
                                f"step, best validation step {record['best_step']} of {cfg.steps} "
                                f"(validation LDS {', '.join(f'{s}:{v:.3f}' for s, v in record['history'])}); "
-                               f"layer cache {record['cache_bytes'] / 2**20:.1f} MiB; train_seconds = top phase only"))
+                               f"layer cache {record['cache_bytes'] / 2**20:.1f} MiB; train_seconds = top phase only; "
+                               f"tried {tried} ({sum(r[1] for r in runs):.0f} s in all)"))
         rows += gradient_rows(labels.task, eval_masks, eval_outputs, args.k, progress, damping_grid=not args.quick)
         top = f"airrep-top{args.top_layers}"
         gradient_names = [r["method"] for r in rows if r["method"].startswith(("logra", "ekfac", "exact"))]
