@@ -22,7 +22,7 @@ Parts (``--parts``):
   transformer layers and projector on cached lower-layer outputs (:mod:`airtrace.airrep.layercache`), each
   step encoding ``--pool-sample`` pool examples, the best validation step kept; the gradient methods on the
   LM trained on the full pool, additive group scores: LoGra k x k (identity, EK-FAC), unprojected EK-FAC,
-  the exact inverse-Gauss-Newton solve (CG), all with ``damping="auto"``, and the unprojected EK-FAC at the
+  with ``--exact`` the exact inverse-Gauss-Newton solve (CG), all with ``damping="auto"``, and the unprojected EK-FAC at the
   best of a damping grid on the evaluation itself (an oracle). Paired per-query differences follow the table.
   Inference cost per example: wall time of featurizing the pool (embedding: backbone + projector forward;
   gradient: forward + backward + projection) over its size; the ``cost:`` rows time LoGra featurization of
@@ -49,6 +49,7 @@ AirRep keeps >= 80% of its seen-category gain over the untrained encoder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -59,6 +60,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -85,8 +87,9 @@ GRADIENT_METHODS = (
     ("logra{k}+identity", dict(curvature="identity", projection="logra")),
     ("logra{k}+ekfac", dict(curvature="ekfac", projection="logra")),
     ("ekfac-unprojected", dict(curvature="ekfac", projection="exact")),
-    ("exact-cg", dict(curvature="exact", projection="exact", solver="cg")),
 )
+EXACT = ("exact-cg", dict(curvature="exact", projection="exact", solver="cg"))
+"""The exact inverse-Gauss-Newton solve (``--exact``: over 10 minutes for the tiny LM on two shared CPU cores)."""
 """Gradient configurations faced (damping "auto", the default, unless a row says otherwise)."""
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Relative damping factors (x mean eigenvalue) of the unprojected EK-FAC oracle row."""
@@ -100,7 +103,9 @@ def gradient_scores(task, model, k: int, progress: bool, **settings) -> tuple[to
     if projection == "logra":
         projection = {"type": "factored", "k_in": k, "k_out": k, "seed": 0, "exact_small": False}
     attributor = Attributor(model, "*", loss_fn=task.loss_fn, bias=True, projection=projection, **settings)
-    with tempfile.TemporaryDirectory(prefix="bench-airrep-") as tmp:
+    # the exact solve's Gauss-Newton products use forward-mode AD, which the fused CPU attention kernel lacks
+    math_attention = sdpa_kernel(SDPBackend.MATH) if settings.get("curvature") == "exact" else contextlib.nullcontext()
+    with math_attention, tempfile.TemporaryDirectory(prefix="bench-airrep-") as tmp:
         start = time.perf_counter()
         store = attributor.featurize(train_batches, os.path.join(tmp, "store"), dtype="float32", total=n,
                                      progress=progress)
@@ -117,7 +122,8 @@ def gradient_scores(task, model, k: int, progress: bool, **settings) -> tuple[to
     return scores, featurize, seconds, attributor.width, f"{len(attributor.layers)} layers, width {attributor.width}"
 
 
-def gradient_rows(task, eval_masks, eval_outputs, k: int, progress: bool, damping_grid: bool = True) -> list[dict]:
+def gradient_rows(task, eval_masks, eval_outputs, k: int, progress: bool, damping_grid: bool = True,
+                  exact: bool = False) -> list[dict]:
     """Every :data:`GRADIENT_METHODS` row, plus the unprojected EK-FAC at the best damping of
     :data:`DAMPING_GRID` on the evaluation itself (an oracle), on the LM trained on the whole pool."""
     n = len(task.train)
@@ -130,7 +136,7 @@ def gradient_rows(task, eval_masks, eval_outputs, k: int, progress: bool, dampin
                 "per_query": result.per_query, "ms_per_example": 1e3 * featurize / n, "bytes_per_example": 4 * width,
                 "method_seconds": seconds, "train_seconds": 0.0, "note": note}
 
-    for name, settings in GRADIENT_METHODS:
+    for name, settings in GRADIENT_METHODS + ((EXACT,) if exact else ()):
         rows.append(row(name.format(k=k), *gradient_scores(task, model, k, progress, **settings)))
     if damping_grid:
         grid = [row(f"ekfac-unprojected/damping {f:g}",
@@ -416,6 +422,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-dev-batch", type=int, default=16, help="dev examples per top-layer step (default 16)")
     parser.add_argument("--pool-sample", type=int, default=48,
                         help="training examples encoded per top-layer step (default 48)")
+    parser.add_argument("--exact", action="store_true",
+                        help="also the exact inverse-Gauss-Newton solve (CG; slow on a CPU)")
     parser.add_argument("--k", type=int, default=16, help="LoGra k_in = k_out (default 16)")
     parser.add_argument("--cost-pairs", type=int, default=64,
                         help="pool pairs timed for the SmolLM2 vs MiniLM cost rows (default 64; 0 skips them)")
@@ -497,7 +505,8 @@ def main(argv=None) -> int:
                                f"(validation LDS {', '.join(f'{s}:{v:.3f}' for s, v in record['history'])}); "
                                f"layer cache {record['cache_bytes'] / 2**20:.1f} MiB; train_seconds = top phase only; "
                                f"tried {tried} ({sum(r[1] for r in runs):.0f} s in all)"))
-        rows += gradient_rows(labels.task, eval_masks, eval_outputs, args.k, progress, damping_grid=not args.quick)
+        rows += gradient_rows(labels.task, eval_masks, eval_outputs, args.k, progress, damping_grid=not args.quick,
+                              exact=args.exact)
         top = f"airrep-top{args.top_layers}"
         gradient_names = [r["method"] for r in rows if r["method"].startswith(("logra", "ekfac", "exact"))]
         diffs = paired(rows, [(top, "airrep-projector"), (top, "minilm-untrained"),
