@@ -65,7 +65,7 @@ def texts_key(texts: Sequence[str]) -> str:
 
 
 def default_path(encoder: Encoder, texts: Sequence[str], frozen: int) -> Path:
-    """``cache_root("airrep") / "layers" / "<first 16 hex of the encoder key>-<first 16 of the texts key>.safetensors"``."""
+    """``cache_root("airrep") / "layers" / "<encoder key>-<texts key>.safetensors"`` (16 hex digits of each)."""
     return cache_root("airrep") / "layers" / f"{encoder_key(encoder, frozen)[:16]}-{texts_key(texts)[:16]}.safetensors"
 
 
