@@ -145,3 +145,26 @@ def test_signed_attention_pooling_by_hand():
     for g_, members in enumerate(groups):
         ref = pool(queries @ train_emb[members].T, pooling="attention-signed") if members else torch.zeros(3)
         assert torch.allclose(got[:, g_], ref.to(got.dtype), rtol=1e-12, atol=0)
+
+
+def test_pool_sample_bounds_the_rows_a_step_encodes(monkeypatch):
+    from airtrace.airrep import train as train_module
+
+    encoder = tiny_encoder(seed=4)
+    masks = torch.ones(5, 6, dtype=torch.bool)
+    outputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    used, real = [], train_module.cached_step
+
+    def spy(encode_dev, encode_train, dev_rows, batch_masks, *args, **kwargs):
+        used.append(int(batch_masks.any(dim=0).sum()))
+        return real(encode_dev, encode_train, dev_rows, batch_masks, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "cached_step", spy)
+    config = TrainConfig(steps=4, dev_batch=2, subset_batch=5, trainable="projector", pool_sample=2)
+    train(encoder, TEXTS[:6], TEXTS[6:], masks, outputs, config, progress=False)
+    assert used == [2, 2, 2, 2]
+    train(encoder, TEXTS[:6], TEXTS[6:], masks, outputs, TrainConfig(steps=1, dev_batch=2, subset_batch=5),
+          progress=False)
+    assert used[-1] == 6
+    with pytest.raises(ValueError, match="pool_sample"):
+        TrainConfig(pool_sample=0)
