@@ -115,7 +115,7 @@ def test_top_training_lowers_the_loss_and_leaves_frozen_layers(tmp_path):
     top = encoder.layers()[2].attention.self.query.weight.clone()
     config = TrainConfig(steps=60, lr=5e-2, warmup=0.05, dev_batch=4, subset_batch=12, trainable="top", top_layers=1)
     losses = train(encoder, TEXTS[:6], TEXTS[6:], masks, outputs, config, progress=False, cache_dir=tmp_path)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5        # 0.30 here; 0.59-0.73 with seeds 3, 5, 7
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in frozen.items())
     assert not torch.equal(encoder.layers()[2].attention.self.query.weight, top)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2                    # dev and train caches
