@@ -462,8 +462,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top-layers", type=int, default=1, help="top layers trained (default 1)")
     parser.add_argument("--top-steps", type=int, default=30, help="top-layer training steps (default 30)")
     parser.add_argument("--top-every", type=int, default=10, help="validation every N top-layer steps (default 10)")
-    parser.add_argument("--top-lr", type=float, nargs="+", default=[3e-5, 1e-4],
-                        help="top-layer learning rates tried, the best on validation kept (default 3e-5 1e-4)")
+    parser.add_argument("--top-lr", type=float, nargs="+", default=[3e-6, 1e-5],
+                        help="top-layer learning rates tried, the best on validation kept (default 3e-6 1e-5; "
+                             "3e-5 and 1e-4 lowered the validation LDS from 0.297 to 0.23 and 0.14 in 30 steps)")
     parser.add_argument("--top-dev-batch", type=int, default=16, help="dev examples per top-layer step (default 16)")
     parser.add_argument("--pool-sample", type=int, default=48,
                         help="training examples encoded per top-layer step (default 48)")
