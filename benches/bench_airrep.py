@@ -562,7 +562,7 @@ def main(argv=None) -> int:
                               ("airrep-projector", "airrep-projector/attention-signed-inference"),
                               ("airrep-projector", "airrep-projector-signed")]
                        + [(a, g) for a in (top, "airrep-projector") for g in gradient_names])
-        best_gradient = max((r for r in rows if r["method"] in gradient_names and "/damping" not in r["method"]),
+        best_gradient = max((r for r in rows if r["method"] in gradient_names and "damping" not in r["method"]),
                             key=lambda r: r["lds"])
         best_airrep = max((r for r in rows if r["method"] in (top, "airrep-projector")), key=lambda r: r["lds"])
         d = diffs[(top, "airrep-projector")]
