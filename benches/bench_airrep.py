@@ -36,6 +36,8 @@ Parts (``--parts``):
   the unseen half; the gain over the untrained encoder on the same queries.
 - ``budget`` (airrep_budget.csv): projector-only AirRep against the number of labelled subsets, with the label
   cost (subset models x the measured seconds per subset model of the label run).
+- ``groups`` (airrep_groups.csv): attention vs sum pooling for groups of 1% to 50% of the pool (ground
+  truth of ``--group-subsets`` subset models per fraction, plan seed 1; 50% is the main held-out set).
 - ``transfer`` (airrep_transfer.csv): the projector trained on the tiny LM's labels, scored against the
   default LM's ground truth (the eval harness's retrained subsets of that LM, its own pool and queries).
 - ``cost`` (airrep_cost.csv): FLOPs per token of the MiniLM-L6 embedding and of gradient featurization of the
@@ -81,7 +83,8 @@ from airtrace.eval import metrics  # noqa: E402
 COLUMNS = ("method", "lds", "ci_lo", "ci_hi", "ms_per_example", "bytes_per_example", "method_seconds",
            "train_seconds", "note")
 F64 = torch.float64
-PARTS = ("indist", "categories", "budget", "transfer", "cost")
+PARTS = ("indist", "categories", "budget", "groups", "transfer", "cost")
+GROUP_COLUMNS = ("fraction", "group_size", "method", "lds", "ci_lo", "ci_hi", "note")
 COST_COLUMNS = ("model", "params", "flops_per_token", "ratio_to_embedding", "note")
 CATEGORY_COLUMNS = ("method", "queries", "n_queries", "lds", "ci_lo", "ci_hi", "gain", "note")
 BUDGET_COLUMNS = ("subsets", "lds", "ci_lo", "ci_hi", "label_seconds", "train_seconds", "note")
@@ -427,6 +430,39 @@ def transfer_rows(labels, split, features, pool_texts, args, progress) -> list[d
     return rows
 
 
+def group_rows(labels, split, features, query_features, pool_texts, args, eval_masks, eval_outputs,
+               progress) -> list[dict]:
+    """Attention vs sum pooling against the group size: ground truth of ``--group-subsets`` tiny-LM subset models
+    per pool fraction (cached label runs), the same two trained projectors for every size."""
+    pool_features = features[0]
+    encoders = {pooling: train_projector(features, split, pool_texts, pooling, args.steps, args.lr, progress)[0]
+                for pooling in ("attention", "sum")}
+    rows = []
+    for fraction in (*args.group_fractions, 0.5):
+        if fraction == 0.5:
+            masks, outputs, cost = eval_masks, eval_outputs, "the held-out subsets of the main run"
+        else:
+            start = time.perf_counter()
+            run = generate(LabelConfig(size=args.size, n_subsets=args.group_subsets, fraction=fraction, seed=1),
+                           progress=progress)
+            masks, outputs = run.masks, run.query_outputs
+            cost = f"{args.group_subsets} subset models, {time.perf_counter() - start:.0f} s (0 when cached)"
+        per = {}
+        for name, pooling, encoder in (("attention", "attention", encoders["attention"]),
+                                       ("attention encoder, sum scores", "sum", encoders["attention"]),
+                                       ("sum", "sum", encoders["sum"])):
+            result = airrep_lds(encoder.project(query_features), encoder.project(pool_features), masks, outputs,
+                                pooling=pooling)
+            per[name] = result.per_query
+            rows.append({"fraction": fraction, "group_size": int(masks.sum(dim=1).float().mean()), "method": name,
+                         "lds": result.mean, "ci_lo": result.ci[0], "ci_hi": result.ci[1], "note": cost})
+        diff = per["attention"] - per["sum"]
+        lo, hi = metrics.bootstrap_ci(diff)
+        rows.append({"fraction": fraction, "group_size": rows[-1]["group_size"], "method": "attention - sum (paired)",
+                     "lds": float(diff.mean()), "ci_lo": lo, "ci_hi": hi, "note": "per-query differences"})
+    return rows
+
+
 def paired(rows, pairs):
     """Paired per-query LDS differences (bootstrap CI over queries) of (a, b) method names; printed and returned."""
     by_method = {r["method"]: r["per_query"] for r in rows if "per_query" in r}
@@ -470,6 +506,10 @@ def main(argv=None) -> int:
                         help="training examples encoded per top-layer step (default 48)")
     parser.add_argument("--exact", action="store_true",
                         help="also the exact inverse-Gauss-Newton solve (CG; slow on a CPU)")
+    parser.add_argument("--group-fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.25],
+                        help="pool fractions of the group-size part besides 0.5 (default 0.01 0.05 0.1 0.25)")
+    parser.add_argument("--group-subsets", type=int, default=48,
+                        help="subset models per fraction in the group-size part (default 48)")
     parser.add_argument("--transfer-subsets", type=int, default=100,
                         help="default-LM subset models of the eval harness for the transfer part (default 100)")
     parser.add_argument("--k", type=int, default=16, help="LoGra k_in = k_out (default 16)")
@@ -603,6 +643,14 @@ def main(argv=None) -> int:
         C.print_table(rows, BUDGET_COLUMNS, title="label budget: projector-only AirRep vs labelled subsets")
         if out is not None:
             print(f"wrote {C.write_csv(out / 'airrep_budget.csv', rows, BUDGET_COLUMNS, head)}")
+    if "groups" in args.parts:
+        rows = group_rows(labels, split, features, query_features, pool_texts, args, eval_masks, eval_outputs,
+                          progress)
+        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        C.print_table(rows, GROUP_COLUMNS, title="group sizes: attention vs sum pooling")
+        if out is not None:
+            print(f"wrote {C.write_csv(out / 'airrep_groups.csv', rows, GROUP_COLUMNS, head)}")
+
     if "transfer" in args.parts:
         rows = transfer_rows(labels, split, features, pool_texts, args, progress)
         head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
