@@ -482,7 +482,8 @@ def main(argv=None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke pass: 8 subsets, few steps, no SmolLM2 cost rows, no damping grid, writes nothing")
+                        help="smoke pass: 8 subsets (4 per group size), few steps, no SmolLM2 cost rows, no damping "
+                             "grid, writes nothing")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="what to run (default all): " + ", ".join(PARTS))
     parser.add_argument("--size", default="tiny", choices=("tiny", "default", "large"), help="LM size (default tiny)")
@@ -521,7 +522,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.subsets, args.holdout, args.val_subsets, args.steps, args.cost_pairs = 8, 3, 2, 20, 0
-        args.top_steps, args.top_every, args.pool_sample = 2, 1, 8
+        args.top_steps, args.top_every, args.pool_sample, args.group_subsets = 2, 1, 8, 4
     if not 1 <= args.holdout <= args.subsets - args.val_subsets - 2:
         parser.error(f"--holdout must be in [1, subsets - val-subsets - 2], got {args.holdout}")
     progress = not args.quiet
