@@ -141,16 +141,9 @@ def run_task(name: str, subsets: int) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_TASKS)}; writes nothing")
-    parser.add_argument("--tasks", default=None, help="comma-separated suite tasks (default: the tabular ones)")
-    parser.add_argument("--subsets", type=int, default=suite.SUBSETS, help="retrained subsets (default 100)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benches/results/<device>)")
+    C.add_suite_arguments(parser, QUICK_TASKS, suite.SUBSETS)
     args = parser.parse_args(argv)
-    names = args.tasks.split(",") if args.tasks else list(QUICK_TASKS if args.quick else
-                                                         [t for t in suite.TASKS if t != "lm"])
-    unknown = [t for t in names if t not in suite.TASKS]
-    if unknown:
-        parser.error(f"--tasks: unknown {unknown}; choose from {', '.join(suite.TASKS)}")
+    names = C.suite_task_names(parser, args, QUICK_TASKS, list(suite.TASKS))
     torch.set_num_threads(1)
     head = C.header(gpu=False)
     C.print_header(head, "airtrace bench_quality_suite" + (" --quick" if args.quick else ""))

@@ -215,7 +215,7 @@ def test_exact_curvature_scores_are_the_explicit_influence(tmp_path):
 def test_exact_curvature_refuses_projected_features_and_missing_batches(tmp_path):
     model = mlp()
     with pytest.raises(ValueError, match="curvature 'exact' needs unprojected features.*projection='exact'"):
-        Attributor(model, loss_fn=loss_fn, curvature="exact", projection=dict(k_in=2, k_out=2))
+        Attributor(model, loss_fn=loss_fn, curvature="exact", projection=dict(k_in=2, k_out=2, exact_budget=0))
     at = Attributor(model, loss_fn=loss_fn, curvature="exact")
     x, y = data()
     store = at.featurize(batches(x, y), tmp_path / "store", progress=False)
