@@ -216,10 +216,14 @@ def score_dattri_if(solver: str, regularization: float, task, model) -> torch.Te
     return torch.as_tensor(attributor.attribute(train, test), dtype=F64).T.contiguous()
 
 
-def score_airtrace_exact(task, model) -> torch.Tensor:
-    """airtrace ``curvature="exact"``: CG on the Gauss-Newton matrix (EK-FAC-preconditioned), every layer
-    unprojected, damping "auto" (the stationary L2 strength)."""
-    return _scores(_attributor(task, model, "exact", None, "auto"), task)
+def score_airtrace_exact(task, model, solver: str = "cg") -> torch.Tensor:
+    """airtrace ``curvature="exact"`` on the Gauss-Newton matrix, every layer unprojected, damping "auto" (the
+    stationary L2 strength): ``solver`` "cg" (EK-FAC-preconditioned) or "dense" (the explicit matrix from p
+    products, Cholesky)."""
+    from airtrace.attribute import Attributor
+
+    at = Attributor(model, "*", loss_fn=task.loss_fn, bias=True, curvature="exact", solver=solver)
+    return _scores(at, task)
 
 
 METHODS = {
@@ -235,6 +239,7 @@ METHODS = {
     "dattri tracin": lambda task, model: score_dattri("tracin", task, model),
     "airtrace default": lambda task, model: _scores(_attributor(task, model, "ekfac", None, "auto"), task),
     "airtrace exact": score_airtrace_exact,
+    "airtrace exact dense": lambda task, model: score_airtrace_exact(task, model, "dense"),
     **{f"dattri {solver} λ={r:g}": (lambda solver, r: lambda task, model: score_dattri_if(solver, r, task, model))(
         solver, r) for solver in ("explicit", "cg", "arnoldi") for r in DATTRI_GRID},
 }
