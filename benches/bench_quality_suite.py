@@ -19,7 +19,13 @@ split in two halves: ``calibrate`` chooses on the first (cross-validated inside 
 - ``loo`` (logistic regressions, convex): the exact solver's scores against the explicit dense inverse at the
   same damping, and against real leave-one-out retraining (Newton to the optimum) of
   ``--loo`` examples: Pearson over (query, removed example) pairs, per query, averaged;
-- ``ensemble-5`` (MLP tasks): the default setting on 5 models trained from initial weights 0..4, scores averaged.
+- ``ensemble-5`` (MLP tasks and the GPT): the default setting on 5 models trained from initial weights 0..4, scores
+  averaged;
+- ``kronfluence ekfac`` (the GPT, when kronfluence imports: run the bench with the peers' interpreter): its EK-FAC
+  in the full layer space (``benches/peers/lm_task.py``) on the same truth.
+
+``--skip ceiling,exact,ensemble`` leaves out the parts a 2-core CPU cannot afford on the GPT (its ceiling retrains
+every subset from two more initialisations, its ensemble trains four more models).
 
 Peers (kronfluence, dattri, TRAK, LogIX) are run by ``benches/bench_quality.py``, not here. ``--check`` exits 1
 when a target of :func:`targets` is missed.
@@ -103,16 +109,17 @@ def loo_rows(name: str, task, model, exact: torch.Tensor, tmp: str, n_removed: i
     return rows
 
 
-def run_task(name: str, subsets: int, n_removed: int) -> list[dict]:
+def run_task(name: str, subsets: int, n_removed: int, skip: set[str]) -> list[dict]:
     task = suite.task(name)
     plan, outputs = suite.ground_truth(task, subsets)
     half = subsets // 2
     choice_masks, choice_outputs = plan.masks[:half], outputs[:half]
     masks, truth = plan.masks[half:], outputs[half:]
-    ceiling = suite.ceiling(task, subsets, (1, 2), subsets=subsets).mean
+    ceiling = None if "ceiling" in skip else suite.ceiling(task, subsets, (1, 2), subsets=subsets).mean
     model = suite.full_model(task)
     print(f"\n# task {name}: n_train {task.n_train}, {outputs.shape[1]} queries, {subsets} subsets "
-          f"({half} to choose, {subsets - half} to evaluate), ceiling {ceiling:.3f}", flush=True)
+          f"({half} to choose, {subsets - half} to evaluate), ceiling "
+          f"{'not measured' if ceiling is None else format(ceiling, '.3f')}", flush=True)
     rows = []
 
     def row(method: str, scores: torch.Tensor | None, seconds: float, detail: str = "", status: str = "ok"):
@@ -152,6 +159,8 @@ def run_task(name: str, subsets: int, n_removed: int) -> list[dict]:
 
         start = time.perf_counter()
         try:
+            if "exact" in skip:
+                raise ValueError("not run (--skip exact)")
             scores, at = _attributed(model, task, tmp, "exact", curvature="exact", bias=True)
             report, rule = at.solver.reports[-1], at.curvature.damping_rule
             lam = rule["criterion"]["lambda"] if rule["rule"] == "stationary" else "EK-FAC auto factors"
@@ -163,7 +172,16 @@ def run_task(name: str, subsets: int, n_removed: int) -> list[dict]:
         except ValueError as exc:  # SolverError included: reported, not hidden
             row("exact", None, time.perf_counter() - start, status=f"failed: {exc}")
 
-        if getattr(task.config, "model", None) == "mlp":
+        if suite.is_lm(task) and (reason := C.peer_unavailable("kronfluence")) is None:
+            from peers.lm_task import score_kronfluence
+
+            start = time.perf_counter()
+            row("kronfluence ekfac", score_kronfluence("ekfac", task, model), time.perf_counter() - start,
+                "kronfluence 1.0.1 EK-FAC, full layer space (benches/peers/lm_task.py)")
+        elif suite.is_lm(task):
+            row("kronfluence ekfac", None, 0.0, status=f"not run: kronfluence {reason}")
+
+        if (getattr(task.config, "model", None) == "mlp" or suite.is_lm(task)) and "ensemble" not in skip:
             start = time.perf_counter()
             members = []
             for init in range(ENSEMBLE):
@@ -193,6 +211,12 @@ def targets(rows: list[dict]) -> list[str]:
         for method, goal in (("loo: exact vs dense", 0.99), ("loo: exact vs retrained", 0.95)):
             if (task, method) in get:
                 lines.append(C.target(f"{task}: {method} Pearson", get[task, method]["loo_pearson"], goal))
+        if (task, "kronfluence ekfac") in get and get[task, "kronfluence ekfac"]["lds"] is not None:
+            ours = max((r for r in rows if r["task"] == task and r["method"] != "kronfluence ekfac"
+                        and r.get("lds") is not None), key=lambda r: r["lds"])
+            peer = get[task, "kronfluence ekfac"]["lds"]
+            lines.append(C.target(f"{task}: best airtrace LDS ({ours['method']}) - kronfluence EK-FAC ({peer:.3f})",
+                                  ours["lds"] - peer, 0.03))
         if (task, f"ensemble-{ENSEMBLE}") in get:
             single = get[task, "default"]["lds"]
             lines.append(C.target(f"{task}: ensemble-{ENSEMBLE} LDS, the default + 0.05",
@@ -204,13 +228,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_suite_arguments(parser, QUICK_TASKS, suite.SUBSETS)
     parser.add_argument("--loo", type=int, default=100, help="examples left out for the LOO checks (default 100)")
+    parser.add_argument("--skip", default="", help="comma-separated parts not run: ceiling, exact, ensemble "
+                                                   "(e.g. the GPT on a 2-core CPU)")
     C.add_check_flag(parser)
     args = parser.parse_args(argv)
     names = C.suite_task_names(parser, args, QUICK_TASKS, list(suite.TASKS))
     torch.set_num_threads(1)
     head = C.header(gpu=False)
     C.print_header(head, "airtrace bench_quality_suite" + (" --quick" if args.quick else ""))
-    rows = [r for name in names for r in run_task(name, args.subsets, args.loo)]
+    skip = {part for part in args.skip.split(",") if part}
+    if skip - {"ceiling", "exact", "ensemble"}:
+        parser.error(f"--skip: unknown {sorted(skip - {'ceiling', 'exact', 'ensemble'})}; "
+                     "choose from ceiling, exact, ensemble")
+    rows = [r for name in names for r in run_task(name, args.subsets, args.loo, skip)]
     C.print_table(rows, COLUMNS, title="LDS on the evaluation half of the subsets")
     out = C.results_dir(args.out, args.quick, head)
     if out is not None:
