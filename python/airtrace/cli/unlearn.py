@@ -112,7 +112,8 @@ def add_parser(sub) -> None:
                         "(default: minus the task's per-example loss)")
     p.add_argument("--scale", type=positive_float,
                    help="factor on the summed attribution scores (default 1 / training examples: the one-step "
-                        "Newton estimate of removing them from a mean loss)")
+                        "Newton estimate of removing them from a mean loss, an overestimate for a model not trained "
+                        "to its optimum; fit it on a few models retrained without another forget set)")
     p.add_argument("--retain", type=positive_int, default=512,
                    help="retained examples drawn into the reference set beside the forget set (default 512)")
     p.add_argument("--steps", type=positive_int, default=100, help="fine-tuning steps (default 100)")
