@@ -205,3 +205,28 @@ def test_missing_forget_file_and_store_are_usage_errors(store_dir, tmp_path, cap
             cli.main(argv + ["--out", str(tmp_path / "w.safetensors")])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "w.safetensors")
+
+
+def test_cli_outputs_function_and_a_bad_one(store_dir, tmp_path, capsys):
+    root, store = store_dir
+    (tmp_path / "ids.txt").write_text("t4\n")
+    out = str(tmp_path / "w.safetensors")
+    argv = ["unlearn", store, "--model", MODEL, "--forget", str(tmp_path / "ids.txt"), "--out", out, "--steps", "2",
+            "--quiet"]
+    assert cli.main(argv + ["--outputs", "test_unlearn:_logits"]) == 0
+    task = tiny_task()
+    store_ = Store.open(store)
+    attributor = Attributor.from_store(task.model, store_, loss_fn=task.loss_fn, curvature="identity")
+    forget = forget_rows(store_.ids, ["t4"])
+    reference = reference_batches(task.train, store_, forget, retain=512, seed=0, batch_size=64)
+    targets = predict_outputs(attributor, store_, reference, forget, _logits, progress=False)
+    assert targets.predicted.shape == (20, 3)  # every row: 1 forget + the 19 retained; three logits each
+    match_outputs(task.model, reference, targets, _logits, MatchConfig(steps=2), progress=False)
+    written = load_file(out)
+    for name, value in task.model.state_dict().items():
+        torch.testing.assert_close(written[name], value, rtol=0, atol=0)
+    os.remove(out)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ["--outputs", "test_unlearn:no_such_function"])
+    assert exc.value.code == 2 and "--outputs" in capsys.readouterr().err
+    assert not os.path.exists(out)

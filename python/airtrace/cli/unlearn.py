@@ -36,7 +36,7 @@ def load_outputs(spec: str | None, loss_fn):
         return minus_loss(loss_fn)
     module_name, sep, attr = spec.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), attr) if sep and module_name and attr else None
+        function = getattr(importlib.import_module(module_name), attr, None) if sep and module_name and attr else None
     except ImportError as exc:
         raise UsageError(f"--outputs {spec!r}: cannot import {module_name!r} ({exc})") from None
     if not callable(function):
