@@ -209,6 +209,26 @@ def report_targets(lines: Sequence[str], check: bool, title: str = "targets") ->
     return 1 if check and missed else 0
 
 
+# --------------------------------------------------------------------------- development-suite benches
+
+def add_suite_arguments(parser, quick_tasks: Sequence[str], subsets: int) -> None:
+    """--quick, --tasks, --subsets and --out of a bench over the development suite's tasks."""
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(quick_tasks)}; writes nothing")
+    parser.add_argument("--tasks", default=None, help="comma-separated suite tasks (default: the tabular ones)")
+    parser.add_argument("--subsets", type=int, default=subsets, help=f"retrained subsets (default {subsets})")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benches/results/<device>)")
+
+
+def suite_task_names(parser, args, quick_tasks: Sequence[str], tasks: Sequence[str]) -> list[str]:
+    """The tasks a suite bench runs: --tasks, else the quick ones with --quick, else every task but "lm"."""
+    names = args.tasks.split(",") if args.tasks else list(quick_tasks if args.quick else
+                                                         [t for t in tasks if t != "lm"])
+    unknown = [t for t in names if t not in tasks]
+    if unknown:
+        parser.error(f"--tasks: unknown {unknown}; choose from {', '.join(tasks)}")
+    return names
+
+
 # --------------------------------------------------------------------------- peers
 
 PEERS = {"kronfluence": "kronfluence", "traker": "trak", "dattri": "dattri", "logix": "logix", "bergson": "bergson",

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from airtrace import Attributor, StoreError, scoring
+from airtrace.attribute.config import essential, recorded_projection
 from airtrace.capture import GradientCapture, make_projections, per_example_loss, response_labels, select_layers
 from airtrace.curvature import damping as rules
 from airtrace.ops.project_dense import project_dense
@@ -23,7 +24,7 @@ from airtrace.store.sidecars import kfac_sidecar
 
 F64 = torch.float64
 K_IN, K_OUT, SEED = 3, 4, 5
-FACTORED = dict(k_in=K_IN, k_out=K_OUT, seed=SEED, exact_small=False)  # the brute force projects every side
+FACTORED = dict(k_in=K_IN, k_out=K_OUT, seed=SEED, exact_small=False, exact_budget=0)  # the brute force projects all
 DENSE = dict(type="dense", k=16, seed=SEED, kind="gaussian")
 ROWS_PER_SHARD = 5
 
@@ -332,8 +333,8 @@ def test_exact_small_projection_scores_equal_the_unprojected_math(tmp_path, meth
 
 def test_exact_small_projects_only_the_wide_sides():
     setup = lm_setup()
-    at = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=True))
-    plain = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=False))
+    at = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=True, exact_budget=0))
+    plain = attributor("lm", "identity", dict(k_in=7, k_out=6, seed=SEED, exact_small=False, exact_budget=0))
     for spec in at.layers:
         (p_in, p_out), (q_in, q_out) = at.featurizer.projections[spec.name], plain.featurizer.projections[spec.name]
         for d, k, exact, projected in ((spec.d_in, 7, p_in, q_in), (spec.d_out, 6, p_out, q_out)):
@@ -342,6 +343,35 @@ def test_exact_small_projects_only_the_wide_sides():
     assert at.dims["q"] == (6, 6) and at.dims["down"] == (6, 7) and plain.dims["q"] == (6, 7)
     with pytest.raises(ValueError, match="exact_small must be a bool"):
         attributor("lm", "identity", dict(k_in=7, k_out=6, exact_small="yes"))
+
+
+def test_exact_budget_keeps_whole_small_layers_and_projects_the_rest():
+    sizes = sorted({s.d_out * s.d_in for s in attributor("lm", "identity").layers})
+    budget = sizes[len(sizes) // 2]  # some layers within, some above
+    at = attributor("lm", "identity", dict(k_in=3, k_out=2, seed=SEED, exact_small=False, exact_budget=budget))
+    plain = attributor("lm", "identity", dict(k_in=3, k_out=2, seed=SEED, exact_small=False, exact_budget=0))
+    kept = 0
+    for spec in at.layers:
+        (p_in, p_out), (q_in, q_out) = at.featurizer.projections[spec.name], plain.featurizer.projections[spec.name]
+        if spec.d_out * spec.d_in <= budget:
+            kept += 1
+            assert torch.equal(p_in, torch.eye(spec.d_in, dtype=F64)) and torch.equal(p_out, torch.eye(spec.d_out,
+                                                                                                     dtype=F64))
+            assert at.dims[spec.name] == (spec.d_out, spec.d_in)
+            assert at.featurizer.projections.exact_sides(spec.name) == (True, True)
+        else:
+            assert torch.equal(p_in, q_in) and torch.equal(p_out, q_out), spec.name  # the same draws
+            assert at.dims[spec.name] == (2, 3)
+    assert 0 < kept < len(at.layers)
+    assert attributor("lm", "identity", None).projection["exact_budget"] == 4096  # the default
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="exact_budget must be an int >= 0"):
+            attributor("lm", "identity", dict(k_in=3, k_out=2, exact_budget=bad))
+
+
+def test_a_record_without_exact_budget_reads_as_zero():
+    record = {"type": "factored", "k_in": 4, "k_out": 4, "seed": 0, "exact_small": True, "layers": []}
+    assert recorded_projection(record)["exact_budget"] == 0 and essential(record)["exact_budget"] == 0
 
 
 def test_ekfac_second_phase_from_the_store_equals_the_batches(stores):
@@ -567,7 +597,7 @@ def test_a_store_of_other_weights_or_projection_is_refused(stores):
     with pytest.raises(StoreError, match="projection"):
         reseeded.score(batched(setup, setup.queries, "q"), stores["mlp"], progress=False)
     rebuilt = Attributor.from_store(setup.model, stores["mlp"], loss_fn=mlp_loss, curvature="identity")
-    assert rebuilt.projection == dict(FACTORED, type="factored", exact_small=False)
+    assert rebuilt.projection == dict(FACTORED, type="factored")
     assert rebuilt.layers == attributor("mlp").layers
 
 

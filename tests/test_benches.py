@@ -61,3 +61,32 @@ def test_bench_ops_quick_check_exits_1_exactly_when_a_target_misses():
     measured = [line for line in targets if line.startswith(("PASS", "MISS"))]
     assert any("group_pool_scores" in line for line in measured)
     assert run.returncode == (1 if any(line.startswith("MISS") for line in measured) else 0)
+
+
+def test_quality_suite_targets_on_hand_made_rows():
+    import bench_quality_suite as S
+
+    rows = [{"task": "t", "method": "default", "lds": 0.70}, {"task": "t", "method": "calibrated", "lds": 0.72},
+            {"task": "t", "method": "oracle", "lds": 0.75}, {"task": "t", "method": "loo: exact vs dense",
+                                                             "loo_pearson": 0.995},
+            {"task": "t", "method": "loo: exact vs retrained", "loo_pearson": 0.9},
+            {"task": "t", "method": "ensemble-5", "lds": 0.76}, {"task": "t", "method": "kronfluence ekfac", "lds": 0.7}]
+    lines = S.targets(rows)
+    assert [line[:4] for line in lines] == ["MISS", "MISS", "PASS", "MISS", "PASS", "PASS"]
+    assert "best airtrace LDS (ensemble-5) - kronfluence EK-FAC (0.700) >= 0.03: 0.06" in lines[4]
+
+
+def test_dattri_targets_pick_the_fastest_airtrace_row_at_dattri_best_lds():
+    import bench_quality as Q
+
+    rows = [{"method": "dattri cg λ=0.001", "library": "dattri", "lds": 0.78, "seconds": 12.0, "peak_extra_mib": 400},
+            {"method": "dattri explicit λ=0.01", "library": "dattri", "lds": 0.70, "seconds": 40.0,
+             "peak_extra_mib": 900},
+            {"method": "airtrace exact", "library": "airtrace", "lds": 0.80, "seconds": 40.0, "peak_extra_mib": 80},
+            {"method": "airtrace exact dense", "library": "airtrace", "lds": 0.80, "seconds": 2.0,
+             "peak_extra_mib": 200},
+            {"method": "airtrace default", "library": "airtrace", "lds": 0.68, "seconds": 0.5, "peak_extra_mib": 50}]
+    lines = Q.dattri_targets("digits", rows)
+    assert [line[:4] for line in lines] == ["PASS", "PASS", "MISS"]
+    assert "time of airtrace exact dense / dattri's <= 0.25: 0.167" in lines[1]
+    assert Q.dattri_targets("digits", rows[2:]) == []

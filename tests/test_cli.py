@@ -62,7 +62,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     store, curv = str(root / "store"), str(root / "curv.safetensors")
     assert cli.main(["featurize", store, "--model", MODEL, "--k-in", "3", "--k-out", "2", "--seed", "7",
-                     "--dtype", "float32", "--rows-per-shard", "8", "--quiet"]) == 0
+                     "--exact-budget", "0", "--dtype", "float32", "--rows-per-shard", "8", "--quiet"]) == 0
     assert cli.main(["fit", store, "--model", MODEL, "--out", curv, "--method", "ekfac", "--quiet"]) == 0
     return root, store, curv
 
@@ -97,7 +97,7 @@ def test_featurize_kfac_lets_fit_skip_its_model_pass(workdir, tmp_path):
     store, out = str(tmp_path / "store"), str(tmp_path / "curv.safetensors")
     LOSS_CALLS.clear()
     assert cli.main(["featurize", store, "--model", "test_cli:counting_task", "--k-in", "3", "--k-out", "2",
-                     "--seed", "7", "--dtype", "float32", "--rows-per-shard", "8", "--kfac", "--quiet"]) == 0
+                     "--seed", "7", "--exact-budget", "0", "--dtype", "float32", "--rows-per-shard", "8", "--kfac", "--quiet"]) == 0
     assert sum(LOSS_CALLS) == N_TRAIN
     LOSS_CALLS.clear()
     assert cli.main(["fit", store, "--model", "test_cli:counting_task", "--out", out, "--method", "ekfac",
@@ -130,8 +130,16 @@ def test_inspect_prints_the_manifest_summary_and_verifies(workdir, capsys):
     out = capsys.readouterr().out
     for text in ("rows         20 in 3 shards (8 rows per shard)", "dtype        float32", "width        12",
                  "layout       2 blocks", "  0  [2, 3]  6  (linear 6x5 +bias)", "fingerprint  fp2:", '"k_in": 3', '"seed": 7',
-                 '"curvature": null', "verified     3 shards"):
+                 '"curvature": null', "verified     3 shards", '"exact_budget": 0'):
         assert text in out, text
+
+
+def test_featurize_keeps_layers_within_the_exact_budget_unprojected(tmp_path):
+    store = str(tmp_path / "store")
+    # layer 0: 6 x (4 + bias) = 30 entries, projected to 2 x 3; layer 2: 3 x (6 + bias) = 21, kept whole
+    assert cli.main(["featurize", store, "--model", MODEL, "--k-in", "3", "--k-out", "2", "--exact-budget", "21",
+                     "--dtype", "float32", "--quiet"]) == 0
+    assert Attributor.from_store(tiny_task().model, store, loss_fn=loss_fn).dims == {"0": (2, 3), "2": (3, 7)}
 
 
 def test_runtime_errors_exit_1_with_the_message_and_no_traceback(workdir, tmp_path, capsys):
@@ -159,6 +167,8 @@ def test_runtime_errors_exit_1_with_the_message_and_no_traceback(workdir, tmp_pa
     (["featurize", "s", "--model", "test_cli:nothing"], "no callable 'nothing'"),
     (["inspect", "s", "--bogus"], "unrecognized arguments: --bogus"),
     (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact-small"], "--exact-small applies to the factored"),
+    (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact-budget", "0"], "--exact-budget applies to the"),
+    (["featurize", "s", "--model", MODEL, "--exact", "--exact-budget", "0"], "--exact keeps every layer unprojected"),
     (["featurize", "s", "--model", MODEL, "--dense", "8", "--kfac"], "--kfac needs the factored projection"),
     (["featurize", "s", "--model", MODEL, "--dense", "8", "--exact"], "--exact keeps every layer unprojected"),
     (["score", "s", "--model", MODEL, "--exact", "cg", "--curvature", "c"], "not allowed with argument"),

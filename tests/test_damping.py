@@ -209,3 +209,15 @@ def test_cli_fit_damping_auto_prints_the_criterion(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["fit", store, "--model", model, "--out", curv, "--damping", "automatic"])
     assert exc.value.code == 2 and "a finite positive number or 'auto'" in capsys.readouterr().err
+
+
+def test_stationary_damping_reads_the_l2_pull_on_the_weights():
+    theta = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64)  # ‖θ‖² = 25
+    orthogonal = torch.tensor([4.0, 3.0, 0.0], dtype=torch.float64)
+    assert rules.stationary_damping(-0.2 * theta, theta) == pytest.approx((0.2, 1.0))
+    lam, cosine = rules.stationary_damping(-0.2 * theta + orthogonal, theta)  # ⟨ḡ, θ⟩ = -5, ‖ḡ‖ = √(1 + 25)
+    assert lam == pytest.approx(0.2) and cosine == pytest.approx(5 / (26 ** 0.5 * 5))
+    assert rules.stationary_damping(0.1 * theta, theta)[0] == pytest.approx(-0.1)  # pushes away: no L2 to read
+    assert rules.stationary_damping(theta, torch.zeros(3)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same size"):
+        rules.stationary_damping(theta, torch.zeros(2))

@@ -168,3 +168,12 @@ def test_demo_end_to_end_on_smollm2(tmp_path):
     assert [[(p["id"], v) for p, v in ranked] for ranked in again.top] == [
         [(p["id"], v) for p, v in ranked] for ranked in result.top
     ]
+    # the --model factory is the demo's model and data: the commands accept the demo's store
+    from airtrace.store import Store, model_fingerprint
+
+    task = run.task(n_train=48)
+    store = Store.open(tmp_path / "out" / "store")
+    store.check_fingerprint(model_fingerprint(task.model))
+    assert [i for ids, _ in task.train for i in ids] == store.ids
+    assert {i for ids, _ in task.queries for i in ids} == {q["id"] for q in result.queries}
+    assert task.describe(result.queries[0]["id"])["label"] == result.queries[0]["category"]

@@ -155,10 +155,15 @@ def test_untied_llama_has_separate_blocks():
 
 def test_layers_no_wider_than_k_keep_their_exact_gradient_by_default():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).double()
-    at = Attributor(model, loss_fn=lambda m, b: per_example_loss(m(b[0]), b[1]))
-    # conv: 4 x (9 + bias), head: 3 x (16 + bias): every side no wider than 16 is exact, only 17 is projected
-    assert at.dims == {"0": (4, 10), "3": (3, 16)}
+    loss = lambda m, b: per_example_loss(m(b[0]), b[1])  # noqa: E731
     x, y = torch.randn(5, 1, 4, 4, dtype=F64), torch.randint(0, 3, (5,))
+    # conv: 4 x (9 + bias), head: 3 x (16 + bias), both within the exact budget (4096 entries): unprojected
+    at = Attributor(model, loss_fn=loss)
+    assert at.dims == {"0": (4, 10), "3": (3, 17)}
+    assert_features_match(at, (x, y), [(x[b: b + 1], y[b: b + 1]) for b in range(5)])
+    # without the budget every side no wider than 16 is exact, only 17 is projected
+    at = Attributor(model, loss_fn=loss, projection=dict(exact_budget=0))
+    assert at.dims == {"0": (4, 10), "3": (3, 16)}
     assert_features_match(at, (x, y), [(x[b: b + 1], y[b: b + 1]) for b in range(5)])
 
 

@@ -199,7 +199,8 @@ def _task(seed: int = 0, n: int = 12):
 
 
 def _attributor(model, curvature="identity"):
-    return Attributor(model, "*", loss_fn=_loss, projection=dict(k_in=2, k_out=2, seed=1), curvature=curvature)
+    return Attributor(model, "*", loss_fn=_loss, projection=dict(k_in=2, k_out=2, seed=1, exact_budget=0),
+                      curvature=curvature)
 
 
 def test_a_store_of_another_model_is_refused_everywhere(tmp_path):
@@ -295,7 +296,7 @@ def test_zero_length_sequences_give_zero_features(tmp_path):
 def test_queries_whose_dims_do_not_match_the_store(tmp_path):
     model, train = _task(0)
     store = _attributor(model).featurize(train, tmp_path / "s", progress=False)
-    other = Attributor(model, "*", loss_fn=_loss, projection=dict(k_in=3, k_out=2, seed=1))
+    other = Attributor(model, "*", loss_fn=_loss, projection=dict(k_in=3, k_out=2, seed=1, exact_budget=0))
     with pytest.raises(StoreError, match=rf"{tmp_path / 's'}: the store was featurized with projection"):
         other.score(train[:1], store, progress=False)
     with pytest.raises(ValueError, match=rf"Q must be \(q, 8\) to match the rows of the store {tmp_path / 's'}, "

@@ -48,7 +48,7 @@ def _data(seed: int = 0, n: int = N_TRAIN, prefix: str = "t") -> list:
 
 
 def _attributor(model: nn.Module, curvature: str = "identity") -> Attributor:
-    return Attributor(model, ["0", "3", "5"], loss_fn=_loss, projection=dict(k_in=3, k_out=2, seed=1),
+    return Attributor(model, ["0", "3", "5"], loss_fn=_loss, projection=dict(k_in=3, k_out=2, seed=1, exact_budget=0),
                       curvature=curvature)
 
 

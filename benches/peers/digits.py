@@ -199,6 +199,33 @@ def score_dattri(method: str, task, model) -> torch.Tensor:
     return torch.as_tensor(scores, dtype=F64).T.contiguous()
 
 
+DATTRI_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+"""dattri's ``regularization`` (λ added to its Hessian) grid of the explicit / CG / Arnoldi influence rows."""
+
+
+def score_dattri_if(solver: str, regularization: float, task, model) -> torch.Tensor:
+    """dattri 0.3.0 influence with the true Hessian + ``regularization`` I over all parameters: "explicit"
+    (IFAttributorExplicit), "cg" (IFAttributorCG, its defaults: 10 iterations, tol 1e-7) or "arnoldi"
+    (IFAttributorArnoldi, its default 100 eigenvectors); scores as :func:`score_dattri`."""
+    from dattri.algorithm.influence_function import IFAttributorArnoldi, IFAttributorCG, IFAttributorExplicit
+
+    kinds = {"explicit": IFAttributorExplicit, "cg": IFAttributorCG, "arnoldi": IFAttributorArnoldi}
+    attributor = kinds[solver](task=_dattri_task(_float32(model)), device="cpu", regularization=regularization)
+    train, test = _loader(task.x_train, task.y_train), _loader(task.x_query, task.y_query)
+    attributor.cache(train)
+    return torch.as_tensor(attributor.attribute(train, test), dtype=F64).T.contiguous()
+
+
+def score_airtrace_exact(task, model, solver: str = "cg") -> torch.Tensor:
+    """airtrace ``curvature="exact"`` on the Gauss-Newton matrix, every layer unprojected, damping "auto" (the
+    stationary L2 strength): ``solver`` "cg" (EK-FAC-preconditioned) or "dense" (the explicit matrix from p
+    products, Cholesky)."""
+    from airtrace.attribute import Attributor
+
+    at = Attributor(model, "*", loss_fn=task.loss_fn, bias=True, curvature="exact", solver=solver)
+    return _scores(at, task)
+
+
 METHODS = {
     **{name: (lambda name: lambda task, model: score_airtrace(name, task, model))(name) for name in AIRTRACE},
     "kronfluence ekfac": lambda task, model: score_kronfluence("ekfac", task, model),
@@ -210,6 +237,11 @@ METHODS = {
     "dattri if": lambda task, model: score_dattri("if", task, model),
     "dattri trak": lambda task, model: score_dattri("trak", task, model),
     "dattri tracin": lambda task, model: score_dattri("tracin", task, model),
+    "airtrace default": lambda task, model: _scores(_attributor(task, model, "ekfac", None, "auto"), task),
+    "airtrace exact": score_airtrace_exact,
+    "airtrace exact dense": lambda task, model: score_airtrace_exact(task, model, "dense"),
+    **{f"dattri {solver} λ={r:g}": (lambda solver, r: lambda task, model: score_dattri_if(solver, r, task, model))(
+        solver, r) for solver in ("explicit", "cg", "arnoldi") for r in DATTRI_GRID},
 }
 """Method name -> score function (task, model) -> (q, n) float64."""
 

@@ -32,9 +32,11 @@ Features of an example are the concatenation over layers (layout order) of
 its projected weight gradient:
 
 - factored (LoGra, default ``projection=dict(k_in=16, k_out=16, seed=0)``):
-  one block (k_out, k_in) per layer; with ``exact_small=True`` a layer side
-  whose width d is at most its k is kept exact (block side d, identity
-  projection), so small layers carry their unprojected gradient;
+  one block (k_out, k_in) per layer; a layer whose whole gradient has at
+  most ``exact_budget`` entries (default 4096, d_out x d_in) is kept
+  unprojected (block (d_out, d_in)), and with ``exact_small=True`` (default)
+  a side of another layer whose width d is at most its k is kept exact
+  (block side d, identity projection);
 - dense (TRAK, ``projection=dict(type="dense", k=1024, seed=0, kind="rademacher")``):
   the flattened per-example gradients of all layers times an implicit random
   (p, k) matrix, one block named "dense" of shape (1, k). Small models only;

@@ -48,9 +48,10 @@ from airtrace.attribute.ranks import featurize_ranks
 from airtrace.attribute.tokens import token_scores
 from airtrace.capture import LayerSpec, unwrap
 from airtrace.curvature import Curvature
-from airtrace.curvature.damping import auto_factors
+from airtrace.curvature.damping import auto_factors, stationary_damping
 from airtrace.curvature.fitting import as_damping
 from airtrace.ihvp import CurvatureProducts, InverseHVP, SolverConfig
+from airtrace.ihvp.products import ParameterLayout
 from airtrace.ops.backends import accumulation_dtype
 from airtrace.profiling import stage, timed_iter
 from airtrace.scoring import (
@@ -95,15 +96,16 @@ class Attributor:
             training sums, or a measurement of a behaviour.
         exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
         bias: also attribute through the biases of the tracked layers (default True).
-        projection: see :func:`projection_config`; default factored 16 x 16, seed 0, layer sides no
-            wider than 16 kept exact; "exact" (the default with
+        projection: see :func:`projection_config`; default factored 16 x 16, seed 0, layers with at most
+            4096 gradient entries and layer sides no wider than 16 kept exact; "exact" (the default with
             curvature "exact") keeps every layer unprojected (:func:`airtrace.attribute.config.exact_projection`).
         curvature: "ekfac", "kfac", "fisher", "lowrank", "identity" or "exact": ``(H + D)⁻¹`` of the training
             loss's Gauss-Newton matrix or Hessian over the tracked parameters, solved per query by ``solver``
             (:mod:`airtrace.ihvp`; needs unprojected features; ``fit`` fits EK-FAC as the solver's
             preconditioner and damping D, and keeps its training batches for the curvature products).
         damping: "auto" (default: a relative factor per layer chosen from the training features by
-            :func:`airtrace.curvature.damping.auto_factors` when fitting; the rule and its criterion
+            :func:`airtrace.curvature.damping.auto_factors` when fitting, for curvature "exact" one λ by
+            :func:`airtrace.curvature.damping.stationary_damping`; the rule and its criterion
             are kept in ``curvature.damping_rule``), :class:`airtrace.curvature.Damping`, a number
             (absolute λ) or None (the method's fixed factor × the layer's mean eigenvalue,
             :func:`airtrace.curvature.damping.default_factor`).
@@ -452,8 +454,19 @@ class Attributor:
 
     def _auto_damping(self, method: str, moments: cv.MomentAccumulator) -> cv.Damping:
         """The ``"auto"`` rule's per-layer factors of a ``method`` curvature from the moments of the training
-        features (summed over ranks)."""
-        factors, ratios = auto_factors(method, moments.finalize())
+        features (summed over ranks); for curvature "exact" the ``"stationary"`` λ of
+        :func:`airtrace.curvature.damping.stationary_damping` (the ``"auto"`` factors when it is not positive)."""
+        finalized = moments.finalize()
+        if self.curvature_method == "exact":
+            layout = ParameterLayout(self.module, self.layers)
+            theta = layout.vector({name: self.module.get_parameter(name).detach() for name in layout.names})
+            mean = torch.cat([finalized.mean[spec.name].to(theta.device) for spec in self.layers])
+            lam, cosine = stationary_damping(mean, theta)
+            if lam > 0:
+                return cv.Damping(value=lam, rule="stationary", criterion={"lambda": lam, "cosine": cosine})
+            log.warning("damping 'auto' (curvature 'exact'): the mean training gradient does not point against "
+                        "the weights (cosine %.3g), no L2 strength to read; using the EK-FAC 'auto' factors", cosine)
+        factors, ratios = auto_factors(method, finalized)
         return cv.Damping(layer_factors=factors, rule="auto", criterion=ratios)
 
     def _fit_features(self, fitter, batches: Batches | None, store: Store | None, total: int | None,

@@ -19,7 +19,10 @@ from airtrace.util.checks import positive_int
 
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity", "exact")
-FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": True}
+EXACT_BUDGET = 4096
+"""Default ``exact_budget`` of the factored projection: a layer whose gradient has at most this many entries
+(d_out * d_in, bias column included) is kept unprojected."""
+FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": True, "exact_budget": EXACT_BUDGET}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 SPARSE = {"type": "sparse", "k": 1024, "s": 2, "seed": 0}
 PROJECTIONS = {"factored": FACTORED, "dense": DENSE, "sparse": SPARSE}
@@ -33,16 +36,17 @@ def projection_config(projection: Mapping | str | None) -> dict:
     """Normalise a projection spec to a full config dict.
 
     Args:
-        projection: None or "factored" (k_in = k_out = 16, seed 0, exact_small); "dense"
+        projection: None or "factored" (k_in = k_out = 16, seed 0, exact_small, exact_budget 4096); "dense"
             (k = 1024, seed 0, rademacher); "sparse" (k = 1024, s = 2, seed 0); or a dict with
             ``type`` ("factored", "dense" or "sparse"; default "sparse" when it has ``s``, "dense"
-            when it has ``k``, else "factored") and any of ``k_in, k_out, seed, exact_small``
-            (factored; ``exact_small`` (default True) keeps a layer side no wider than its k unprojected, see
+            when it has ``k``, else "factored") and any of ``k_in, k_out, seed, exact_small, exact_budget``
+            (factored; ``exact_small`` (default True) keeps a layer side no wider than its k unprojected,
+            ``exact_budget`` (default :data:`EXACT_BUDGET`) a layer with at most that many gradient entries, see
             :func:`airtrace.capture.make_projections`), ``k, seed, kind`` (dense) or ``k, s, seed``
             (sparse: s nonzeros per gradient coordinate, 1..4, see :func:`airtrace.ops.project_sparse.project_sparse`).
 
     Returns:
-        ``{"type": "factored", "k_in", "k_out", "seed", "exact_small"}``,
+        ``{"type": "factored", "k_in", "k_out", "seed", "exact_small", "exact_budget"}``,
         ``{"type": "dense", "k", "seed", "kind"}`` or ``{"type": "sparse", "k", "s", "seed"}``.
 
     Raises:
@@ -66,6 +70,10 @@ def projection_config(projection: Mapping | str | None) -> dict:
         raise ValueError(f"projection seed must be an int in [0, 2^32), got {config['seed']!r}")
     if kind == "factored" and not isinstance(config["exact_small"], bool):
         raise ValueError(f"projection exact_small must be a bool, got {config['exact_small']!r}")
+    if kind == "factored" and (isinstance(config["exact_budget"], bool) or not isinstance(config["exact_budget"], int)
+                               or config["exact_budget"] < 0):
+        raise ValueError(f"projection exact_budget must be an int >= 0 (gradient entries of a layer kept "
+                         f"unprojected; 0 projects every layer), got {config['exact_budget']!r}")
     if kind == "dense" and config["kind"] not in KINDS:
         raise ValueError(f"dense projection kind must be one of {KINDS}, got {config['kind']!r}")
     if kind == "sparse":
@@ -92,20 +100,21 @@ def layer_specs(model: nn.Module, layers, exclude, bias: bool) -> list[LayerSpec
 
 
 def recorded_projection(record: Mapping) -> dict:
-    """The projection config of a store's projection record (``exact_small`` False in records written
-    before the option existed)."""
+    """The projection config of a store's projection record (``exact_small`` False and ``exact_budget`` 0 in
+    records written before the options existed)."""
     if record["type"] == "factored":
         return {**{key: record.get(key, default) for key, default in FACTORED.items()},
-                "exact_small": record.get("exact_small", False)}
+                "exact_small": record.get("exact_small", False), "exact_budget": record.get("exact_budget", 0)}
     return {key: record.get(key, default) for key, default in PROJECTIONS[record["type"]].items()}
 
 
 def essential(record: Mapping) -> dict:
     """The parts of a projection record that decide the features (not provenance)."""
-    keys = ("type", "k_in", "k_out", "seed", "exact_small", "k", "kind", "s", "layers")
+    keys = ("type", "k_in", "k_out", "seed", "exact_small", "exact_budget", "k", "kind", "s", "layers")
     essential = {key: record[key] for key in keys if key in record}
-    if essential.get("type") == "factored":
-        essential.setdefault("exact_small", False)  # records written before the option existed
+    if essential.get("type") == "factored":  # records written before the options existed
+        essential.setdefault("exact_small", False)
+        essential.setdefault("exact_budget", 0)
     if "layers" in record:  # as LayerSpecs read them (fields added since have their defaults)
         essential["layers"] = json.loads(json.dumps([asdict(LayerSpec(**spec)) for spec in record["layers"]]))
     return essential

@@ -75,6 +75,7 @@ class Featurizer:
             return None
         p = self.projection
         return make_projections(self.layers, p["k_in"], p["k_out"], p["seed"], exact_small=p["exact_small"],
+                                exact_budget=p["exact_budget"],
                                 dtype=accumulation_dtype(self.dtype), device=self.device)
 
     def split(self, features: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ Commands:
 - ``airtrace report SCORES [--out HTML]``: the HTML report of a scores file.
 - ``airtrace select MATRIX --tasks TASKS.json --budget 0.2 [--strategy random|topk|less|bids]``: a budget of training
   examples chosen from a ``--full-matrix`` score matrix, with the per-task coverage (see :mod:`airtrace.select`).
+- ``airtrace unlearn STORE --model M --forget IDS.txt [--curvature CURV] [--out WEIGHTS]``: the model with the
+  effect of the forget ids removed by datamodel matching, as safetensors (see :mod:`airtrace.unlearn`).
 - ``airtrace profile TRACE.json``: the per-stage summary of a ``--profile`` trace.
 - ``airtrace inspect STORE [--verify]``: manifest summary, optionally checking every shard.
 - ``airtrace eval digits [--model mlp|logreg] [--method ...]``: LDS / LOO / mislabel / top-k removal against
@@ -51,7 +53,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airtrace.cli import calibrate, demo, ensemble, env, featurize, fit, index, inspect, profile, report, score, select, selfcheck
+from airtrace.cli import (calibrate, demo, ensemble, env, featurize, fit, index, inspect, profile, report, score, select,
+                          selfcheck, unlearn)
 from airtrace.cli.args import UsageError
 from airtrace.ops.backends import BackendUnavailable
 from airtrace.util.fix import cli_message
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_parser(sub)
     report.add_parser(sub)
     select.add_parser(sub)
+    unlearn.add_parser(sub)
     profile.add_parser(sub)
 
     from airtrace.eval.cli import add_parser as eval_parser

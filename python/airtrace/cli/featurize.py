@@ -11,23 +11,27 @@ from airtrace.cli.task import add_model_options, load, scaled, train_size
 
 def _projection(args: argparse.Namespace) -> dict | str:
     if args.exact:
-        if args.dense is not None or args.sparse is not None or args.exact_small is not None:
-            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --exact-small")
+        if (args.dense is not None or args.sparse is not None or args.exact_small is not None
+                or args.exact_budget is not None):
+            raise UsageError("--exact keeps every layer unprojected: drop --dense / --sparse / --exact-small / "
+                             "--exact-budget")
         return "exact"
     if args.dense is not None and args.sparse is not None:
         raise UsageError("--dense and --sparse are two projections: give one")
     if args.sparse_s is not None and args.sparse is None:
         raise UsageError("--sparse-s applies to --sparse K")
     flat = "--dense" if args.dense is not None else "--sparse" if args.sparse is not None else None
-    if flat and args.exact_small is not None:
-        raise UsageError(f"--exact-small applies to the factored projection, not to {flat}")
+    for given, flag in ((args.exact_small, "--exact-small"), (args.exact_budget, "--exact-budget")):
+        if flat and given is not None:
+            raise UsageError(f"{flag} applies to the factored projection, not to {flat}")
     if args.sparse is not None:
         return {"type": "sparse", "k": args.sparse, "s": 2 if args.sparse_s is None else args.sparse_s,
                 "seed": args.seed}
     if args.dense is not None:
         return {"type": "dense", "k": args.dense, "seed": args.seed, "kind": args.kind}
+    budget = {} if args.exact_budget is None else {"exact_budget": args.exact_budget}
     return {"type": "factored", "k_in": args.k_in, "k_out": args.k_out, "seed": args.seed,
-            "exact_small": args.exact_small is not False}
+            "exact_small": args.exact_small is not False, **budget}
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
@@ -68,6 +72,9 @@ def add_parser(sub) -> None:
     p.add_argument("--exact-small", action=argparse.BooleanOptionalAction, default=None,
                    help="keep layer sides no wider than --k-in / --k-out unprojected, their exact gradient "
                         "(default: yes, factored projection)")
+    p.add_argument("--exact-budget", type=non_negative_int, metavar="N", default=None,
+                   help="keep layers whose whole gradient has at most N entries (d_out x d_in, bias column "
+                        "included) unprojected (default 4096; 0 projects every layer)")
     p.add_argument("--dense", type=positive_int, metavar="K", help="dense (TRAK) projection to K dims instead")
     p.add_argument("--sparse", type=positive_int, metavar="K",
                    help="sparse Johnson-Lindenstrauss projection to K dims instead (O(p s) per example)")

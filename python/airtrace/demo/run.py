@@ -89,6 +89,35 @@ def split(n_train: int | None) -> tuple[list[Pair], list[Pair]]:
     return queries, data.subsample(rest, n_train, keep=[q["question"] for q in queries])
 
 
+def batches_of(pairs: list[Pair], tokenizer) -> list:
+    """The demo's (ids, batch) pairs of ``pairs``: BATCH_SIZE examples of at most MAX_LENGTH tokens."""
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return data.batches(pairs, tokenize, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, pad_id=tokenizer.pad_token_id)
+
+
+def task(n_train: int | None = DEFAULT_TRAIN, cache_dir: str | None = None):
+    """The demo as a ``--model`` factory, so every command runs on its model and data (``airtrace score|select|unlearn
+    airtrace-demo/store --model airtrace.demo.run:task``): SmolLM2, the answer-token loss, the demo's training pairs
+    and held-out queries batched as the demo batches them, and each pair's text and category.
+
+    Args:
+        n_train: training pairs, as ``airtrace demo --train`` (None: ``--full``).
+        cache_dir: model cache (see :func:`airtrace.demo.models.load_smollm2`).
+    """
+    from airtrace.attribute import Task
+    from airtrace.demo.models import load_smollm2
+
+    model, tokenizer = load_smollm2(cache_dir, log=lambda line: None)
+    queries, train = split(n_train)
+    by_id = {p["id"]: p for p in train + queries}
+    return Task(model, loss_fn, batches_of(train, tokenizer), batches_of(queries, tokenizer), train_size=len(train),
+                describe=lambda i: {"text": f"Question: {by_id[i]['question']}\nAnswer: {by_id[i]['answer']}",
+                                    "label": by_id[i]["category"]})
+
+
 @dataclass
 class DemoResult:
     """What :func:`run` found.
@@ -195,14 +224,7 @@ def run(
     queries, train = split(n_train)
     seconds["load"] = time.perf_counter() - start
 
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def batches_of(pairs: list[Pair]) -> list:
-        return data.batches(pairs, tokenize, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
-                            pad_id=tokenizer.pad_token_id)
-
-    train_batches, query_batches = batches_of(train), batches_of(queries)
+    train_batches, query_batches = batches_of(train, tokenizer), batches_of(queries, tokenizer)
     attributor = Attributor(model, LAYERS, loss_fn=loss_fn, projection=PROJECTION, curvature=CURVATURE)
     ids = [i for batch_ids, _ in train_batches for i in batch_ids]
     reuse = _recorded(out, {

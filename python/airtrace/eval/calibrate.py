@@ -14,6 +14,8 @@ outputs (m, q), masks (m, n)), retrained under ``out/subsets/`` with one file pe
 (resumable), or read from ``labels=`` (e.g. a run of ``airtrace airrep label`` or of the
 eval harness on the same training set and queries).
 
+The projection of size k is the default factored rule at that size (layers within the
+exact budget unprojected, sides no wider than k exact, the rest projected to k).
 Per projection size k, one pass computes the training and query features and
 each curvature is fitted once; every damping of the grid (relative factors and
 "auto") and every metric then costs one matrix product in the curvature's
@@ -40,6 +42,7 @@ from torch import nn
 from airtrace.attribute import Attributor
 from airtrace.attribute.batches import pairs
 from airtrace.attribute.calibration import Calibration
+from airtrace.attribute.config import projection_config
 from airtrace.curvature import MomentAccumulator
 from airtrace.curvature.damping import auto_factors
 from airtrace.eval import metrics
@@ -114,7 +117,8 @@ def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn:
         columns: the labels' output columns of the queries (default all; the labels of
             ``airtrace airrep label`` hold the dev pairs first: ``slice(n_dev, None)``).
         layers, bias: the tracked layers, as for :class:`Attributor`.
-        sizes: factored projection sizes k (k_in = k_out = k, seed 0).
+        sizes: factored projection sizes k (k_in = k_out = k, seed 0, the default ``exact_small`` and
+            ``exact_budget``: layers within the budget stay unprojected at every size).
         curvatures: of "ekfac", "kfac", "fisher".
         factors: relative damping factors (λ = factor × mean eigenvalue per layer).
         auto: also try ``damping="auto"``.
@@ -179,7 +183,7 @@ def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: tor
     names = [spec.name for spec in base.layers]
     candidates, held = [], []  # held[c]: (folds, q) per-query Spearman of candidate c on each part
     for k in sizes:
-        projection = {"type": "factored", "k_in": k, "k_out": k, "seed": 0, "exact_small": False}
+        projection = projection_config({"type": "factored", "k_in": k, "k_out": k, "seed": 0})
         at = Attributor(model, names, loss_fn=loss_fn, bias=bias, projection=projection, curvature="identity")
         train, query = _features(at, train_batches), _features(at, query_batches)
         if outputs.shape[1] != next(iter(query.values())).shape[0]:
@@ -216,8 +220,8 @@ def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: tor
     lo, hi = metrics.bootstrap_ci(held_out)
     return Calibration(
         settings={"layers": names, "bias": bias,
-                  "projection": {"type": "factored", "k_in": choice["k"], "k_out": choice["k"], "seed": 0,
-                                 "exact_small": False},
+                  "projection": projection_config({"type": "factored", "k_in": choice["k"], "k_out": choice["k"],
+                                                   "seed": 0}),
                   "curvature": choice["curvature"], "damping": choice["damping"], "metric": choice["metric"]},
         lds={"mean": float(held_out.mean()), "ci": [lo, hi], "folds": folds, "subsets": m,
              "queries": int(held_out.numel()), "in_sample": choice["lds"]},

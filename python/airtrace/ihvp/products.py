@@ -38,6 +38,8 @@ from airtrace.capture import LayerSpec
 
 F64 = torch.float64
 MATRICES = ("ggn", "hessian")
+CHUNK_ELEMENTS = 2**19
+"""Tangent entries (columns × p) one vmapped product holds by default."""
 
 
 class ParameterLayout:
@@ -152,7 +154,8 @@ class CurvatureProducts:
         batches: re-iterable of training batches (already on the model's device), passed once per product.
         n: training examples in ``batches`` (the mean's denominator).
         matrix: "ggn" or "hessian".
-        chunk: columns mapped at once by vmap.
+        chunk: columns mapped at once by vmap (None: :data:`CHUNK_ELEMENTS` // p, clamped to [32, 256]: wide
+            vmaps amortise the per-call cost on small models, narrow ones bound the memory of large ones).
 
     Attributes:
         layout: the :class:`ParameterLayout`.
@@ -160,13 +163,14 @@ class CurvatureProducts:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[LayerSpec], loss_fn, batches: Iterable, n: int, *,
-                 matrix: str = "ggn", chunk: int = 32):
+                 matrix: str = "ggn", chunk: int | None = None):
         if matrix not in MATRICES:
             raise ValueError(f"matrix must be one of {MATRICES}, got {matrix!r}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be the number of training examples (>= 1), got {n!r}")
-        self.model, self.loss_fn, self.batches, self.n, self.matrix, self.chunk = model, loss_fn, batches, n, matrix, chunk
+        self.model, self.loss_fn, self.batches, self.n, self.matrix = model, loss_fn, batches, n, matrix
         self.layout = ParameterLayout(model, layers)
+        self.chunk = chunk if chunk is not None else max(32, min(256, CHUNK_ELEMENTS // self.layout.width))
         param = model.get_parameter(self.layout.names[0])
         self.dtype, self.device = param.dtype, param.device
         self.products = 0

@@ -274,7 +274,7 @@ def arnoldi(matvec: MatVec, rhs: torch.Tensor, damping: float, *, rank: int = 20
                           {"rank": len(e), "eigenvalues": e.cpu().tolist(), "ritz_residual": ritz})
 
 
-def dense_matrix(matvec: MatVec, p: int, *, chunk: int = 64, dtype: torch.dtype = F64,
+def dense_matrix(matvec: MatVec, p: int, *, chunk: int = 256, dtype: torch.dtype = F64,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """H (p, p) float64 from products with the identity's columns, ``chunk`` at a time, symmetrised."""
     H = torch.empty(p, p, dtype=F64, device=device)

@@ -1,0 +1,357 @@
+"""Unlearning by datamodel matching (DMM, Georgiev et al. 2024, "Attribute-to-Delete: Machine Unlearning via Datamodel
+Matching", arXiv:2410.23232); the apps layer: it imports ``airtrace.attribute``, ``airtrace.store`` and
+``airtrace.util``.
+
+The two steps of the paper's algorithm:
+
+1. **Predict** the outputs of the model retrained without the forget set F, on a reference set of inputs
+   (F and a random sample of the retained training examples), by a linear datamodel built from attribution:
+   ``f_without(x) = f(x) - scale * Σ_{i∈F} score(i, x)``, where ``score(i, x)`` is the Attributor's score of
+   training example i for the query "minus output coordinate c of x" (so a score > 0 means i raises the output),
+   computed for every coordinate as a streamed group sum over F (:meth:`airtrace.Attributor.score` with ``groups``).
+   **Scale.** ``score(i, x) = ∇f(x)ᵀ (H + λ)⁻¹ ∇ℓ_i`` with H the curvature of the *mean* training loss; the
+   one-step Newton estimate of removing F from a mean over n examples moves the weights by
+   ``(1/n) (H + λ)⁻¹ Σ_{i∈F} ∇ℓ_i``, hence the default ``scale = 1 / n`` (n = rows of the store), in the
+   output's own units. It assumes a model trained to its optimum: for one that is not (early stopping, few
+   epochs) the real change is smaller, and matching an overestimate moves the model further from the retrained one
+   than doing nothing. ``scale=`` sets another factor, best one fitted on models really retrained without some
+   other forget set (least squares of their output change on the predicted one; the paper's datamodels are fitted on
+   retrained models too). On the digits MLP (``benches/bench_unlearn.py``: 300 full-batch Adam steps) that fit
+   gave 0.037 / n, and only the fitted scale beat the baselines.
+2. **Match**: fine-tune the model for a bounded number of steps on the reference set to minimise the paper's
+   matching loss, the squared error between the model's outputs and the predicted ones,
+   ``L(θ) = mean_x ||f(x; θ) - f_without(x)||²`` (Adam; the model in eval mode, so dropout is off and the
+   outputs matched are the outputs measured). Step t uses the reference batch at position t of a permutation
+   drawn from (seed, epoch), so a run resumed from its checkpoint takes the same steps as one that was not
+   stopped.
+
+Outputs are ``outputs(model, batch) -> (B, C)``: logits of a classifier (the paper's choice), or by default
+``-loss_fn(model, batch)`` (C = 1; higher = the example is fit better), which serves any task, language models
+included (per-example loss).
+
+Example::
+
+    attributor = Attributor.from_store(model, "train.store", loss_fn=loss_fn)
+    attributor.load_curvature("curvature.safetensors")
+    reference = reference_batches(train, store, forget, retain=512, seed=0)
+    targets = predict_outputs(attributor, store, reference, forget, outputs=logits)
+    match_outputs(model, reference, targets, outputs=logits, config=MatchConfig(steps=100), checkpoint="run.ckpt")
+    save_weights(model, "unlearned.safetensors")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from airtrace.attribute import Attributor
+from airtrace.attribute.batches import pairs, select_rows, to_device
+from airtrace.store import Store, atomic_write, model_fingerprint
+from airtrace.util.checks import positive_int
+from airtrace.util.progress import progress_bar
+
+OutputFn = Callable[[nn.Module, Any], torch.Tensor]
+CHECKPOINT_FORMAT = 1
+
+
+def minus_loss(loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> OutputFn:
+    """The default output: ``-loss_fn(model, batch)`` as a (B, 1) column (higher = the example is fit better)."""
+
+    def outputs(model: nn.Module, batch: Any) -> torch.Tensor:
+        return -loss_fn(model, batch)[:, None]
+
+    return outputs
+
+
+def forget_rows(store_ids: Sequence, forget_ids: Sequence, what: str = "forget ids") -> list[int]:
+    """Store rows of the forget ids (matched as text, so ``"7"`` finds the integer id 7), in the order given.
+
+    Raises:
+        ValueError: naming ``what``: no ids, an id the store does not hold, an id given twice, or every training
+            example (nothing would be retained).
+    """
+    if len(forget_ids) == 0:
+        raise ValueError(f"{what}: no ids given; list the training ids to forget, one per line")
+    row_of = {str(i): r for r, i in enumerate(store_ids)}
+    rows, seen = [], set()
+    for fid in forget_ids:
+        key = str(fid)
+        if key not in row_of:
+            raise ValueError(f"{what}: {fid!r} is not a training id of the store ({len(store_ids)} ids, e.g. "
+                             f"{store_ids[0]!r}); give ids as the store records them (airtrace inspect shows them)")
+        if key in seen:
+            raise ValueError(f"{what}: {fid!r} is listed twice; give each id once")
+        seen.add(key)
+        rows.append(row_of[key])
+    if len(rows) == len(store_ids):
+        raise ValueError(f"{what}: all {len(rows)} training examples are listed; nothing would be retained "
+                         "(retrain from scratch instead)")
+    return rows
+
+
+def reference_batches(train: Any, store: Store, forget: Sequence[int], *, retain: int = 512, seed: int = 0,
+                      batch_size: int = 64) -> list[tuple[list, Any]]:
+    """The reference set: the forget rows and ``retain`` retained rows drawn at random (``seed``), as (ids, batch)
+    pairs of at most ``batch_size`` examples cut from the training batches, in store order.
+
+    Args:
+        train: the training batches the store was featurized from ((ids, batch) pairs, a DataLoader, a dataset).
+        store: the store; its ids decide the rows.
+        forget: store rows to forget (:func:`forget_rows`).
+        retain: retained rows in the reference set (all of them when there are fewer).
+        seed: seed of the retained sample.
+        batch_size: examples per reference batch (batches are cut within each training batch).
+
+    Raises:
+        ValueError: the training batches hold an id the store does not, or miss some of its ids (not the
+            training set the store was featurized from).
+    """
+    positive_int("retain", retain)
+    positive_int("batch_size", batch_size)
+    n = len(store)
+    forget_set = set(forget)
+    kept = torch.tensor([r for r in range(n) if r not in forget_set], dtype=torch.int64)
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed))[:retain]
+    wanted = forget_set | set(kept[order].tolist())
+    row_of = {str(i): r for r, i in enumerate(store.ids)}
+    out, found = [], set()
+    for ids, batch in pairs(train, "the training batches"):
+        rows = []
+        for i in ids:
+            if str(i) not in row_of:
+                raise ValueError(f"the training batches hold id {i!r}, which the store {store.path} does not; it is "
+                                 "not the training set the store was featurized from")
+            rows.append(row_of[str(i)])
+        found.update(rows)
+        positions = [p for p, r in enumerate(rows) if r in wanted]
+        for lo in range(0, len(positions), batch_size):
+            chunk = positions[lo:lo + batch_size]
+            out.append(([ids[p] for p in chunk], select_rows(batch, chunk, len(ids))))
+    if len(found) != n:
+        raise ValueError(f"the training batches hold {len(found)} of the store's {n} ids; pass the training set the "
+                         f"store {store.path} was featurized from")
+    return out
+
+
+@dataclass
+class Targets:
+    """Predicted outputs of the reference set.
+
+    Attributes:
+        ids: the reference examples' training ids, in reference order.
+        full: (r, C) outputs of the trained model, float32 (float64 for float64 models).
+        predicted: (r, C) predicted outputs without the forget set, ``full - scale * group_scores``.
+        scale: the factor applied to the summed scores.
+    """
+
+    ids: list
+    full: torch.Tensor
+    predicted: torch.Tensor
+    scale: float
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: Sequence[tuple[list, Any]], outputs: OutputFn) -> torch.Tensor:
+    """(r, C) outputs of the model over the batches, in order, on the CPU (model in eval mode)."""
+    model.eval()
+    device = _device(model)
+    rows = []
+    for ids, batch in batches:
+        y = outputs(model, to_device(batch, device))
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != len(ids):
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"outputs(model, batch) must return a (B, C) = ({len(ids)}, C) tensor, got {shape}")
+        rows.append(y.detach().cpu())
+    return torch.cat(rows)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def predict_outputs(attributor: Attributor, store: Store, reference: Sequence[tuple[list, Any]],
+                    forget: Sequence[int], outputs: OutputFn, *, scale: float | None = None,
+                    progress: bool = True) -> Targets:
+    """Step 1 of DMM: the reference set's outputs predicted for the model retrained without ``forget``.
+
+    ``predicted[x, c] = full[x, c] - scale * Σ_{i∈forget} score(i, (x, c))``, where the query (x, c) has the
+    "loss" ``-outputs(model, x)[c]`` (see the module docstring for the sign and the scale).
+
+    Args:
+        attributor: an Attributor of the model for the store, its curvature fitted or loaded (identity needs none);
+            it is not changed (a copy scores the output queries).
+        store: the training features.
+        reference: (ids, batch) pairs (:func:`reference_batches`).
+        forget: store rows to forget.
+        outputs: ``outputs(model, batch) -> (B, C)``.
+        scale: factor on the summed scores (None: 1 / rows of the store).
+        progress: show progress bars.
+
+    Returns:
+        :class:`Targets`.
+
+    Raises:
+        StoreError: the store holds another model's features (checked before any work).
+    """
+    store.check_fingerprint(model_fingerprint(attributor.module))
+    full = model_outputs(attributor.model, reference, outputs)
+    r, C = full.shape
+    scale = 1.0 / len(store) if scale is None else float(scale)
+
+    def coordinate_loss(model: nn.Module, item: dict) -> torch.Tensor:
+        return -outputs(model, item["batch"])[:, item["coordinate"]]
+
+    scorer = copy.copy(attributor)
+    scorer.query_loss_fn = coordinate_loss
+    queries, start = [], 0
+    for ids, batch in reference:
+        B = len(ids)
+        for c in range(C):
+            queries.append(([(start + j) * C + c for j in range(B)], {"batch": batch, "coordinate": c}))
+        start += B
+    scores = scorer.score(queries, store, topk=1, groups=[list(forget)], progress=progress)
+    summed = torch.empty(r * C, dtype=scores.groups.dtype)
+    summed[torch.tensor(scores.query_ids, dtype=torch.int64)] = scores.groups[:, 0].cpu()
+    predicted = full - scale * summed.reshape(r, C).to(full.dtype)
+    return Targets([i for ids, _ in reference for i in ids], full, predicted, scale)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Step 2 of DMM: the fine-tuning that matches the predicted outputs.
+
+    Attributes:
+        steps: Adam steps (one reference batch each).
+        lr: Adam learning rate.
+        seed: seed of the batch order.
+        checkpoint_every: steps between checkpoints (when a checkpoint path is given).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        positive_int("steps", self.steps)
+        positive_int("checkpoint_every", self.checkpoint_every)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+def batch_at(step: int, n_batches: int, seed: int) -> int:
+    """Reference batch of ``step``: position ``step % n`` of the permutation of epoch ``step // n`` (seeded)."""
+    epoch, position = divmod(step, n_batches)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n_batches, generator=g)[position])
+
+
+def matching_loss(model: nn.Module, batch: Any, target: torch.Tensor, outputs: OutputFn) -> torch.Tensor:
+    """DMM's matching loss on one batch: ``mean_x ||outputs(model, x) - target(x)||²`` (a scalar)."""
+    y = outputs(model, batch)
+    return ((y - target.to(y.device, y.dtype)) ** 2).sum(dim=1).mean()
+
+
+def run_key(model: nn.Module, targets: Targets, config: MatchConfig) -> str:
+    """What a checkpoint belongs to: the starting model, the reference ids, the targets and the config."""
+    h = hashlib.sha256()
+    h.update(model_fingerprint(model).encode())
+    h.update(json.dumps([str(i) for i in targets.ids]).encode())
+    h.update(targets.predicted.double().numpy().tobytes())
+    h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def match_outputs(model: nn.Module, reference: Sequence[tuple[list, Any]], targets: Targets, outputs: OutputFn,
+                  config: MatchConfig = MatchConfig(), *, checkpoint: str | os.PathLike | None = None,
+                  progress: bool = True) -> list[float]:
+    """Step 2 of DMM: fine-tune ``model`` in place to match ``targets.predicted`` on the reference batches.
+
+    Every ``config.checkpoint_every`` steps the model, the optimizer and the step are written (atomically) to
+    ``checkpoint``; a run started again with the same model, targets and config resumes there and ends with the
+    same weights as a run that was never stopped. The checkpoint is removed when the run ends.
+
+    Args:
+        model: the trained model (changed in place).
+        reference: the (ids, batch) pairs the targets were predicted for, in the same order.
+        targets: :func:`predict_outputs`' result.
+        outputs: ``outputs(model, batch) -> (B, C)``, as for the targets.
+        config: steps, learning rate, seed, checkpoint interval.
+        checkpoint: the checkpoint file (None: none).
+        progress: show a progress bar.
+
+    Returns:
+        The matching loss of every step taken in this call (resumed runs: from the checkpoint's step on).
+
+    Raises:
+        ValueError: the reference batches do not hold the targets' examples, or the checkpoint belongs to
+            another run (another model, forget set, targets or config).
+    """
+    ids = [i for batch_ids, _ in reference for i in batch_ids]
+    if [str(i) for i in ids] != [str(i) for i in targets.ids]:
+        raise ValueError("the reference batches do not hold the examples the targets were predicted for, in order")
+    offsets = [0]
+    for batch_ids, _ in reference:
+        offsets.append(offsets[-1] + len(batch_ids))
+    key = run_key(model, targets, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        start = _resume(checkpoint, key, model, optimizer)
+    model.eval()
+    device = _device(model)
+    losses = []
+    with progress_bar(config.steps, "unlearn (match outputs)", progress, initial=start) as bar:
+        for step in range(start, config.steps):
+            b = batch_at(step, len(reference), config.seed)
+            optimizer.zero_grad()
+            loss = matching_loss(model, to_device(reference[b][1], device), targets.predicted[offsets[b]:offsets[b + 1]], outputs)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            done = step + 1
+            if checkpoint is not None and done < config.steps and done % config.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, key, done, model, optimizer)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.remove(checkpoint)
+    return losses
+
+
+def _save_checkpoint(path: str | os.PathLike, key: str, step: int, model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "key": key, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict()}, buffer)
+    atomic_write(os.fspath(path), [buffer.getvalue()])
+
+
+def _resume(path: str | os.PathLike, key: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{path}: not a readable unlearning checkpoint ({exc}); delete it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
+        raise ValueError(f"{path}: the checkpoint belongs to another run (another model, forget set, reference set "
+                         "or settings); delete it to start over, or give another checkpoint path")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """The model's state dict as one safetensors file, written whole (temp file + rename)."""
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
+    atomic_write(os.fspath(path), [save(tensors, metadata=metadata)])
