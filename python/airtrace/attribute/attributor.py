@@ -112,6 +112,10 @@ class Attributor:
         backend: kernel backend for projection and scoring ("auto", "torch", "cpu", "cuda", "triton").
         solver: curvature "exact" only: :class:`airtrace.ihvp.SolverConfig`, a dict of its fields or a method
             name ("cg" default, "lissa", "arnoldi", "dense").
+        trim_padding: run a padded batch (a mapping with a (B, T) ``attention_mask``) as groups of rows of
+            similar length, each cut to its longest row, so no forward or backward computes trailing padding
+            (:mod:`airtrace.attribute.buckets`; rows keep their order and ids). Exact when padding changes
+            neither the other tokens nor the loss (a model given the mask); False runs every batch as it is.
 
     Attributes:
         layers: the tracked LayerSpecs, in layout order.
@@ -140,6 +144,7 @@ class Attributor:
         device: str | torch.device = "cpu",
         backend: str = "auto",
         solver: SolverConfig | Mapping | str | None = None,
+        trim_padding: bool = True,
     ):
         for name, fn in (("loss_fn", loss_fn), ("query_loss_fn", query_loss_fn or loss_fn)):
             if not callable(fn):
@@ -162,7 +167,8 @@ class Attributor:
         self.loss_fn, self.query_loss_fn, self.backend = loss_fn, query_loss_fn or loss_fn, backend
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
         self.solver_config = SolverConfig.of(solver)
-        self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend)
+        self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend,
+                                     trim_padding)
         if curvature == "exact":
             projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
             if projected:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from airtrace.attribute.batches import attention_mask, to_device
+from airtrace.attribute.buckets import bucket_batch
 from airtrace.attribute.config import LossFn
 from airtrace.capture import GradientCapture, LayerSpec, make_projections, tracked_parameters
 from airtrace.curvature import KFACFitter
@@ -37,14 +38,17 @@ class Featurizer:
         projection: a normalised projection config (:func:`airtrace.attribute.config.projection_config`).
         device: where batches go.
         backend: kernel backend of the projections.
+        trim_padding: run a padded batch as length buckets (:mod:`airtrace.attribute.buckets`), so no
+            forward or backward computes trailing padding; the rows come back in the batch's order.
 
     Attributes:
         projections: the factored projections (None for the dense and sparse projections).
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], loss_fn: LossFn, projection: Mapping,
-                 device: torch.device, backend: str):
+                 device: torch.device, backend: str, trim_padding: bool = True):
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
+        self.trim_padding = trim_padding
         self.projection, self.device, self.backend = projection, device, backend
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.projections = self._make_projections()
@@ -147,7 +151,8 @@ class Featurizer:
 
     def features(self, batch: Any, kfac: KFACFitter | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned; also adds the batch's projected
-        tokens to ``kfac`` when given (the same pass).
+        tokens to ``kfac`` when given (the same pass). A padded batch runs as length buckets
+        (``trim_padding``).
 
         Args:
             batch: one batch, as ``loss_fn`` takes it.
@@ -157,6 +162,21 @@ class Featurizer:
         Returns:
             (B, width) float32 (float64 for float64 models) on ``device``, layout order.
         """
+        buckets = bucket_batch(batch) if self.trim_padding else None
+        if buckets is None:
+            return self._features(batch, kfac, loss_fn)
+        out = None
+        for rows, part in buckets:
+            features = self._features(part, kfac, loss_fn)
+            if features.shape[0] != len(rows):
+                raise ValueError(f"loss_fn returned {features.shape[0]} losses for a batch of {len(rows)} examples")
+            if out is None:
+                out = features.new_empty(sum(len(r) for r, _ in buckets), features.shape[1])
+            out[torch.as_tensor(rows, device=out.device)] = features
+        return out
+
+    def _features(self, batch: Any, kfac: KFACFitter | None, loss_fn: LossFn | None) -> torch.Tensor:
+        """:meth:`features` of one batch as it is."""
         with self.capture(keep_tokens=kfac is not None) as cap:
             n = self.backward(batch, cap, loss_fn)
             features = self.assemble(cap.collect())
