@@ -1,10 +1,11 @@
 """Featurize does only the work attribution needs: padded batches run as length buckets (same features, same store
-rows and ids); on a Llama-family toy model against the plain pass."""
+rows and ids), the causal-LM loss computes logits only at labelled positions (same losses and features), opt-in
+bfloat16 autocast; on a Llama-family toy model against the plain pass."""
 
 import pytest
 import torch
 
-from airtrace import Attributor, per_example_loss
+from airtrace import Attributor, causal_lm_losses, per_example_loss
 from airtrace.attribute.buckets import bucket_batch, length_buckets, row_lengths
 from airtrace.store import Store
 
@@ -109,3 +110,57 @@ def test_buckets_off_for_unpadded_and_features_equal_per_batch():
     on = Attributor(model, "model.layers.*", loss_fn=full_logits_loss).features(batch)
     off = Attributor(model, "model.layers.*", loss_fn=full_logits_loss, trim_padding=False).features(batch)
     assert max_rel(on, off) <= FEATURE_RTOL
+
+
+# ------------------------------------------------------------------ logits at loss positions only
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_causal_lm_losses_equal_full_logits(reduction):
+    model = llama().requires_grad_(False)  # a trainable output layer gets every position (next test)
+    batch = qa_batch()
+    batch["labels"][3, :] = -100  # an example without labelled tokens: loss 0
+    widths = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    with torch.no_grad():
+        fast = causal_lm_losses(model, batch, reduction=reduction)
+    handle.remove()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = per_example_loss(logits, batch["labels"], "causal_lm", reduction=reduction)
+    assert widths == [int((batch["labels"][:, 1:] != -100).sum(1).max())] and widths[0] < 12
+    assert fast[3] == 0
+    assert max_rel(fast, full.detach()) <= FEATURE_RTOL
+
+
+def test_loss_positions_same_features():
+    model = llama(tie=True)  # SmolLM2's tied output layer, not tracked
+    batch = qa_batch()
+    fast = Attributor(model, "model.layers.*", loss_fn=causal_lm_losses).features(batch)
+    full = Attributor(model, "model.layers.*", loss_fn=full_logits_loss).features(batch)
+    assert max_rel(fast, full) <= FEATURE_RTOL
+
+
+def test_tracked_output_layer_gets_every_position():
+    model = llama()
+    widths = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    batch = qa_batch(lengths=(12, 12, 12))
+    fast = Attributor(model, "*", loss_fn=causal_lm_losses).features(batch)
+    handle.remove()
+    full = Attributor(model, "*", loss_fn=full_logits_loss).features(batch)
+    assert widths == [12]  # the head's weight requires grad under the capture: no gathering
+    assert max_rel(fast, full) <= FEATURE_RTOL
+
+
+def test_causal_lm_losses_model_without_output_embeddings():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.out(self.emb(input_ids))
+
+    model, batch = Tiny(), qa_batch()
+    expected = per_example_loss(model(batch["input_ids"]), batch["labels"], "causal_lm")
+    assert torch.equal(causal_lm_losses(model, batch), expected)
