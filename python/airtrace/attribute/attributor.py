@@ -116,6 +116,10 @@ class Attributor:
             similar length, each cut to its longest row, so no forward or backward computes trailing padding
             (:mod:`airtrace.attribute.buckets`; rows keep their order and ids). Exact when padding changes
             neither the other tokens nor the loss (a model given the mask); False runs every batch as it is.
+        autocast: None (default: exact, the model's own dtype), or "bfloat16" / "float16": every
+            forward/backward of featurize, fit and score runs under ``torch.autocast`` in that dtype (faster
+            on GPUs and on CPUs with bfloat16 dot products; features off by ~1e-2 relative, see the
+            README's performance notes); a store records it, and resuming it needs the same setting.
 
     Attributes:
         layers: the tracked LayerSpecs, in layout order.
@@ -145,6 +149,7 @@ class Attributor:
         backend: str = "auto",
         solver: SolverConfig | Mapping | str | None = None,
         trim_padding: bool = True,
+        autocast: str | None = None,
     ):
         for name, fn in (("loss_fn", loss_fn), ("query_loss_fn", query_loss_fn or loss_fn)):
             if not callable(fn):
@@ -168,7 +173,7 @@ class Attributor:
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
         self.solver_config = SolverConfig.of(solver)
         self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend,
-                                     trim_padding)
+                                     trim_padding, autocast)
         if curvature == "exact":
             projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
             if projected:
@@ -298,7 +303,8 @@ class Attributor:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
         writer = StoreWriter(path, model_fingerprint(self.module), list(self.dims.items()), dtype, rows_per_shard,
-                             {"projection": self.featurizer.record(), "curvature": None},
+                             {"projection": self.featurizer.record(), "curvature": None,
+                              **({"autocast": self.featurizer.autocast} if self.featurizer.autocast else {})},
                              extras={CONTENT: ("int64", (2,))}, overwrite=overwrite)
         with writer:
             done = {}

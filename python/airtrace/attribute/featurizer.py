@@ -23,6 +23,9 @@ from airtrace.ops.project_dense import project_dense
 from airtrace.ops.project_sparse import project_sparse
 from airtrace.profiling import stage
 
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``autocast`` settings of the forward/backward: None runs in the model's own dtype (exact)."""
+
 DENSE_MATRIX_MAX_ENTRIES = 2**23
 """Largest p·k for which the dense projection keeps its matrix (32 MiB in float32) instead of
 regenerating it per batch."""
@@ -40,15 +43,19 @@ class Featurizer:
         backend: kernel backend of the projections.
         trim_padding: run a padded batch as length buckets (:mod:`airtrace.attribute.buckets`), so no
             forward or backward computes trailing padding; the rows come back in the batch's order.
+        autocast: None (exact), or "bfloat16" / "float16": the loss_fn's forward runs under
+            ``torch.autocast`` in that dtype (its backward follows it); the features still accumulate in float32.
 
     Attributes:
         projections: the factored projections (None for the dense and sparse projections).
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], loss_fn: LossFn, projection: Mapping,
-                 device: torch.device, backend: str, trim_padding: bool = True):
+                 device: torch.device, backend: str, trim_padding: bool = True, autocast: str | None = None):
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
-        self.trim_padding = trim_padding
+        self.trim_padding, self.autocast = trim_padding, autocast
         self.projection, self.device, self.backend = projection, device, backend
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.projections = self._make_projections()
@@ -111,7 +118,9 @@ class Featurizer:
         batch = to_device(batch, self.device)
         cap.set_mask(attention_mask(batch))
         with stage("capture") as timed:
-            losses = (loss_fn or self.loss_fn)(self.model, batch)
+            dtype = AUTOCAST_DTYPES[self.autocast]
+            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                losses = (loss_fn or self.loss_fn)(self.model, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
