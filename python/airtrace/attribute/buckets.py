@@ -74,13 +74,15 @@ def bucket_batch(batch: Any, group_cost: int = GROUP_COST_TOKENS) -> list[tuple[
         group_cost: the fixed cost of one model call, in tokens.
 
     Returns:
-        The groups, or None when there is nothing to gain: no (B, T) attention mask, or one
-        group of the full length (no trailing padding worth a second call).
+        The groups, or None when there is nothing to gain: no (B, T) attention mask, an empty one, or
+        no trailing padding.
     """
     mask = attention_mask(batch)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     B, T = mask.shape
+    if B == 0 or T == 0:
+        return None
     lengths = row_lengths(mask).tolist()
     if min(lengths, default=T) == T:
         return None
