@@ -118,8 +118,8 @@ class Attributor:
             neither the other tokens nor the loss (a model given the mask); False runs every batch as it is.
         autocast: None (default: exact, the model's own dtype), or "bfloat16" / "float16": every
             forward/backward of featurize, fit and score runs under ``torch.autocast`` in that dtype (faster
-            on GPUs and on CPUs with bfloat16 dot products; features off by ~1e-2 relative, see the
-            README's performance notes); a store records it, and resuming it needs the same setting.
+            on GPUs and on CPUs with bfloat16 dot products; SmolLM2's features are 2e-2 off, relative,
+            see the README); a store records it, and resuming it needs the same setting.
 
     Attributes:
         layers: the tracked LayerSpecs, in layout order.
