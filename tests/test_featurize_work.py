@@ -165,6 +165,18 @@ def test_causal_lm_losses_model_without_output_embeddings():
     expected = per_example_loss(model(batch["input_ids"]), batch["labels"], "causal_lm")
     assert torch.equal(causal_lm_losses(model, batch), expected)
 
+    class TwoHeads(Tiny):  # runs its output layer twice: which logits are which cannot be told
+        def get_output_embeddings(self):
+            return self.out
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids)
+            self.first = self.out(h)
+            return self.out(h)
+
+    with pytest.raises(ValueError, match="output layer 2 times"):
+        causal_lm_losses(TwoHeads().requires_grad_(False), batch)
+
 
 # ------------------------------------------------------------------ opt-in bfloat16 autocast
 

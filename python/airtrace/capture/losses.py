@@ -64,6 +64,10 @@ def causal_lm_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
 
     Returns:
         (B,) losses, float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError: a model that runs its output layer more than once per forward, or reshapes its
+            output into logits that are not (B, positions, V).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -82,12 +86,12 @@ def causal_lm_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
     width = int(counts.max()) if counts.numel() else 0
     # per row, the positions t whose token t + 1 is labelled, first and in order; then filler
     positions = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    gathered = []
+    calls = []  # per call of the output layer: whether its input was gathered
 
     def gather(module, args):
         hidden = args[0]
-        gathered.append(hidden.shape[:2] == (labels.shape[0], labels.shape[1]))
-        if not gathered[-1]:
+        calls.append(not calls and hidden.shape[:2] == labels.shape[:2])
+        if not calls[-1]:
             return None
         index = positions.to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1])
         return (hidden.gather(1, index), *args[1:])
@@ -97,8 +101,16 @@ def causal_lm_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
         logits = _logits(model(input_ids=batch["input_ids"], **kwargs))
     finally:
         handle.remove()
-    if gathered != [True]:  # the output layer was not called once on (B, T, d) hidden states: all positions
+    if len(calls) > 1:
+        raise ValueError(f"causal_lm_losses: the model ran its output layer {len(calls)} times in one forward, so the "
+                         "logits of the labelled positions cannot be told apart; use per_example_loss(model(...)"
+                         ".logits, labels, 'causal_lm')")
+    if calls != [True]:  # the output layer was not called on (B, T, d) hidden states: the model's own logits
         return per_example_loss(logits, labels, "causal_lm", reduction=reduction)
+    if tuple(logits.shape[:2]) != tuple(positions.shape):
+        raise ValueError(f"causal_lm_losses: the model turned the output layer's {tuple(positions.shape)} positions "
+                         f"into logits of shape {tuple(logits.shape)}; use per_example_loss(model(...).logits, labels, "
+                         "'causal_lm')")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     valid = torch.arange(width, device=labels.device)[None] < counts[:, None]
