@@ -24,12 +24,19 @@ from dataclasses import dataclass
 import torch
 
 from airtrace.attribute import Attributor
-from airtrace.capture import make_projections, select_layers
+from airtrace.capture import make_projections, per_example_loss, select_layers
 from airtrace import data
 from airtrace.demo.run import LAYERS, loss_fn, split
 
 MAX_LENGTH = 64
 BATCH_SIZE = 16
+
+
+def full_logits_loss(model, batch) -> torch.Tensor:
+    """The demo's loss as a peer's user writes it: the logits of every position, then the answer tokens' summed
+    cross-entropy (airtrace's ``loss_fn`` gives the same losses from the answer positions' logits only)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return per_example_loss(logits, batch["labels"], "causal_lm")
 
 
 @dataclass
@@ -149,7 +156,7 @@ class TorchLoGra:
     def batch_features(self, model, batch) -> torch.Tensor:
         self.mask = batch["attention_mask"]
         self.features = {}
-        losses = loss_fn(model, batch)
+        losses = full_logits_loss(model, batch)
         torch.autograd.grad(losses.sum(), [m.weight for m in self.modules.values()])
         return torch.cat([self.features[name] for name in self.modules], dim=1)
 
@@ -196,7 +203,7 @@ def featurize_logix(setup: Setup, workdir: str) -> None:
         for ids, batch in setup.batches:
             with run(data_id=ids, mask=batch["attention_mask"]):
                 setup.model.zero_grad(set_to_none=True)
-                loss_fn(setup.model, batch).sum().backward()
+                full_logits_loss(setup.model, batch).sum().backward()
         run.finalize()
     finally:
         os.chdir(cwd)
@@ -380,10 +387,10 @@ def ekfac_kronfluence(setup: Setup, workdir: str, n_queries: int, strategy: str 
 
     class LMTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
-            return loss_fn(model, batch).sum()
+            return full_logits_loss(model, batch).sum()
 
         def compute_measurement(self, batch, model):
-            return loss_fn(model, batch).sum()
+            return full_logits_loss(model, batch).sum()
 
         def get_influence_tracked_modules(self):
             return layers

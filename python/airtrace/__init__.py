@@ -20,7 +20,7 @@ from airtrace.attribute import (
     score_checkpoints,
     trainer_callback,
 )
-from airtrace.capture import per_example_loss, response_labels
+from airtrace.capture import causal_lm_losses, per_example_loss, response_labels
 from airtrace.curvature import Curvature, Damping
 from airtrace.ops.backends import BACKENDS, BackendUnavailable, available, unavailable_reason
 from airtrace.ops.digest import digest
@@ -61,6 +61,7 @@ __all__ = [
     "Curvature",
     "Damping",
     "per_example_loss",
+    "causal_lm_losses",
     "response_labels",
     # feature store
     "Store",

@@ -114,6 +114,14 @@ class Attributor:
         backend: kernel backend for projection and scoring ("auto", "torch", "cpu", "cuda", "triton").
         solver: curvature "exact" only: :class:`airtrace.ihvp.SolverConfig`, a dict of its fields or a method
             name ("cg" default, "lissa", "arnoldi", "dense").
+        trim_padding: run a padded batch (a mapping with a (B, T) ``attention_mask``) as groups of rows of
+            similar length, each cut to its longest row, so no forward or backward computes trailing padding
+            (:mod:`airtrace.attribute.buckets`; rows keep their order and ids). Exact when padding changes
+            neither the other tokens nor the loss (a model given the mask); False runs every batch as it is.
+        autocast: None (default: exact, the model's own dtype), or "bfloat16" / "float16": every
+            forward/backward of featurize, fit and score runs under ``torch.autocast`` in that dtype (faster
+            on GPUs and on CPUs with bfloat16 dot products; SmolLM2's features are 2e-2 off, relative,
+            see the README); a store records it, and resuming it needs the same setting.
 
     Attributes:
         layers: the tracked LayerSpecs, in layout order.
@@ -142,6 +150,8 @@ class Attributor:
         device: str | torch.device = "cpu",
         backend: str = "auto",
         solver: SolverConfig | Mapping | str | None = None,
+        trim_padding: bool = True,
+        autocast: str | None = None,
     ):
         for name, fn in (("loss_fn", loss_fn), ("query_loss_fn", query_loss_fn or loss_fn)):
             if not callable(fn):
@@ -164,7 +174,8 @@ class Attributor:
         self.loss_fn, self.query_loss_fn, self.backend = loss_fn, query_loss_fn or loss_fn, backend
         self.curvature_method, self.damping, self.rank = curvature, damping, rank
         self.solver_config = SolverConfig.of(solver)
-        self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend)
+        self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend,
+                                     trim_padding, autocast)
         if curvature == "exact":
             projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
             if projected:
@@ -294,7 +305,8 @@ class Attributor:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
         writer = StoreWriter(path, model_fingerprint(self.module), list(self.dims.items()), dtype, rows_per_shard,
-                             {"projection": self.featurizer.record(), "curvature": None},
+                             {"projection": self.featurizer.record(), "curvature": None,
+                              **({"autocast": self.featurizer.autocast} if self.featurizer.autocast else {})},
                              extras={CONTENT: ("int64", (2,))}, overwrite=overwrite)
         with writer:
             done = {}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from airtrace.attribute.batches import attention_mask, to_device
+from airtrace.attribute.buckets import bucket_batch
 from airtrace.attribute.config import LossFn
 from airtrace.capture import GradientCapture, LayerSpec, make_projections, tracked_parameters
 from airtrace.curvature import KFACFitter
@@ -21,6 +22,9 @@ from airtrace.ops.hash import dense_entries
 from airtrace.ops.project_dense import project_dense
 from airtrace.ops.project_sparse import project_sparse
 from airtrace.profiling import stage
+
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``autocast`` settings of the forward/backward: None runs in the model's own dtype (exact)."""
 
 DENSE_MATRIX_MAX_ENTRIES = 2**23
 """Largest p·k for which the dense projection keeps its matrix (32 MiB in float32) instead of
@@ -37,14 +41,21 @@ class Featurizer:
         projection: a normalised projection config (:func:`airtrace.attribute.config.projection_config`).
         device: where batches go.
         backend: kernel backend of the projections.
+        trim_padding: run a padded batch as length buckets (:mod:`airtrace.attribute.buckets`), so no
+            forward or backward computes trailing padding; the rows come back in the batch's order.
+        autocast: None (exact), or "bfloat16" / "float16": the loss_fn's forward runs under
+            ``torch.autocast`` in that dtype (its backward follows it); the features still accumulate in float32.
 
     Attributes:
         projections: the factored projections (None for the dense and sparse projections).
     """
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], loss_fn: LossFn, projection: Mapping,
-                 device: torch.device, backend: str):
+                 device: torch.device, backend: str, trim_padding: bool = True, autocast: str | None = None):
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
+        self.trim_padding, self.autocast = trim_padding, autocast
         self.projection, self.device, self.backend = projection, device, backend
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.projections = self._make_projections()
@@ -108,7 +119,9 @@ class Featurizer:
         batch = to_device(batch, self.device)
         cap.set_mask(attention_mask(batch))
         with stage("capture") as timed:
-            losses = (loss_fn or self.loss_fn)(self.model, batch)
+            dtype = AUTOCAST_DTYPES[self.autocast]
+            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                losses = (loss_fn or self.loss_fn)(self.model, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(f"loss_fn must return (B,) per-example losses, got {shape}")
@@ -148,7 +161,8 @@ class Featurizer:
 
     def features(self, batch: Any, kfac: KFACFitter | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned; also adds the batch's projected
-        tokens to ``kfac`` when given (the same pass).
+        tokens to ``kfac`` when given (the same pass). A padded batch runs as length buckets
+        (``trim_padding``).
 
         Args:
             batch: one batch, as ``loss_fn`` takes it.
@@ -158,6 +172,21 @@ class Featurizer:
         Returns:
             (B, width) float32 (float64 for float64 models) on ``device``, layout order.
         """
+        buckets = bucket_batch(batch) if self.trim_padding else None
+        if buckets is None:
+            return self._features(batch, kfac, loss_fn)
+        out = None
+        for rows, part in buckets:
+            features = self._features(part, kfac, loss_fn)
+            if features.shape[0] != len(rows):
+                raise ValueError(f"loss_fn returned {features.shape[0]} losses for a batch of {len(rows)} examples")
+            if out is None:
+                out = features.new_empty(sum(len(r) for r, _ in buckets), features.shape[1])
+            out[torch.as_tensor(rows, device=out.device)] = features
+        return out
+
+    def _features(self, batch: Any, kfac: KFACFitter | None, loss_fn: LossFn | None) -> torch.Tensor:
+        """:meth:`features` of one batch as it is."""
         with self.capture(keep_tokens=kfac is not None) as cap:
             n = self.backward(batch, cap, loss_fn)
             features = self.assemble(cap.collect())

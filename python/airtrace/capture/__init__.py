@@ -13,7 +13,7 @@ from airtrace.capture.layers import (
     tracked_parameters,
     unwrap,
 )
-from airtrace.capture.losses import IGNORE_INDEX, per_example_loss, response_labels
+from airtrace.capture.losses import IGNORE_INDEX, causal_lm_losses, per_example_loss, response_labels
 from airtrace.capture.projections import LAYER_SEED_STRIDE, MAX_SEED, Projections, layer_seed, make_projections
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "layer_kind",
     "layer_seed",
     "make_projections",
+    "causal_lm_losses",
     "named_modules",
     "per_example_loss",
     "response_labels",

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from airtrace import data
-from airtrace.capture import per_example_loss
+from airtrace.capture import causal_lm_losses
 from airtrace.data import Pair
 from airtrace.report import encode, scores_document, write_report
 from airtrace.scoring import METRIC_DEFINITIONS
@@ -68,9 +68,9 @@ Ranked = list[tuple[Pair, float]]
 
 
 def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) summed cross-entropy over each example's answer tokens (labels -100 elsewhere)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return per_example_loss(logits, batch["labels"], "causal_lm")
+    """(B,) summed cross-entropy over each example's answer tokens (labels -100 elsewhere); logits only at the
+    positions that predict them."""
+    return causal_lm_losses(model, batch)
 
 
 def split(n_train: int | None) -> tuple[list[Pair], list[Pair]]:
