@@ -13,7 +13,7 @@ REQUIREMENTS = $(shell $(PYTHON) -c 'import tomllib; p = tomllib.load(open("pypr
 	print(" ".join(repr(r) for r in p["build-system"]["requires"] + ["ninja", "cmake"] + p["project"]["dependencies"] \
 	+ [r for x in ("test", "triton", "eval", "demo", "airrep", "report", "tabular", "finetune", "index") for r in e[x] if not r.startswith("airtrace")]))')
 
-.PHONY: setup demo test test-latest lock bench gpu-check gpu-wheels offline-compile clean
+.PHONY: setup dev-overlay demo test test-latest lock bench gpu-check gpu-wheels offline-compile clean
 
 setup: $(VENV)/.airtrace-installed
 
@@ -24,6 +24,12 @@ $(VENV)/.airtrace-installed: $(SOURCES)
 	$(PIP) --no-deps -r $(LOCK)
 	$(PIP) --no-deps --no-build-isolation .
 	touch $@
+
+# Link the extension built by `setup` and the Triton kernels into python/airtrace/, so that `PYTHONPATH=python`
+# (and the peers' venv, whose .pth points at python/) imports the source tree with its compiled kernels.
+dev-overlay: setup
+	ln -sf $$($(PY) -c 'import airtrace, pathlib; print(pathlib.Path(airtrace.__file__).parent)')/_C*.so python/airtrace/
+	ln -sfn $(CURDIR)/kernels python/airtrace/kernels
 
 demo: setup
 	$(VENV)/bin/airtrace demo

@@ -31,7 +31,8 @@ echo "torch==2.13.0" > "$CONSTRAINTS"
 "$PIP" install -c "$CONSTRAINTS" --no-deps --ignore-requires-python "$WHEELS"/logix_ai-*.whl
 "$PIP" uninstall -y torchvision torchaudio || true
 
-# airtrace from the source tree (the compiled extension is linked into python/airtrace/).
+# airtrace from the source tree, with the extension built by `make setup` linked into python/airtrace/.
+make -C "$REPO" dev-overlay
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$REPO/python" > "$SITE/airtrace-dev.pth"
 
