@@ -8,7 +8,8 @@ metric inner, weights and biases. Every candidate is scored on the evaluation ha
 the best mean LDS over the *other* tasks is chosen and its LDS on the task is reported next to the task's best
 candidate; a rule that wins on the task it is scored on does not count.
 
-    .venv/bin/python benches/bench_projection.py            # -> benches/results/<device>/bench_projection.csv
+    .venv/bin/python benches/bench_projection.py            # tabular tasks -> benches/results/<device>/bench_projection.csv
+    .venv/bin/python benches/bench_projection.py --tasks digits-logreg,digits-mlp,wine-logreg,wine-mlp,diabetes-mlp,lm
     .venv/bin/python benches/bench_projection.py --quick    # wine tasks only, writes nothing
 """
 
@@ -38,9 +39,11 @@ RULES = {
     "k64": dict(k_in=64, k_out=64, exact_budget=0),
     "k16+budget1024": dict(k_in=16, k_out=16, exact_budget=1024),
     "k16+budget4096": dict(k_in=16, k_out=16, exact_budget=4096),
+    "k16+budget16384": dict(k_in=16, k_out=16, exact_budget=16384),
+    "k16+budget65536": dict(k_in=16, k_out=16, exact_budget=65536),
 }
-"""Candidate rule name -> factored projection (seed 0, ``exact_small`` True). Budgets stop at 4096 entries per
-layer (16 KB per example in float32, 16 times a 16 x 16 block): beyond, the store's cost decides, not LDS."""
+"""Candidate rule name -> factored projection (seed 0, ``exact_small`` True). Budgets stop at 65536 entries per
+layer (256 KB per example in float32, 256 times a 16 x 16 block): beyond, the store's cost decides, not LDS."""
 QUICK_TASKS = ("wine-logreg", "wine-mlp")
 
 
@@ -52,8 +55,9 @@ def score_rule(task, model, projection: dict, tmp: str) -> tuple[torch.Tensor, i
     store = at.featurize(train, os.path.join(tmp, "store"), dtype="float32", progress=False)
     at.fit(train, store=store, progress=False)
     path = os.path.join(tmp, "scores.safetensors")
-    at.score(task.query_batches(256), store, topk=1, metric="inner", full_matrix_path=path, progress=False)
-    return load_file(path)["scores"].double()[:, torch.tensor(store.ids).argsort()], at.width
+    result = at.score(task.query_batches(256), store, topk=1, metric="inner", full_matrix_path=path, progress=False)
+    scores = load_file(path)["scores"].double()
+    return scores[torch.tensor(result.query_ids).argsort()][:, torch.tensor(store.ids).argsort()], at.width
 
 
 def run_task(name: str, subsets: int) -> list[dict]:

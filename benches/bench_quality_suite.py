@@ -69,10 +69,12 @@ class SkipRow(Exception):
 
 
 def _matrix(at: Attributor, task, store, metric: str, tmp: str) -> torch.Tensor:
-    """(q, n) scores with columns in training-row order."""
+    """(q, n) scores with rows in query order and columns in training-row order (the GPT's batches group examples
+    by length: neither follows the batch order)."""
     path = os.path.join(tmp, "scores.safetensors")
-    at.score(task.query_batches(256), store, topk=1, metric=metric, full_matrix_path=path, progress=False)
-    return load_file(path)["scores"].double()[:, torch.tensor(store.ids).argsort()]
+    result = at.score(task.query_batches(256), store, topk=1, metric=metric, full_matrix_path=path, progress=False)
+    scores = load_file(path)["scores"].double()
+    return scores[torch.tensor(result.query_ids).argsort()][:, torch.tensor(store.ids).argsort()]
 
 
 def _attributed(model, task, tmp: str, name: str, metric: str = "inner", **settings) -> tuple[torch.Tensor, object]:
@@ -198,8 +200,9 @@ def run_task(name: str, subsets: int, n_removed: int, skip: set[str]) -> list[di
                 at.fit(train, store=store, progress=False)
                 members.append((at, store))
             path = os.path.join(tmp, "ensemble.safetensors")
-            score_ensemble(members, queries, topk=1, full_matrix_path=path, progress=False)
-            scores = load_file(path)["scores"][:, torch.tensor(members[0][1].ids).argsort()]
+            result = score_ensemble(members, queries, topk=1, full_matrix_path=path, progress=False)
+            scores = load_file(path)["scores"][torch.tensor(result.query_ids).argsort()]
+            scores = scores[:, torch.tensor(members[0][1].ids).argsort()]
             row(f"ensemble-{ENSEMBLE}", scores, time.perf_counter() - start,
                 f"default setting on models from initial weights 0..{ENSEMBLE - 1}, mean of the scores")
     return rows

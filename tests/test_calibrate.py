@@ -93,6 +93,20 @@ def test_labels_are_reused_without_retraining(run, tmp_path):
     assert again.settings == cal.settings and again.lds == cal.lds and again.grid == cal.grid
 
 
+def shuffled(x, y):
+    """Batches of 16 in a permuted example order, ids the positions (as batches grouped by length)."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1)).tolist()
+    return [(order[s: s + 16], {"x": x[order[s: s + 16]], "y": y[order[s: s + 16]]}) for s in range(0, len(x), 16)]
+
+
+def test_batches_out_of_id_order_give_the_same_choice(run, tmp_path):
+    task, model, out, cal = run
+    again = calibrate(model, task.loss_fn, shuffled(task.x, task.y), shuffled(task.xq, task.yq), None, None, tmp_path,
+                      labels=out / "subsets", folds=FOLDS, bias=True, progress=False, **GRID)
+    assert again.settings == cal.settings
+    assert [c["lds"] for c in again.grid] == pytest.approx([c["lds"] for c in cal.grid], abs=1e-9)
+
+
 def test_bad_input_is_refused(run, tmp_path):
     task, model, out, _ = run
     args = (model, task.loss_fn, task.batches(task.x, task.y), task.batches(task.xq, task.yq))

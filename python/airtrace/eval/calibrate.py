@@ -59,8 +59,15 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def _features(at: Attributor, batches) -> dict[str, torch.Tensor]:
-    """{layer: (rows, k_out, k_in)} features of every batch, float64 on the CPU."""
-    rows = torch.cat([at.features(batch).to(F64).cpu() for _, batch in pairs(batches, "batches")])
+    """{layer: (rows, k_out, k_in)} features of every batch, float64 on the CPU; row j is the example with id j when
+    the ids are the positions 0..rows-1 in any batch order (batches grouped by length), else the j-th example."""
+    ids, chunks = [], []
+    for batch_ids, batch in pairs(batches, "batches"):
+        ids.extend(batch_ids)
+        chunks.append(at.features(batch).to(F64).cpu())
+    rows = torch.cat(chunks)
+    if all(isinstance(i, int) for i in ids) and sorted(ids) == list(range(len(ids))):
+        rows = rows[torch.tensor(ids).argsort()]
     return at.featurizer.split(rows)
 
 
@@ -106,8 +113,9 @@ def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn:
     Args:
         model: the trained model (on every training example).
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
-        train_batches, query_batches: re-iterable (ids, batch) pairs; row j of the training batches is
-            example j of ``train_fn``'s indices.
+        train_batches, query_batches: re-iterable (ids, batch) pairs; the example with id j (ids 0..n-1 in any
+            batch order; else the j-th example of the batches) is example j of ``train_fn``'s indices and query j
+            of ``measure_fn``'s outputs.
         train_fn: ``train_fn(indices, seed) -> model`` trained from scratch on those examples (None with ``labels``).
         measure_fn: ``measure_fn(model) -> (q,)`` outputs of the queries, higher = fit better (None with ``labels``).
         out: folder (created): ``subsets/`` (the resumable retraining) and ``calibration.json``.
