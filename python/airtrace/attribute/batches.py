@@ -19,7 +19,7 @@ or ``(inputs, labels)``, and reading token values as ids would be a silent wrong
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -315,17 +315,22 @@ def reiterable(batches: Batches, what: str) -> Batches:
     return batches
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with every tensor (also inside mappings, lists, tuples and named tuples) replaced by ``fn(tensor)``."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {key: map_tensors(value, fn) for key, value in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(value, fn) for value in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(value, fn) for value in obj)
+    return obj
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     """Tensors (also inside mappings, lists and tuples) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {key: to_device(value, device) for key, value in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(to_device(value, device) for value in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(value, device) for value in obj)
-    return obj
+    return map_tensors(obj, lambda tensor: tensor.to(device))
 
 
 def attention_mask(batch: Any) -> torch.Tensor | None:

@@ -17,12 +17,11 @@ float round-off of the changed shapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from airtrace.attribute.batches import attention_mask, select_rows
+from airtrace.attribute.batches import attention_mask, map_tensors, select_rows
 
 GROUP_COST_TOKENS = 32
 """The fixed cost of one model call, in tokens of a batch: what the length buckets trade against the padding they
@@ -94,12 +93,4 @@ def bucket_batch(batch: Any, group_cost: int = GROUP_COST_TOKENS) -> list[tuple[
 
 def _cut(value: Any, T: int, rows: int, length: int) -> Any:
     """Tensors of shape (rows, T, ...) (a (B, T, ...) tensor after row selection) cut to (rows, length, ...)."""
-    if isinstance(value, torch.Tensor):
-        return value[:, :length] if value.dim() >= 2 and value.shape[:2] == (rows, T) else value
-    if isinstance(value, Mapping):
-        return {key: _cut(v, T, rows, length) for key, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_cut(v, T, rows, length) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cut(v, T, rows, length) for v in value)
-    return value
+    return map_tensors(value, lambda t: t[:, :length] if t.dim() >= 2 and t.shape[:2] == (rows, T) else t)
