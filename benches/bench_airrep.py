@@ -71,7 +71,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from airtrace.airrep import layercache  # noqa: E402
+from airtrace.airrep import layercache, lora  # noqa: E402
 from airtrace.airrep.encoder import Encoder, pair_texts  # noqa: E402
 from airtrace.airrep.evaluate import airrep_lds  # noqa: E402
 from airtrace.airrep.labels import LabelConfig, generate  # noqa: E402
@@ -254,11 +254,12 @@ def top_embeddings(encoder, texts, frozen):
         return layercache.embed_rows(encoder, cache, torch.arange(len(texts)))
 
 
-def train_top(encoder, split, pool_texts, args, lr, progress):
-    """Continue ``encoder`` with its top ``args.top_layers`` layers + projector trained; the step count with the best
-    validation LDS (checked every ``args.top_every`` steps) is kept. (encoder, seconds, record)."""
+def train_encoder(encoder, split, pool_texts, config, every, progress):
+    """Continue ``encoder`` in ``config``'s mode ("top" or "lora": its top ``config.top_layers`` layers or their
+    adapters, and the projector); the step count with the best validation LDS (checked every ``every`` steps, step 0
+    included) is kept. (encoder, seconds, record)."""
     labels = split.labels
-    frozen = len(encoder.layers()) - args.top_layers
+    frozen = len(encoder.layers()) - config.top_layers
     val_texts = split.texts(split.val_dev)
     val_masks, val_outputs = labels.masks[split.val_subsets], labels.dev_outputs[split.val_subsets][:, split.val_dev]
     history, best = [], {}
@@ -268,25 +269,23 @@ def train_top(encoder, split, pool_texts, args, lr, progress):
         result = airrep_lds(top_embeddings(encoder, val_texts, frozen), top_embeddings(encoder, pool_texts, frozen),
                             val_masks, val_outputs, bootstrap=0)
         history.append((step, result.mean))
-        print(f"# top-layer training: step {step}, validation LDS {result.mean:.4f}", flush=True)
+        print(f"# {config.trainable} training: step {step}, validation LDS {result.mean:.4f}", flush=True)
         if not best or result.mean > best["lds"]:
-            best.update(lds=result.mean, step=step, state={k: v.clone() for k, v in encoder.state_dict().items()})
+            best.update(lds=result.mean, step=step,
+                        state={k: v.clone() for k, v in lora.merged_state_dict(encoder).items()})
         encoder.train()
 
     validate(0)
-    config = TrainConfig(steps=args.top_steps, lr=lr, trainable="top", top_layers=args.top_layers,
-                         pool_sample=args.pool_sample, dev_batch=args.top_dev_batch, subset_batch=16)
     losses, seconds = one_thread(lambda: train(
         encoder, pool_texts, split.texts(split.fit_dev), labels.masks[split.fit_subsets],
         labels.dev_outputs[split.fit_subsets][:, split.fit_dev], config, progress=progress,
-        callback=validate, every=args.top_every))
+        callback=validate, every=every))
     encoder.load_state_dict(best["state"])
     encoder.eval()
     cache_bytes = sum(layercache.load_or_compute(encoder, t, frozen).nbytes
                       for t in (pool_texts, split.texts(split.fit_dev)))
     return encoder, seconds, {"best_step": best["step"], "best_lds": best["lds"], "history": history,
-                              "cache_bytes": cache_bytes,
-                              "config": config, "losses": losses}
+                              "cache_bytes": cache_bytes, "config": config, "losses": losses}
 
 
 def category_rows(labels, split, base, features, query_features, pool_embeddings, pool_texts, args, eval_masks,
@@ -576,7 +575,10 @@ def main(argv=None) -> int:
                                            f"airrep-projector encoder scored with {other} pooling"))
         runs = []
         for lr in args.top_lr:                  # the learning rate is chosen on the validation split too
-            runs.append(train_top(copy.deepcopy(trained["attention"]), split, pool_texts, args, lr, progress))
+            config = TrainConfig(steps=args.top_steps, lr=lr, trainable="top", top_layers=args.top_layers,
+                                 pool_sample=args.pool_sample, dev_batch=args.top_dev_batch, subset_batch=16)
+            runs.append(train_encoder(copy.deepcopy(trained["attention"]), split, pool_texts, config, args.top_every,
+                                      progress))
         encoder, seconds, record = max(runs, key=lambda run: run[2]["best_lds"])
         tried = "; ".join(f"lr {r['config'].lr:g}: best validation LDS {r['best_lds']:.3f} at step {r['best_step']}"
                           for _, _, r in runs)

@@ -34,8 +34,9 @@ def test_top_training_gradients_equal_full_forward(top_layers, tmp_path):
     masks = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
     dev_rows = torch.tensor([0, 2, 1])
     labels = torch.tensor([[1.0, -0.5, 0.3], [0.0, 0.2, -1.0], [-2.0, 1.5, 0.0]], dtype=torch.float64)
-    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, "top", False,
-                                                 top_layers=top_layers, cache_dir=tmp_path)
+    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts,
+                                                 TrainConfig(trainable="top", top_layers=top_layers), False,
+                                                 cache_dir=tmp_path)
     frozen = 3 - top_layers
     with torch.no_grad():                    # the cached path gives the full forward's embeddings
         assert torch.allclose(encode_train(torch.arange(7)), encoder.encode(train_texts), rtol=0, atol=1e-12)
