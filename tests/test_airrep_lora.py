@@ -162,6 +162,8 @@ def test_bad_lora_settings(settings, message):
     (["--trainable", "lora", "--lora-rank", "0"], "--lora-rank: .*0"),
     (["--trainable", "lora", "--lora-alpha", "-1"], "--lora-alpha: .*-1"),
     (["--trainable", "lora", "--lora-targets", "all"], "--lora-targets: invalid choice"),
+    (["--projector-lr", "0"], "projector_lr must be None, > 0, or 0 outside the projector mode"),
+    (["--trainable", "lora", "--projector-lr=-1e-5"], "projector_lr must be None, > 0, or 0 outside"),
 ])
 def test_cli_lora_flag_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -179,3 +181,20 @@ def test_cli_top_layers_beyond_the_backbone(tmp_path, capsys):
                   "--trainable", "lora", "--top-layers", "4", "--lora-rank", "2"])
     assert exc.value.code == 2
     assert "--top-layers 4: the backbone has 3 layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("projector_lr", [0.0, 1e-9])
+def test_projector_lr_freezes_or_slows_the_projector(projector_lr, tmp_path):
+    encoder = tiny_encoder(seed=5)
+    masks = torch.rand(8, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    outputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    projector = encoder.projector.weight.clone()
+    config = TrainConfig(steps=5, lr=1e-2, dev_batch=4, subset_batch=8, trainable="lora", lora_rank=2,
+                         projector_lr=projector_lr)
+    train(encoder, TEXTS[:6], TEXTS[6:], masks, outputs, config, progress=False, cache_dir=tmp_path)
+    moved = (encoder.projector.weight - projector).abs().max()
+    # an Adam step moves a weight by at most (1 - β1) / √(1 - β2) ≈ 3.2 times its learning rate (here 1e-9, not 1e-2)
+    assert moved == 0 if projector_lr == 0 else 0 < moved < 5 * 3.2 * projector_lr
+    assert encoder.projector.weight.requires_grad          # unfrozen again after training
+    assert not torch.equal(encoder.layers()[2].attention.self.query.weight,
+                           tiny_encoder(seed=5).layers()[2].attention.self.query.weight)

