@@ -27,6 +27,18 @@ def tiny_encoder(seed=0, layers=3) -> Encoder:
     return Encoder(BertModel(config), tokenizer, max_tokens=32, seed=seed).to(torch.float64)
 
 
+def planted_labels(encoder):
+    """(masks (12, 6) bool, outputs (12, 4)) of subsets of TEXTS[:6] and dev TEXTS[6:], labelled by a planted
+    "ideal" dev representation: sum-pooled scores of random dev vectors against a random map of the embeddings."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, 6, generator=g) < 0.5
+    masks[:, 0] |= ~masks.any(dim=1)
+    with torch.no_grad():
+        E = encoder.embed(TEXTS[:6])
+    target = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    return masks, subset_scores(target, E @ torch.randn(8, 8, generator=g, dtype=torch.float64), masks, "sum").T
+
+
 @pytest.mark.parametrize("top_layers", [1, 3])
 def test_top_training_gradients_equal_full_forward(top_layers, tmp_path):
     encoder = tiny_encoder()
@@ -104,13 +116,7 @@ def test_layer_cache_keying_and_refusal(tmp_path, monkeypatch):
 
 def test_top_training_lowers_the_loss_and_leaves_frozen_layers(tmp_path):
     encoder = tiny_encoder(seed=2)
-    g = torch.Generator().manual_seed(0)
-    masks = torch.rand(12, 6, generator=g) < 0.5
-    masks[:, 0] |= ~masks.any(dim=1)
-    with torch.no_grad():                    # labels of a planted "ideal" dev representation
-        E = encoder.embed(TEXTS[:6])
-    target = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    outputs = subset_scores(target, E @ torch.randn(8, 8, generator=g, dtype=torch.float64), masks, "sum").T
+    masks, outputs = planted_labels(encoder)
     frozen = {k: v.clone() for k, v in encoder.state_dict().items() if not k.startswith(("projector",
                                                                                           "backbone.encoder.layer.2"))}
     top = encoder.layers()[2].attention.self.query.weight.clone()

@@ -15,7 +15,7 @@ from airtrace.airrep.encoder import Encoder
 from airtrace.airrep.objective import ranknet_loss
 from airtrace.airrep.train import TrainConfig, _encoders, cached_step, subset_scores, train
 from test_airrep import TEXTS
-from test_airrep_layers import tiny_encoder
+from test_airrep_layers import planted_labels, tiny_encoder
 
 MASKS = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
 LABELS = torch.tensor([[1.0, -0.5, 0.3], [0.0, 0.2, -1.0], [-2.0, 1.5, 0.0]], dtype=torch.float64)
@@ -104,13 +104,7 @@ def test_adapter_gradients_equal_plain_backward(top_layers, tmp_path):
 
 def test_lora_training_keeps_frozen_weights_and_round_trips(tmp_path):
     encoder = tiny_encoder(seed=2)
-    g = torch.Generator().manual_seed(0)
-    masks = torch.rand(12, 6, generator=g) < 0.5
-    masks[:, 0] |= ~masks.any(dim=1)
-    with torch.no_grad():                    # labels of a planted "ideal" dev representation
-        E = encoder.embed(TEXTS[:6])
-    target = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    outputs = subset_scores(target, E @ torch.randn(8, 8, generator=g, dtype=torch.float64), masks, "sum").T
+    masks, outputs = planted_labels(encoder)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     seen = []
 
