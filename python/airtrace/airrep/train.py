@@ -73,8 +73,14 @@ class TrainConfig:
     Top-layer training ("top", ``top_layers`` 1, from the projector-trained encoder, 48 pool
     examples and 16 dev pairs x 16 subsets per step) lowered the validation LDS of the tiny
     chatterbot LM at every learning rate tried: 0.297 -> 0.292 (1e-5), 0.228 (3e-5), 0.143
-    (1e-4) after 20-30 steps, and steadily to 0.277 over 100 steps at 3e-6; so "projector"
-    stays the default.
+    (1e-4) after 20-30 steps, and steadily to 0.277 over 100 steps at 3e-6. LoRA ("lora", rank 8
+    on the top layer, same batches, projector_lr 1e-5) peaked at 0.299 after 10 steps at lr 3e-4
+    and fell after (0.241 at 40); lr 1e-3 fell to 0.12-0.23, rank 1 and lr 1e-4 drifted to
+    0.29. Two causes seen with the projector alone: a fresh optimizer at the projector's
+    training rate undoes it (see ``projector_lr``), and sampled pools (``pool_sample`` 48 of 240)
+    train another objective than whole-group pooling (40 more projector steps at 1e-4: 0.297 ->
+    0.286 sampled, 0.295 unsampled), while an unsampled LoRA step costs 17 s on a loaded core
+    (0.296 after 20). So "projector" stays the default.
 
     Attributes:
         steps: optimizer steps.
