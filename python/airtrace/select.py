@@ -12,14 +12,18 @@ query more, see :mod:`airtrace.scoring`):
   validation queries, ``L[i, t] = mean_{j in t} S[i, j]``; a row's score is ``max_t L[i, t]``; the highest are taken.
   The paper's scores are cosines of (Adam-preconditioned LoRA) gradient features: score with ``--metric cosine``.
 - ``"bids"``: BIDS (Dai, Zhang, Ma, Peng, "Improving Influence-based Instruction Tuning Data Selection for Balanced
-  Learning of Diverse Capabilities", 2025, arXiv:2501.12147). (1) Instance-level normalisation: every query column
-  is z-scored over the training rows, ``Z[i, j] = (S[i, j] - mean_i S[i, j]) / std_i S[i, j]`` (population std; a
-  constant column becomes 0), so no task dominates because its scores are larger. (2) Task-level influence
-  ``B[i, t] = mean_{j in t} Z[i, j]``. (3) Iterative selection: the coverage of task ``t`` by the selection ``R`` is
-  ``mean_{i in R} B[i, t]``; each step takes the task of lowest coverage (the most under-represented) and adds the
-  unselected row of highest ``B[i, t]`` on it. Steps (1) and (3) follow the paper's own summary; the per-task mean
-  in (2) and the coverage measure in (3) are this implementation's reading and have not been checked against the
-  paper's Algorithm 1.
+  Learning of Diverse Capabilities", 2025, arXiv:2501.12147). What the paper's published descriptions specify (its
+  abstract, the abstract of an earlier version, and summaries of its method section; its Algorithm 1 itself was not
+  readable here): (1) instance-level normalisation of the attribution matrix: every query column (one validation
+  instance) is z-scored over the training rows, ``Z[i, j] = (S[i, j] - mu_j) / sigma_j``, so no task dominates
+  because its scores are larger; (2) an iterative selection that at each step adds the training example with the
+  highest influence on the task the currently selected data represents least. This implementation's reading of
+  what those descriptions leave open: the std is the population one (a constant column becomes 0); the
+  task-level influence is ``B[i, t] = mean_{j in t} Z[i, j]``; the selection ``R`` represents task ``t`` by
+  ``mean_{i in R} B[i, t]``; each step takes the task of lowest representation and the unselected row of highest
+  ``B[i, t]`` on it. A summary of the method writes a candidate's marginal gain as its normalised influence
+  minus the selection's mean normalised influence on the same task; for a fixed task that orders the candidates
+  as ``B[i, t]`` does, so the row chosen for a task is the same.
 
 Deterministic ties: tasks are ordered by their first appearance in ``tasks``; among equal scores the lower row
 index wins, among equally covered tasks the earlier task (with nothing selected yet every task is equally covered,
