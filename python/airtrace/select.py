@@ -3,7 +3,7 @@ with one task label per query column, and the reader of the full-matrix file; th
 ``airtrace.scoring`` (the file's tensor and metadata names) and ``airtrace.store`` (the train ids).
 
 Strategies (``budget`` rows are chosen; ``S`` is the (n_train, q) score matrix, higher = the training row helps the
-query more, see :mod:`airtrace.scoring`):
+query more, see :mod:`airtrace.scoring`; or AirRep's, :func:`embedding_scores`):
 
 - ``"random"``: a uniformly random subset (``torch.randperm`` under ``seed``).
 - ``"topk"``: the rows of highest mean score over all queries, ``mean_j S[i, j]``.
@@ -105,6 +105,30 @@ def load_matrix(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     except ValueError:
         raise ValueError(f"{path}: its {METADATA_KEY} metadata is not JSON") from None
     return matrix.T.to(torch.float64), info if isinstance(info, dict) else {}
+
+
+def embedding_scores(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """AirRep scores of every training example for every query, ``S[i, j] = e(z_i)·e(x_j)`` (AirRep's score of a
+    group of one, :mod:`airtrace.airrep.pooling`), from the embeddings ``airtrace airrep embed`` writes.
+
+    Args:
+        train: (n_train, d) float embeddings of the training examples.
+        queries: (q, d) float embeddings of the validation queries.
+
+    Returns:
+        (n_train, q) float64 scores for :func:`select`.
+
+    Raises:
+        ValueError: an argument is not a non-empty 2-D float tensor, or the widths d differ.
+    """
+    for name, e in (("train", train), ("queries", queries)):
+        if not isinstance(e, torch.Tensor) or e.ndim != 2 or not e.is_floating_point() or 0 in e.shape:
+            shape = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(f"{name} embeddings must be a non-empty 2-D float tensor (rows, d), got {shape}")
+    if train.shape[1] != queries.shape[1]:
+        raise ValueError(f"train embeddings have d = {train.shape[1]} but queries d = {queries.shape[1]}; embed both "
+                         "with the same encoder")
+    return train.detach().to("cpu", torch.float64) @ queries.detach().to("cpu", torch.float64).T
 
 
 def budget_rows(budget: int | float, n: int) -> int:
