@@ -9,9 +9,8 @@ model trained on the whole pool: EK-FAC influence (exact per-layer features, ``d
 its paper.
 
 ``--task lm`` (float32, CPU): :mod:`airtrace.eval.tasks.lm`, the "default" GPT (2 blocks, width 64, 12 epochs)
-with ``init_seed=None, order_seed=None`` (every seed draws its own initial weights and example order), a pool of
-600 training pairs (the recorded results of the other benches use 800; 600 keeps the 39 trainings within the
-time budget) and 400 held-out pairs. The held-out pairs of each category are split in two halves: validation (the
+with ``init_seed=None, order_seed=None`` (every seed draws its own initial weights and example order), the
+default pool of 800 training pairs and 400 held-out pairs (1200 of the corpus's 1229 distinct pairs). The held-out pairs of each category are split in two halves: validation (the
 queries scored against, the category as the task) and test (where subsets are judged); categories with fewer
 than 4 held-out pairs are no task (their training pairs stay in the pool). Scores: LoGra features (16 x 16 per
 layer, every block's linear layers and ``lm_head``, weights only) with EK-FAC curvature, the ``logra-ekfac``
@@ -57,7 +56,7 @@ import _common as C  # noqa: E402
 
 STRATEGIES = ("random", "topk", "less", "bids")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-LM_POOL, LM_HELD_OUT, LM_MIN_HELD_OUT = 600, 400, 4
+LM_POOL, LM_HELD_OUT, LM_MIN_HELD_OUT = 800, 400, 4
 
 
 @dataclass
