@@ -1,6 +1,6 @@
 """Data selection (airtrace.select, airtrace select): BIDS, LESS and top-k on a matrix worked by hand, random with a
-seed, budgets, ties, errors, AirRep embeddings as the scores, and the command end to end on a matrix written by
-airtrace score --full-matrix and on embedding files."""
+seed, budgets, ties, errors, a matrix file streamed in blocks, AirRep embeddings as the scores, and the command end
+to end on a matrix written by airtrace score --full-matrix and on embedding files."""
 
 import json
 import math
@@ -144,6 +144,33 @@ def test_the_matrix_file_is_read_as_train_rows(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a matrix")
     with pytest.raises(ValueError, match="bad.safetensors: not a readable safetensors score matrix"):
         select(tmp_path / "bad.safetensors", TASKS, 2)
+
+
+
+@pytest.mark.parametrize("strategy", ["bids", "less", "topk", "random"])
+def test_a_matrix_file_is_streamed_in_blocks_with_the_in_memory_result(tmp_path, monkeypatch, strategy):
+    import airtrace.select as selection
+
+    scores = torch.randn(41, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3 + 1
+    scores[:, 6] = 2.0  # a constant query: z-scores 0 in every block
+    tasks = ["a", "b", "a", "c", "b", "a", "c"]
+    path = tmp_path / "m.safetensors"
+    _write_matrix(path, scores.T.contiguous(), {})
+    read = []
+    blocks = selection.matrix_blocks
+    monkeypatch.setattr(selection, "ROWS_PER_BLOCK", 4)
+    monkeypatch.setattr(selection, "matrix_blocks", lambda *a: (read.append(b.shape[0]) or b for b in blocks(*a)))
+    streamed = select(path, tasks, 12, strategy, seed=3)
+    assert read == [4] * 10 + [1] + [4] * 10 + [1]  # two passes, never more than 4 rows at a time
+    whole = select(scores, tasks, 12, strategy, seed=3)
+    assert streamed.rows == whole.rows
+    for task, cover in whole.coverage.items():
+        assert streamed.coverage[task]["best"] == cover["best"]
+        assert streamed.coverage[task]["mean_normalized"] == pytest.approx(cover["mean_normalized"], abs=1e-12)
+    scores[37, 2] = math.inf
+    _write_matrix(path, scores.T.contiguous(), {})
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at row 37, query 2\)"):
+        select(path, tasks, 2, strategy)
 
 
 # --------------------------------------------------------------------------- the command

@@ -95,7 +95,7 @@ def embeddings(paths: list[str]):
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from airtrace.select import budget_rows, load_matrix, select, task_order
+    from airtrace.select import budget_rows, matrix_header, select, task_order
     from airtrace.store import atomic_write
 
     check_output(args.out, "--out")
@@ -105,13 +105,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.airrep is not None:
         if args.store is not None:
             raise UsageError("--store names the train ids of a MATRIX; with --airrep they come from TRAIN_EMB")
-        ids, query_ids, S = embeddings(args.airrep)
-        meta, source = {"metric": "airrep-dot", "query_ids": query_ids}, "embeddings"
+        ids, query_ids, scores = embeddings(args.airrep)
+        (n, q), meta, source = scores.shape, {"metric": "airrep-dot", "query_ids": query_ids}, "embeddings"
     else:
         if not os.path.isfile(args.matrix):
             raise UsageError(f"MATRIX {args.matrix}: no such file; write it with airtrace score --full-matrix")
-        S, meta = load_matrix(args.matrix)
-    n, q = S.shape
+        n, q, meta = matrix_header(args.matrix)
+        scores = args.matrix  # read block by block
     tasks = read_tasks(args.tasks, meta.get("query_ids"))
     try:
         labels = task_order(tasks, q)[0]
@@ -123,10 +123,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
         raise UsageError(f"--budget: {exc}") from None
     if args.airrep is None:
         ids, source = train_ids(meta, n, args.store)
-    chosen = select(S, tasks, args.budget, args.strategy, seed=args.seed)
-    scores = {"matrix": os.path.abspath(args.matrix)} if args.airrep is None else \
+    chosen = select(scores, tasks, args.budget, args.strategy, seed=args.seed)
+    source_files = {"matrix": os.path.abspath(args.matrix)} if args.airrep is None else \
         {"airrep": [os.path.abspath(path) for path in args.airrep]}
-    document = {"strategy": args.strategy, "budget": k, "n_train": n, **scores,
+    document = {"strategy": args.strategy, "budget": k, "n_train": n, **source_files,
                 "metric": meta.get("metric"), "ids_from": source, "selected": [ids[r] for r in chosen.rows],
                 "rows": chosen.rows, "tasks": [str(t) for t in labels], "coverage": chosen.coverage}
     if args.strategy == "random":
