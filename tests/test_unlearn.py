@@ -311,6 +311,44 @@ def test_cli_scale_from_labels_fits_the_scale_and_refuses_other_labels(store_dir
         assert not os.path.exists(out)
 
 
+def test_cli_resumes_a_killed_run_without_recomputing_the_attribution(store_dir, tmp_path, monkeypatch, capsys):
+    root, store = store_dir
+    (tmp_path / "ids.txt").write_text("t3\nt8\n")
+    argv = ["unlearn", store, "--model", MODEL, "--forget", str(tmp_path / "ids.txt"), "--steps", "9",
+            "--checkpoint-every", "2", "--lr", "0.01", "--scale", "0.05", "--retain", "8", "--batch-size", "4",
+            "--quiet"]
+    whole = str(tmp_path / "whole.safetensors")
+    assert cli.main(argv + ["--out", whole]) == 0
+    out = str(tmp_path / "w.safetensors")
+    calls = {"n": 0}
+    original_step = torch.optim.Adam.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv + ["--out", out])
+    monkeypatch.undo()
+    assert os.path.exists(out + ".ckpt") and not os.path.exists(out)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the attribution ran again on resume")
+
+    monkeypatch.setattr(Attributor, "score", no_scoring)
+    # other settings than the checkpoint's: refused, not resumed with targets of another request
+    assert cli.main([a if a != "0.05" else "0.07" for a in argv] + ["--out", out]) == 1
+    assert "belongs to another run" in capsys.readouterr().err
+    assert cli.main(argv[:-1] + ["--out", out]) == 0
+    assert "resuming" in capsys.readouterr().out and not os.path.exists(out + ".ckpt")
+    resumed, uninterrupted = load_file(out), load_file(whole)
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
+
+
 def test_cli_outputs_function_and_a_bad_one(store_dir, tmp_path, capsys):
     root, store = store_dir
     (tmp_path / "ids.txt").write_text("t4\n")

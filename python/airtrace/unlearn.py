@@ -64,7 +64,9 @@ from airtrace.util.checks import positive_int
 from airtrace.util.progress import progress_bar
 
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+OTHER_RUN = ("the checkpoint belongs to another run (another model, forget set, reference set or settings); delete it "
+             "to start over, or give another checkpoint path")
 
 
 def minus_loss(loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> OutputFn:
@@ -402,12 +404,13 @@ def run_key(model: nn.Module, targets: Targets, config: MatchConfig) -> str:
 
 def match_outputs(model: nn.Module, reference: Sequence[tuple[list, Any]], targets: Targets, outputs: OutputFn,
                   config: MatchConfig = MatchConfig(), *, checkpoint: str | os.PathLike | None = None,
-                  progress: bool = True) -> list[float]:
+                  request: str = "", progress: bool = True) -> list[float]:
     """Step 2 of DMM: fine-tune ``model`` in place to match ``targets.predicted`` on the reference batches.
 
-    Every ``config.checkpoint_every`` steps the model, the optimizer and the step are written (atomically) to
-    ``checkpoint``; a run started again with the same model, targets and config resumes there and ends with the
-    same weights as a run that was never stopped. The checkpoint is removed when the run ends.
+    Every ``config.checkpoint_every`` steps the model, the optimizer, the step and the targets are written
+    (atomically) to ``checkpoint``; a run started again with the same model, targets and config resumes there and
+    ends with the same weights as a run that was never stopped. :func:`checkpoint_targets` reads the targets back,
+    so a resumed run need not recompute the attribution. The checkpoint is removed when the run ends.
 
     Args:
         model: the trained model (changed in place).
@@ -416,6 +419,8 @@ def match_outputs(model: nn.Module, reference: Sequence[tuple[list, Any]], targe
         outputs: ``outputs(model, batch) -> (B, C)``, as for the targets.
         config: steps, learning rate, seed, checkpoint interval.
         checkpoint: the checkpoint file (None: none).
+        request: what the targets were computed from (any text, e.g. a hash of the inputs), kept in the checkpoint
+            for :func:`checkpoint_targets`.
         progress: show a progress bar.
 
     Returns:
@@ -451,28 +456,56 @@ def match_outputs(model: nn.Module, reference: Sequence[tuple[list, Any]], targe
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             done = step + 1
             if checkpoint is not None and done < config.steps and done % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, key, done, model, optimizer)
+                _save_checkpoint(checkpoint, key, done, model, optimizer, targets, request)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return losses
 
 
 def _save_checkpoint(path: str | os.PathLike, key: str, step: int, model: nn.Module,
-                     optimizer: torch.optim.Optimizer) -> None:
+                     optimizer: torch.optim.Optimizer, targets: Targets, request: str) -> None:
     buffer = io.BytesIO()
+    saved_targets = {"ids": json.dumps(list(targets.ids)), "full": targets.full, "predicted": targets.predicted,
+                     "scale": targets.scale}
     torch.save({"format": CHECKPOINT_FORMAT, "key": key, "step": step, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict()}, buffer)
+                "optimizer": optimizer.state_dict(), "targets": saved_targets, "request": request}, buffer)
     atomic_write(os.fspath(path), [buffer.getvalue()])
 
 
-def _resume(path: str | os.PathLike, key: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def _read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
         raise ValueError(f"{path}: not a readable unlearning checkpoint ({exc}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
-        raise ValueError(f"{path}: the checkpoint belongs to another run (another model, forget set, reference set "
-                         "or settings); delete it to start over, or give another checkpoint path")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an unlearning checkpoint of this version; delete it to start over")
+    return state
+
+
+def checkpoint_targets(path: str | os.PathLike, request: str) -> tuple[Targets, int] | None:
+    """The targets and the step of the run that left the checkpoint ``path``, None when there is none.
+
+    Args:
+        path: the checkpoint of :func:`match_outputs`.
+        request: what the targets must have been computed from (as given to :func:`match_outputs`).
+
+    Raises:
+        ValueError: an unreadable checkpoint, or one whose targets were computed from another request (other
+            inputs: reusing its targets would unlearn something else).
+    """
+    if not os.path.exists(path):
+        return None
+    state = _read_checkpoint(path)
+    if state.get("request") != request:
+        raise ValueError(f"{path}: {OTHER_RUN}")
+    t = state["targets"]
+    return Targets(json.loads(t["ids"]), t["full"], t["predicted"], float(t["scale"])), int(state["step"])
+
+
+def _resume(path: str | os.PathLike, key: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    state = _read_checkpoint(path)
+    if state.get("key") != key:
+        raise ValueError(f"{path}: {OTHER_RUN}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"])

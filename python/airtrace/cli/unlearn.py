@@ -65,13 +65,30 @@ def fit_from_labels(path: str, task, attributor, store, *, quiet: bool):
         raise UsageError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 
 
+def run_request(args: argparse.Namespace, model, store, rows: list[int]) -> str:
+    """What the predicted outputs are computed from (model, store, forget rows, reference set, scale, curvature,
+    outputs), hashed: a checkpoint's targets are reused only for the same request."""
+    import hashlib
+    import json
+
+    from airtrace.store import model_fingerprint
+
+    def stamp(path):
+        return None if path is None else [os.path.abspath(path), os.stat(path).st_mtime_ns, os.stat(path).st_size]
+
+    record = {"model": model_fingerprint(model), "store": [os.path.abspath(args.store), len(store)], "forget": rows,
+              "retain": args.retain, "seed": args.seed, "batch_size": args.batch_size, "scale": args.scale,
+              "scale_from": stamp(args.scale_from), "curvature": stamp(args.curvature), "outputs": args.outputs}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     import torch
 
     from airtrace.attribute import Attributor
     from airtrace.store import Store
-    from airtrace.unlearn import (DEFAULT_SCALE_WARNING, MatchConfig, forget_rows, match_outputs, model_outputs,
-                                  predict_outputs, reference_batches, save_weights)
+    from airtrace.unlearn import (DEFAULT_SCALE_WARNING, MatchConfig, checkpoint_targets, forget_rows, match_outputs,
+                                  model_outputs, predict_outputs, reference_batches, save_weights)
 
     checkpoint = args.checkpoint or f"{args.out}.ckpt"
     check_output(args.out, "--out")
@@ -94,20 +111,30 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                                        backend=args.backend, **({} if args.curvature else {"curvature": "identity"}))
     if args.curvature is not None:
         attributor.load_curvature(args.curvature)
-    scale, fitted = args.scale, None
-    if args.scale_from is not None:
-        fitted = fit_from_labels(args.scale_from, task, attributor, store, quiet=args.quiet)
-        scale = fitted.scale
-    elif scale is None:
-        scale = 1.0 / len(store)
-        print(f"airtrace unlearn: warning: {DEFAULT_SCALE_WARNING}", file=sys.stderr)
+    request = run_request(args, task.model, store, rows)
+    resumed = checkpoint_targets(checkpoint, request)
     reference = reference_batches(task.train, store, rows, retain=args.retain, seed=args.seed,
                                   batch_size=args.batch_size)
-    targets = predict_outputs(attributor, store, reference, rows, outputs, scale=scale, progress=not args.quiet)
+    fitted = None
+    if resumed is not None:
+        targets, step = resumed
+        if not args.quiet:
+            print(f"resuming {checkpoint} at step {step}: the predicted outputs come from the checkpoint (the "
+                  "attribution is not recomputed)")
+    else:
+        scale = args.scale
+        if args.scale_from is not None:
+            fitted = fit_from_labels(args.scale_from, task, attributor, store, quiet=args.quiet)
+            scale = fitted.scale
+        elif scale is None:
+            scale = 1.0 / len(store)
+            print(f"airtrace unlearn: warning: {DEFAULT_SCALE_WARNING}", file=sys.stderr)
+        targets = predict_outputs(attributor, store, reference, rows, outputs, scale=scale, progress=not args.quiet)
     before = float(((targets.full - targets.predicted) ** 2).sum(dim=1).mean())
-    match_outputs(task.model, reference, targets, outputs, config, checkpoint=checkpoint, progress=not args.quiet)
+    match_outputs(task.model, reference, targets, outputs, config, checkpoint=checkpoint, request=request,
+                  progress=not args.quiet)
     after = float(((model_outputs(task.model, reference, outputs) - targets.predicted) ** 2).sum(dim=1).mean())
-    scale_source = ("fitted on " + args.scale_from if fitted else "given" if args.scale is not None
+    scale_source = ("fitted on " + args.scale_from if args.scale_from else "given" if args.scale is not None
                     else "1/n (not fitted)")
     save_weights(task.model, args.out, metadata={"forget_ids": str(len(rows)), "method": "datamodel matching",
                                                  "scale": repr(targets.scale), "scale_source": scale_source,
