@@ -143,6 +143,19 @@ def test_matching_reduces_the_distance_to_the_targets(tmp_path):
     assert after < 0.1 * before, (before, after)
 
 
+def _dying_step(step):
+    """Adam's ``step`` that raises KeyboardInterrupt on its 6th call (a run killed after 5 steps), and its counter."""
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    return dying_step, calls
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     task, store, forget, reference, targets = _tiny_run(tmp_path)
     start = {k: v.clone() for k, v in task.model.state_dict().items()}
@@ -152,15 +165,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     task.model.load_state_dict(start)
     checkpoint = str(tmp_path / "run.ckpt")
-    calls = {"n": 0}
     original_step = torch.optim.Adam.step
-
-    def dying_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original_step(self, *args, **kwargs)
-
+    dying_step, calls = _dying_step(original_step)
     monkeypatch.setattr(torch.optim.Adam, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         match_outputs(task.model, reference, targets, _logits, config, checkpoint=checkpoint, progress=False)
@@ -320,15 +326,7 @@ def test_cli_resumes_a_killed_run_without_recomputing_the_attribution(store_dir,
     whole = str(tmp_path / "whole.safetensors")
     assert cli.main(argv + ["--out", whole]) == 0
     out = str(tmp_path / "w.safetensors")
-    calls = {"n": 0}
-    original_step = torch.optim.Adam.step
-
-    def dying_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original_step(self, *args, **kwargs)
-
+    dying_step, _ = _dying_step(torch.optim.Adam.step)
     monkeypatch.setattr(torch.optim.Adam, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv + ["--out", out])
