@@ -31,8 +31,8 @@ evaluated points, the same rule for every method):
   with the one-step Newton scale 1/n (:func:`airtrace.unlearn.predict_outputs`), then the steps match them
   (:func:`airtrace.unlearn.match_outputs`);
 - DMM (labels fit): the same with the scale of :func:`airtrace.unlearn.fit_scale`, fitted per original model on
-  datamodel labels: ``--subsets`` models retrained on random halves of the training set (:func:`airtrace.eval.retrain`)
-  and measured on the validation points (minus the loss), made as the project makes the labels ``airtrace
+  datamodel labels: ``--subsets`` models retrained on random subsets of ``--label-fraction`` of the training set
+  (:func:`airtrace.eval.retrain`) and measured on the validation points (minus the loss), made as the project makes the labels ``airtrace
   calibrate`` reads: every subset model from the task's one initial model (lm: and one example order). With a seed
   of its own per subset model the tiny GPT's labels are noise: 8 of them gave the fit a correlation of -0.001.
 
@@ -302,14 +302,15 @@ class DMM:
         return model.eval()
 
 
-def datamodel_labels(bench, folder: str, subsets: int):
-    """(outputs (m, q), masks (m, n)): ``subsets`` models retrained on random halves, measured on the validation
+def datamodel_labels(bench, folder: str, subsets: int, fraction: float):
+    """(outputs (m, q), masks (m, n)): ``subsets`` models retrained on random ``fraction`` of the training set (seed
+    7), measured on the validation
     points (:func:`airtrace.eval.retrain`), the way the project's labels are made: every model from the task's one
     initial model (and, lm, one example order), so the outputs vary with the subset, not the seed."""
     from airtrace.eval import retrain, sample_subsets
 
     task = bench.labelled
-    plan = sample_subsets(bench.n, subsets, fraction=0.5, seed=7)
+    plan = sample_subsets(bench.n, subsets, fraction=fraction, seed=7)
     return retrain(plan, task.train_fn, task.measure_fn, folder, progress=False), plan.masks
 
 
@@ -323,7 +324,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default digits 64, lm 32)")
     parser.add_argument("--reference", type=int, default=256, help="retained examples in DMM's reference set")
     parser.add_argument("--subsets", type=int, default=32,
-                        help="datamodel labels: models retrained on random halves for the scale fit (default 32)")
+                        help="datamodel labels: models retrained on random subsets for the scale fit (default 32)")
+    parser.add_argument("--label-fraction", type=float, default=0.5,
+                        help="datamodel labels: share of the training set in each subset (default 0.5)")
     parser.add_argument("--lm-pool", type=int, default=480, help="lm: training pairs (default 480)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
                         help="learning rates tried per method")
@@ -350,9 +353,9 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t1 = time.perf_counter()
-        labels = datamodel_labels(bench, f"{tmp}/labels", args.subsets)
-        print(f"# datamodel labels: {args.subsets} models on random halves, {time.perf_counter() - t1:.0f} s",
-              flush=True)
+        labels = datamodel_labels(bench, f"{tmp}/labels", args.subsets, args.label_fraction)
+        print(f"# datamodel labels: {args.subsets} models on random subsets of {args.label_fraction:.0%}, "
+              f"{time.perf_counter() - t1:.0f} s", flush=True)
         dmms = [DMM(m, bench, f"{tmp}/store{s}", labels) for s, m in enumerate(originals)]
         attribution_seconds = statistics.mean(d.seconds for d in dmms)
         per_n = [d.fit.per_n for d in dmms]
@@ -397,11 +400,12 @@ def main() -> int:
                 if method.startswith("DMM"):
                     row["extra_s"] = attribution_seconds + predict_seconds
                     row["scale_per_n"] = statistics.mean(per_n) if method == "DMM (labels fit)" else 1.0
+                    row["label_fraction"] = args.label_fraction if method == "DMM (labels fit)" else None
                 rows.append(row)
             print(f"# {name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     columns = ["task", "forget_set", "n_forget", "method", "lr", "steps", "forget_mean", "forget_p95", "retain_mean",
                "retain_p95", "validation_mean", "validation_p95", "all_mean", "forget_binned", "retain_binned",
-               "validation_binned", "scale_per_n", "extra_s"]
+               "validation_binned", "scale_per_n", "label_fraction", "extra_s"]
     C.print_table(rows, columns, title=f"KLoM to the oracle (mean / p95 over points; {args.seeds} seeds, "
                                        f"{args.steps} steps of {args.batch_size}; lower is better)")
     lines = []
