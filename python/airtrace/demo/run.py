@@ -152,7 +152,8 @@ def _recorded(out: Path, settings: dict) -> bool:
 
 
 def _featurize(attributor, batches: list, path: Path, reuse: bool, progress: bool, log: Callable[[str], None]):
-    """The training features: a finished store of these settings, else featurized (resumed when unfinished)."""
+    """The training features: a finished store of these settings, else featurized (resumed when unfinished), keeping
+    the projected tokens for the report's per-token scores."""
     from airtrace.store import Store, StoreError
 
     if reuse:
@@ -163,7 +164,7 @@ def _featurize(attributor, batches: list, path: Path, reuse: bool, progress: boo
         except StoreError:  # missing or unfinished
             pass
     n = sum(len(ids) for ids, _ in batches)
-    return attributor.featurize(batches, path, total=n, overwrite=not reuse, progress=progress)
+    return attributor.featurize(batches, path, total=n, overwrite=not reuse, keep_tokens=True, progress=progress)
 
 
 def _fit(attributor, batches: list, store, path: Path, reuse: bool, progress: bool, log: Callable[[str], None]):
