@@ -202,6 +202,7 @@ def run(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> DemoResult:
     """Run the demo (see the module docstring).
 
@@ -212,15 +213,41 @@ def run(
         cache_dir: model cache (see :func:`airtrace.demo.models.load_smollm2`).
         progress: show progress bars.
         log: receives one line per step.
+        threads: torch's intra-op threads while it runs (restored after); default :func:`free_cores`.
 
     Returns:
         The :class:`DemoResult`.
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or free_cores())
+    try:
+        return _run(Path(out), n_train, metric, cache_dir, progress, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def free_cores() -> int:
+    """The CPU cores this process may use that the 1-minute load average leaves free, at least 1; torch's own
+    thread count when ``OMP_NUM_THREADS`` is set.
+
+    A thread of a parallel region whose core is busy with another process stalls the region until it is
+    scheduled again: on 2 cores with a load of 6, one SmolLM2 batch of the demo took 4.7 s on 1 thread and
+    16.5 s on 2.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def _run(out: Path, n_train: int | None, metric: str, cache_dir, progress: bool,
+         log: Callable[[str], None]) -> DemoResult:
+    """:func:`run` under its thread setting."""
     from airtrace.attribute import Attributor
     from airtrace.demo.models import load_smollm2
     from airtrace.store import model_fingerprint
 
-    out, seconds, start = Path(out), {}, time.perf_counter()
+    seconds, start = {}, time.perf_counter()
     model, tokenizer = load_smollm2(cache_dir, log=log)
     queries, train = split(n_train)
     seconds["load"] = time.perf_counter() - start
@@ -234,7 +261,8 @@ def run(
         "train_ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
     })
     log(f"{len(train)} training pairs, {len(queries)} queries, {len(attributor.layers)} layers "
-        f"(LoGra {PROJECTION['k_out']}x{PROJECTION['k_in']} each), EK-FAC; writing to {out}")
+        f"(LoGra {PROJECTION['k_out']}x{PROJECTION['k_in']} each), EK-FAC, {torch.get_num_threads()} thread(s); "
+        f"writing to {out}")
 
     step = time.perf_counter()
     store = _featurize(attributor, train_batches, out / "store", reuse, progress, log)
