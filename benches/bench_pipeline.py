@@ -459,6 +459,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--out: {args.out} exists and is not a folder")
     if args.pad_to_max and args.only != ["featurize"]:
         parser.error("--pad-to-max measures featurize only: add --only featurize")
+    if args.pad_to_max:
+        from peers.lm import BATCH_SIZE
+
+        if any(n % BATCH_SIZE for n in sizes):
+            parser.error(f"--pad-to-max: every size must be a multiple of the batch size {BATCH_SIZE} (full batches, "
+                         f"one batch shape), got {sizes}")
     return args
 
 

@@ -111,11 +111,12 @@ def test_bench_pipeline_featurize_targets_from_rows():
     assert memory["airtrace"].startswith("MISS") and "n=14 -> 38,134" in memory["airtrace"]
     assert "500 -> 520 -> 560 MiB" in memory["airtrace"]
     assert memory["logix"].startswith("PASS")
-    args = bp.parse_args(["--only", "featurize", "--pad-to-max", "--sizes", "8,32,128", "--methods", "airtrace"])
-    assert (args.sizes, args.methods) == ([8, 32, 128], ["airtrace"])
+    args = bp.parse_args(["--only", "featurize", "--pad-to-max", "--sizes", "16,32,128", "--methods", "airtrace"])
+    assert (args.sizes, args.methods) == ([16, 32, 128], ["airtrace"])
     assert bp.csv_name(args.only, args.pad_to_max) == "bench_pipeline_fixed_shape.csv"
     assert bp.csv_name(["featurize"], False) == "bench_pipeline_featurize.csv"
     assert bp.csv_name(list(bp.SECTIONS), False) == "bench_pipeline.csv"
-    for bad in (["--sizes", "32,8"], ["--sizes", "8"], ["--methods", "nope"]):
+    for bad in (["--sizes", "32,8"], ["--sizes", "8"], ["--methods", "nope"],
+                ["--only", "featurize", "--pad-to-max", "--sizes", "8,32"]):
         with pytest.raises(SystemExit):
             bp.parse_args(bad)
