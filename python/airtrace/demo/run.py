@@ -1,7 +1,8 @@
 """``airtrace demo``: which chatterbot training pairs make SmolLM2 answer a question the way it does; imports the
 pipeline, the data layer and the other demo modules.
 
-Pipeline (about two minutes on 2 CPU cores once the model is cached):
+Pipeline (about three and a half minutes on 2 busy CPU cores once the model is cached; torch runs on the cores
+the load average leaves free, :func:`free_cores`):
 
 1. Load SmolLM2-135M-Instruct (:mod:`airtrace.demo.models`) and the chatterbot
    corpus without repeated pairs (:mod:`airtrace.data`); hold out one
@@ -18,7 +19,8 @@ Pipeline (about two minutes on 2 CPU cores once the model is cached):
    root self-influence, so pairs with merely large gradients do not top every list).
 4. Print the top-3 training pairs per query; write ``<out>/scores.json`` (the
    10 most helpful and 10 most harmful pairs per query, their answers scored token
-   by token) and its HTML report ``<out>/report.html`` (:mod:`airtrace.report`).
+   by token from the projected tokens featurize kept, so no pair runs twice) and its
+   HTML report ``<out>/report.html`` (:mod:`airtrace.report`).
 
 The loss of every pair is the summed cross-entropy of its answer tokens
 ("Question: <q>\\nAnswer: <a>", prompt tokens masked). ``<out>/settings.json``
