@@ -90,3 +90,33 @@ def test_dattri_targets_pick_the_fastest_airtrace_row_at_dattri_best_lds():
     assert [line[:4] for line in lines] == ["PASS", "PASS", "MISS"]
     assert "time of airtrace exact dense / dattri's <= 0.25: 0.167" in lines[1]
     assert Q.dattri_targets("digits", rows[2:]) == []
+
+
+def test_bench_pipeline_featurize_targets_from_rows():
+    """The featurize target is the 1.5x of the best peer (2x is a reported figure), and memory growth is read from
+    the smallest size to the largest peak of any larger one."""
+    import bench_pipeline as bp
+
+    def row(method, n, ex_s, mib):
+        return {"section": "featurize-fixed-shape", "method": method, "n": n, "examples_per_s": ex_s,
+                "peak_extra_mib": mib}
+
+    rows = [row("airtrace", 14, 1.0, 500.0), row("airtrace", 38, 1.6, 520.0), row("airtrace", 134, 1.6, 560.0),
+            row("logix", 14, 1.0, 500.0), row("logix", 38, 1.0, 500.0), row("logix", 134, 1.0, 505.0)]
+    lines = bp.targets(rows, quick=False)
+    assert any(line.startswith("PASS  featurize-fixed-shape throughput / the best peer's (logix) >= 1.5: 1.6")
+               for line in lines)
+    assert any("0.80 of the 2x stretch figure (reported, not a target)" in line for line in lines)
+    memory = {line.split("[")[1].split("]")[0]: line for line in lines if "peak memory growth" in line}
+    assert memory["airtrace"].startswith("MISS") and "n=14 -> 38,134" in memory["airtrace"]
+    assert "500 -> 520 -> 560 MiB" in memory["airtrace"]
+    assert memory["logix"].startswith("PASS")
+    args = bp.parse_args(["--only", "featurize", "--pad-to-max", "--sizes", "16,32,128", "--methods", "airtrace"])
+    assert (args.sizes, args.methods) == ([16, 32, 128], ["airtrace"])
+    assert bp.csv_name(args.only, args.pad_to_max) == "bench_pipeline_fixed_shape.csv"
+    assert bp.csv_name(["featurize"], False) == "bench_pipeline_featurize.csv"
+    assert bp.csv_name(list(bp.SECTIONS), False) == "bench_pipeline.csv"
+    for bad in (["--sizes", "32,8"], ["--sizes", "8"], ["--methods", "nope"],
+                ["--only", "featurize", "--pad-to-max", "--sizes", "8,32"]):
+        with pytest.raises(SystemExit):
+            bp.parse_args(bad)

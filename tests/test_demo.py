@@ -146,6 +146,21 @@ def test_demo_command_line():
     assert exc.value.code == 2
 
 
+def test_demo_threads_are_the_cores_the_load_leaves_free(monkeypatch):
+    from airtrace.demo import run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, threads in ((0.3, 4), (1.4, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(run.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert run.free_cores() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    assert run.free_cores() == torch.get_num_threads()
+    from airtrace.cli import build_parser
+
+    assert build_parser().parse_args(["demo", "--threads", "2"]).threads == 2
+
+
 @pytest.mark.slow
 @needs_corpus
 @pytest.mark.skipif(

@@ -146,22 +146,29 @@ def test_report_of_any_scores(store, tmp_path):
     assert os.stat(html).st_mode & 0o777 == 0o644
 
 
+TAGGER_VOCAB = 20
+
+
+class _Tagger(nn.Module):
+    """Token ids (B, T) and mask -> (B, 3) logits: per-token layers, then a pooled head with no token axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Embedding(TAGGER_VOCAB, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        return self.head((h * mask[..., None]).sum(1))
+
+
+def _tagger_loss(model, batch):
+    return per_example_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+
 def test_per_token_scores_sum_to_the_score(tmp_path):
     """Token parts plus the rest equal each listed row's score, for every metric."""
     torch.manual_seed(1)
-    vocab, T = 20, 6
-
-    class Tagger(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.mix, self.head = nn.Embedding(vocab, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-        def forward(self, ids, mask):
-            h = torch.tanh(self.mix(self.emb(ids)))
-            return self.head((h * mask[..., None]).sum(1))  # pooled head: no token axis
-
-    def loss(model, batch):
-        return per_example_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    vocab, T, Tagger, loss = TAGGER_VOCAB, 6, _Tagger, _tagger_loss
 
     ids = torch.randint(1, vocab, (12, T))
     mask = (torch.arange(T)[None] < torch.randint(2, T + 1, (12,))[:, None]).long()
@@ -199,3 +206,32 @@ def test_full_matrix_in_memory_matches_the_rankings(tmp_path):
     torch.testing.assert_close(scores.sample, S[:, scores.sample_rows])
     document = scores_document(scores, settings={"run": "test"}, order="both")
     assert "Most harmful" in render(document)
+
+
+def test_per_token_scores_from_the_kept_tokens_match_a_second_pass(tmp_path):
+    """featurize(keep_tokens=True): score's per-token parts come from the featurize pass (no batch is run again:
+    empty token_batches suffice) and equal those of a second forward/backward, on padded, length-bucketed batches."""
+    torch.manual_seed(3)
+    vocab, T, loss = TAGGER_VOCAB, 7, _tagger_loss
+
+    lengths = torch.randint(1, T + 1, (11,))
+    ids = torch.randint(1, vocab, (11, T))
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    labels = torch.randint(0, 3, (11,))
+    batches = [(list(range(i, min(i + 4, 11))), {"input_ids": ids[i:i + 4], "attention_mask": mask[i:i + 4],
+                                                 "labels": labels[i:i + 4]}) for i in range(0, 11, 4)]
+    model = _Tagger()
+    results = []
+    for keep in (True, False):
+        at = Attributor(model, loss_fn=loss, projection=dict(k_in=4, k_out=4, seed=1), curvature="ekfac")
+        store = at.featurize(batches, tmp_path / f"s{keep}", dtype="float32", keep_tokens=keep, progress=False)
+        at.fit(batches, store=store, progress=False)
+        results.append(at.score(batches, store, topk=4, order="both", metric="relative",
+                                token_batches=[] if keep else batches, progress=False))
+    kept, rerun = results
+    assert kept.tokens.keys() == rerun.tokens.keys() and len(kept.tokens) == 11 * 8
+    for key, ours in kept.tokens.items():
+        theirs = rerun.tokens[key]
+        assert ours.input_ids == theirs.input_ids and len(ours.scores) == int(lengths[key[1]])
+        torch.testing.assert_close(torch.tensor(ours.scores + [ours.rest]), torch.tensor(theirs.scores + [theirs.rest]),
+                                   rtol=1e-5, atol=1e-7)

@@ -48,6 +48,7 @@ class Setup:
     layers: list[str]              # tracked module names (full names in model.named_modules())
     batches: list                   # (ids, {"input_ids", "attention_mask", "labels"}) pairs
     k: int
+    fixed_shape: bool = False       # every batch padded to MAX_LENGTH, and run so (no length buckets)
 
     @property
     def n_examples(self) -> int:
@@ -71,7 +72,8 @@ def make_setup(n: int, k: int = 16, with_queries: bool = False, pad_to_max: bool
 
     With ``with_queries`` the demo's held-out query pairs come first, in their own batch. With
     ``pad_to_max`` every batch is padded to MAX_LENGTH tokens (all batches the same shape, so peak
-    memory cannot depend on which pairs a dataset size happens to include).
+    memory cannot depend on which pairs a dataset size happens to include), and airtrace runs them
+    as they are (no length buckets).
     """
     from airtrace.demo.models import load_smollm2
 
@@ -94,7 +96,7 @@ def make_setup(n: int, k: int = 16, with_queries: bool = False, pad_to_max: bool
     batches = (encode(queries) if with_queries else []) + encode(train)
     if pad_to_max:
         batches = [(ids, _pad_to(batch, MAX_LENGTH)) for ids, batch in batches]
-    return Setup(model, tokenizer, layers, batches, k)
+    return Setup(model, tokenizer, layers, batches, k, fixed_shape=pad_to_max)
 
 
 def warm_up(setup: Setup) -> None:
@@ -113,7 +115,8 @@ def attributor(setup: Setup, **kwargs) -> Attributor:
 
 
 def featurize_airtrace(setup: Setup, workdir: str) -> torch.Tensor | None:
-    attributor(setup).featurize(setup.batches, os.path.join(workdir, "store"), dtype="float32", progress=False)
+    attributor(setup, trim_padding=not setup.fixed_shape).featurize(setup.batches, os.path.join(workdir, "store"),
+                                                                    dtype="float32", progress=False)
     return None
 
 

@@ -45,7 +45,7 @@ from airtrace.attribute.featurizer import Featurizer
 from airtrace.attribute.kfac_sums import load_kfac_sums, save_kfac_sums
 from airtrace.attribute.passes import exact_scores, two_stage_scores
 from airtrace.attribute.ranks import featurize_ranks
-from airtrace.attribute.tokens import token_scores
+from airtrace.attribute.tokens import KeptTokens, token_scores
 from airtrace.capture import LayerSpec, unwrap
 from airtrace.curvature import Curvature
 from airtrace.curvature.damping import auto_factors, stationary_damping
@@ -185,6 +185,7 @@ class Attributor:
         self._dtype = self.featurizer.dtype
         self.curvature: Curvature | None = None
         self._featurized_kfac: tuple[str, cv.KFACFitter] | None = None  # (store path, factors) of featurize
+        self._kept_tokens: tuple[str, Any, KeptTokens] | None = None  # (store path, content key, tokens)
 
     @classmethod
     def from_store(cls, model: nn.Module, store: Store | str | os.PathLike, *, loss_fn: LossFn,
@@ -233,7 +234,7 @@ class Attributor:
 
     def featurize(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16",
                   rows_per_shard: int | None = None, total: int | None = None, overwrite: bool = False,
-                  progress: bool = True) -> Store:
+                  keep_tokens: bool = False, progress: bool = True) -> Store:
         """Write per-example features of ``batches`` to a store; resumes an interrupted run.
 
         Batches whose ids are all in the store already are skipped without a
@@ -252,6 +253,11 @@ class Attributor:
             total: number of examples, for the progress bar's ETA (default: the length of a
                 DataLoader's sampler or a dataset, or the ids of a list of pairs).
             overwrite: replace an existing store at ``path``.
+            keep_tokens: factored projection, one process, not resumed: keep every example's projected
+                tokens in memory (:class:`airtrace.attribute.tokens.KeptTokens`, at most
+                :data:`~airtrace.attribute.tokens.KEEP_TOKENS_BUDGET` bytes; about ``4 · T · (k_in + k_out)``
+                bytes per layer of an example of T tokens), so that ``score(..., token_batches=...)`` of this
+                store computes its per-token scores without running the listed examples again.
             progress: show a progress bar (examples/s, ETA).
 
         Returns:
@@ -272,7 +278,7 @@ class Attributor:
                 write = functools.partial(self._write_features, dtype=dtype, rows_per_shard=rows_per_shard)
                 return featurize_ranks(write, batches, path, total=total, overwrite=overwrite, progress=progress)
             return self._write_features(batches, path, dtype=dtype, rows_per_shard=rows_per_shard, total=total,
-                                        overwrite=overwrite, progress=progress)
+                                        overwrite=overwrite, keep_tokens=keep_tokens, progress=progress)
         except StoreCompleteError:
             return self._finished_store(path, batches, dtype, rows_per_shard)
 
@@ -301,7 +307,8 @@ class Attributor:
         return store
 
     def _write_features(self, batches: Batches, path: str | os.PathLike, *, dtype: str | torch.dtype,
-                        rows_per_shard: int, total: int | None, overwrite: bool, progress: bool) -> Store:
+                        rows_per_shard: int, total: int | None, overwrite: bool, progress: bool,
+                        keep_tokens: bool = False) -> Store:
         """The featurize loop of one process: features of ``batches`` appended to the store at ``path``;
         returns the finished store."""
         writer = StoreWriter(path, model_fingerprint(self.module), list(self.dims.items()), dtype, rows_per_shard,
@@ -314,16 +321,20 @@ class Attributor:
                 committed = Store.open(writer.path, allow_incomplete=True)
                 done = dict(zip(committed.ids, stored_digests(committed)))
             kfac = self._kfac_alongside() if not done else None
-            self._featurized_kfac = None
+            kept = KeptTokens() if keep_tokens and not done and self.featurizer.projections is not None else None
+            self._featurized_kfac = self._kept_tokens = None
             with progress_bar(total, "featurize", progress, initial=writer.rows_done) as bar:
                 for ids, batch in pairs(batches, "batches"):
                     digests = content_digests(batch, len(ids))
                     check_same_data(writer.path, ids, digests, done)
                     keep = [j for j, i in enumerate(ids) if i not in done]
                     if len(keep) < len(ids):
-                        kfac = None  # resumed: the factors would miss the rows written before
+                        kfac = kept = None  # resumed: the factors would miss the rows written before
                     if keep:
-                        features = checked_rows(self.featurizer.features(batch, kfac), ids)
+                        sink = None if kept is None else (
+                            lambda rows, part, parts, feats, ids=ids: kept.add([ids[j] for j in rows], part, parts,
+                                                                               feats))
+                        features = checked_rows(self.featurizer.features(batch, kfac, tokens=sink), ids)
                         with stage("store_write", rows=len(keep),
                                    nbytes=len(keep) * writer.width * writer.dtype.itemsize):
                             writer.append(features[keep], [ids[j] for j in keep], **{CONTENT: digests[keep]})
@@ -332,6 +343,8 @@ class Attributor:
         if kfac is not None:
             self._featurized_kfac = (os.path.abspath(writer.path), kfac)
             save_kfac_sums(store, kfac)
+        if kept is not None and not kept.overflowed:
+            self._kept_tokens = (os.path.abspath(writer.path), store.content_key(), kept)
         return store
 
     def _kfac_alongside(self) -> cv.KFACFitter | None:
@@ -633,8 +646,9 @@ class Attributor:
                 float32 / float64) to this safetensors file (single process only).
             groups: G lists of train row indices; adds (q, G) group sums of the scores.
             token_batches: the training batches again: the listed rows (top and/or
-                bottom) are recomputed token by token (``Scores.tokens``, see
-                :mod:`airtrace.attribute.tokens`).
+                bottom) are attributed token by token (``Scores.tokens``, see
+                :mod:`airtrace.attribute.tokens`): from the tokens this Attributor's
+                ``featurize(..., keep_tokens=True)`` of this store kept, else recomputed.
             index: None (the exact streamed pass), "flat" / "ivfpq" / "hnsw" (that index beside the
                 store), a path to an index file, an :class:`airtrace.index.Index` or an
                 :class:`airtrace.index.EmbeddingCandidates`.
@@ -690,7 +704,10 @@ class Attributor:
                     for row_index, train_id in zip(row_indices, row_ids):
                         if row_index >= 0:
                             wanted.setdefault(train_id, []).append((qi, row_index))
+            kept = self._kept_tokens
+            kept = kept[2] if kept is not None and kept[:2] == (os.path.abspath(store.path), store.content_key()) \
+                else None
             scores.tokens = token_scores(self.featurizer, Q, wanted, as_batches(token_batches), metric=metric,
-                                         precondition=self._precondition_rows,
+                                         precondition=self._precondition_rows, kept=kept,
                                          progress=progress and distributed.is_main())
         return scores

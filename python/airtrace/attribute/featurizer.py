@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -25,6 +25,10 @@ from airtrace.profiling import stage
 
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``autocast`` settings of the forward/backward: None runs in the model's own dtype (exact)."""
+
+TokenSink = Callable[[list[int], Any, dict[str, list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor], None]
+"""Receives the projected tokens of each model call of :meth:`Featurizer.features`: (rows, sub-batch, parts,
+features)."""
 
 DENSE_MATRIX_MAX_ENTRIES = 2**23
 """Largest p·k for which the dense projection keeps its matrix (32 MiB in float32) instead of
@@ -159,25 +163,29 @@ class Featurizer:
             self._dense_r = cached = entries.to(like.device, dtype)
         return cached
 
-    def features(self, batch: Any, kfac: KFACFitter | None = None, loss_fn: LossFn | None = None) -> torch.Tensor:
+    def features(self, batch: Any, kfac: KFACFitter | None = None, loss_fn: LossFn | None = None,
+                 tokens: TokenSink | None = None) -> torch.Tensor:
         """Projected per-example gradients of one batch, not preconditioned; also adds the batch's projected
-        tokens to ``kfac`` when given (the same pass). A padded batch runs as length buckets
-        (``trim_padding``).
+        tokens to ``kfac`` and hands them to ``tokens`` when given (the same pass). A padded batch runs as
+        length buckets (``trim_padding``).
 
         Args:
             batch: one batch, as ``loss_fn`` takes it.
             kfac: a K-FAC fitter to update from the same pass.
             loss_fn: per-example losses to differentiate (default: the training loss).
+            tokens: called as ``tokens(rows, part, parts, features)`` once per model call: the row indices
+                of ``batch`` it ran, that sub-batch (on ``device``), its projected tokens
+                (``GradientCapture.token_parts``) and its (len(rows), width) features.
 
         Returns:
             (B, width) float32 (float64 for float64 models) on ``device``, layout order.
         """
         buckets = bucket_batch(batch) if self.trim_padding else None
         if buckets is None:
-            return self._features(batch, kfac, loss_fn)
+            return self._features(batch, kfac, loss_fn, tokens, None)
         out = None
         for rows, part in buckets:
-            features = self._features(part, kfac, loss_fn)
+            features = self._features(part, kfac, loss_fn, tokens, rows)
             if features.shape[0] != len(rows):
                 raise ValueError(f"loss_fn returned {features.shape[0]} losses for a batch of {len(rows)} examples")
             if out is None:
@@ -185,12 +193,17 @@ class Featurizer:
             out[torch.as_tensor(rows, device=out.device)] = features
         return out
 
-    def _features(self, batch: Any, kfac: KFACFitter | None, loss_fn: LossFn | None) -> torch.Tensor:
-        """:meth:`features` of one batch as it is."""
-        with self.capture(keep_tokens=kfac is not None) as cap:
+    def _features(self, batch: Any, kfac: KFACFitter | None, loss_fn: LossFn | None, tokens: TokenSink | None,
+                  rows: list[int] | None) -> torch.Tensor:
+        """:meth:`features` of one batch as it is (``rows``: its rows in the caller's batch, None: all)."""
+        with self.capture(keep_tokens=kfac is not None or tokens is not None) as cap:
             n = self.backward(batch, cap, loss_fn)
             features = self.assemble(cap.collect())
-            if kfac is not None:
-                with stage("fit_update", rows=n):
-                    kfac.update(*cap.collect_tokens())
+            if kfac is not None or tokens is not None:
+                parts = cap.token_parts()
+                if kfac is not None:
+                    with stage("fit_update", rows=n):
+                        kfac.update(*cap.concatenated(parts))
+                if tokens is not None:
+                    tokens(list(range(n)) if rows is None else rows, to_device(batch, self.device), parts, features)
             return features

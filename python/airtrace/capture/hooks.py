@@ -252,7 +252,12 @@ class GradientCapture:
         Raises:
             ValueError: ``keep_tokens`` is off, or a layer was never reached by backward.
         """
-        tokens = self.token_parts()
+        return self.concatenated(self.token_parts())
+
+    @staticmethod
+    def concatenated(tokens: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`token_parts` as :meth:`collect_tokens` returns them: each layer's calls concatenated along T."""
         acts = {name: torch.cat([a for a, _ in parts], dim=1) for name, parts in tokens.items()}
         grads = {name: torch.cat([g for _, g in parts], dim=1) for name, parts in tokens.items()}
         return acts, grads

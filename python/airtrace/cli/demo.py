@@ -16,7 +16,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     result = run.run(args.out, n_train=None if args.full else args.train, metric=args.metric,
-                     cache_dir=args.cache_dir, progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+                     cache_dir=args.cache_dir, progress=not args.quiet, log=lambda line: print(line, file=sys.stderr),
+                     threads=args.threads)
     print()
     print(run.format_top(result))
     print(f"report: {result.report.resolve()}")
@@ -41,4 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="model cache (default $AIRTRACE_CACHE/smollm2 or ~/.cache/airtrace/smollm2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default: the cores the load average leaves free, at least 1; "
+                        "torch's own count when OMP_NUM_THREADS is set)")
     p.set_defaults(run=_cmd_demo, parser=p)

@@ -1,7 +1,8 @@
 """``airtrace demo``: which chatterbot training pairs make SmolLM2 answer a question the way it does; imports the
 pipeline, the data layer and the other demo modules.
 
-Pipeline (about two minutes on 2 CPU cores once the model is cached):
+Pipeline (about three and a half minutes on 2 busy CPU cores once the model is cached; torch runs on the cores
+the load average leaves free, :func:`free_cores`):
 
 1. Load SmolLM2-135M-Instruct (:mod:`airtrace.demo.models`) and the chatterbot
    corpus without repeated pairs (:mod:`airtrace.data`); hold out one
@@ -18,7 +19,8 @@ Pipeline (about two minutes on 2 CPU cores once the model is cached):
    root self-influence, so pairs with merely large gradients do not top every list).
 4. Print the top-3 training pairs per query; write ``<out>/scores.json`` (the
    10 most helpful and 10 most harmful pairs per query, their answers scored token
-   by token) and its HTML report ``<out>/report.html`` (:mod:`airtrace.report`).
+   by token from the projected tokens featurize kept, so no pair runs twice) and its
+   HTML report ``<out>/report.html`` (:mod:`airtrace.report`).
 
 The loss of every pair is the summed cross-entropy of its answer tokens
 ("Question: <q>\\nAnswer: <a>", prompt tokens masked). ``<out>/settings.json``
@@ -152,7 +154,8 @@ def _recorded(out: Path, settings: dict) -> bool:
 
 
 def _featurize(attributor, batches: list, path: Path, reuse: bool, progress: bool, log: Callable[[str], None]):
-    """The training features: a finished store of these settings, else featurized (resumed when unfinished)."""
+    """The training features: a finished store of these settings, else featurized (resumed when unfinished), keeping
+    the projected tokens for the report's per-token scores."""
     from airtrace.store import Store, StoreError
 
     if reuse:
@@ -163,7 +166,7 @@ def _featurize(attributor, batches: list, path: Path, reuse: bool, progress: boo
         except StoreError:  # missing or unfinished
             pass
     n = sum(len(ids) for ids, _ in batches)
-    return attributor.featurize(batches, path, total=n, overwrite=not reuse, progress=progress)
+    return attributor.featurize(batches, path, total=n, overwrite=not reuse, keep_tokens=True, progress=progress)
 
 
 def _fit(attributor, batches: list, store, path: Path, reuse: bool, progress: bool, log: Callable[[str], None]):
@@ -201,6 +204,7 @@ def run(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> DemoResult:
     """Run the demo (see the module docstring).
 
@@ -211,15 +215,41 @@ def run(
         cache_dir: model cache (see :func:`airtrace.demo.models.load_smollm2`).
         progress: show progress bars.
         log: receives one line per step.
+        threads: torch's intra-op threads while it runs (restored after); default :func:`free_cores`.
 
     Returns:
         The :class:`DemoResult`.
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or free_cores())
+    try:
+        return _run(Path(out), n_train, metric, cache_dir, progress, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def free_cores() -> int:
+    """The CPU cores this process may use that the 1-minute load average leaves free, at least 1; torch's own
+    thread count when ``OMP_NUM_THREADS`` is set.
+
+    A thread of a parallel region whose core is busy with another process stalls the region until it is
+    scheduled again: on 2 cores with a load of 6, one SmolLM2 batch of the demo took 4.7 s on 1 thread and
+    16.5 s on 2.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def _run(out: Path, n_train: int | None, metric: str, cache_dir, progress: bool,
+         log: Callable[[str], None]) -> DemoResult:
+    """:func:`run` under its thread setting."""
     from airtrace.attribute import Attributor
     from airtrace.demo.models import load_smollm2
     from airtrace.store import model_fingerprint
 
-    out, seconds, start = Path(out), {}, time.perf_counter()
+    seconds, start = {}, time.perf_counter()
     model, tokenizer = load_smollm2(cache_dir, log=log)
     queries, train = split(n_train)
     seconds["load"] = time.perf_counter() - start
@@ -233,7 +263,8 @@ def run(
         "train_ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
     })
     log(f"{len(train)} training pairs, {len(queries)} queries, {len(attributor.layers)} layers "
-        f"(LoGra {PROJECTION['k_out']}x{PROJECTION['k_in']} each), EK-FAC; writing to {out}")
+        f"(LoGra {PROJECTION['k_out']}x{PROJECTION['k_in']} each), EK-FAC, {torch.get_num_threads()} thread(s); "
+        f"writing to {out}")
 
     step = time.perf_counter()
     store = _featurize(attributor, train_batches, out / "store", reuse, progress, log)
