@@ -8,8 +8,8 @@ diabetes MLP; ``--tasks lm`` adds the small GPT, slow on 2 cores). Ground truth:
 split in two halves: ``calibrate`` chooses on the first (cross-validated inside it,
 :func:`airtrace.eval.calibrate.choose`); every row is measured on the second, the evaluation half:
 
-- ``default``: the default projection (layers with at most 4096 gradient entries unprojected, LoGra 16 x 16
-  beyond), EK-FAC, ``damping="auto"`` (weights and biases; what ``Attributor`` does);
+- ``default``: the default projection (layers with at most 65536 gradient entries unprojected, EK-FAC's exact budget;
+  LoGra 16 x 16 beyond), EK-FAC, ``damping="auto"`` (weights and biases; what ``Attributor`` does);
 - ``fixed``: the same with the fixed factor (``damping=None``, 0.1 x mean eigenvalue);
 - ``calibrated``: the setting ``choose`` picked on the first half (sizes 8/16/32 x ekfac/kfac/fisher x
   factors 1e-3..10 and auto x inner/cosine/relative);
@@ -141,7 +141,7 @@ def run_task(name: str, subsets: int, n_removed: int, skip: set[str]) -> list[di
         common = dict(bias=True, projection=PROJECTION, curvature="ekfac")
         start = time.perf_counter()
         default, _ = _attributed(model, task, tmp, "default", damping="auto", **common)
-        row("default", default, time.perf_counter() - start, "default projection (exact budget 4096, 16x16 beyond), "
+        row("default", default, time.perf_counter() - start, "default projection (exact budget 65536, 16x16 beyond), "
             "EK-FAC, damping auto")
         start = time.perf_counter()
         fixed, _ = _attributed(model, task, tmp, "fixed", damping=None, **common)
