@@ -10,8 +10,8 @@ the query's retrained loss) over the held-out subsets. The encoder trains on
 the labels of 80% of the *dev* pairs under the first ``subsets - holdout -
 val-subsets`` subset models; the other 20% of the dev pairs under the
 ``val-subsets`` subset models before the held-out ones are the validation split
-(the step count of the top-layer run is chosen there), never the held-out
-subsets or the queries.
+(the step count, learning rate and rank of the encoder-training runs, and which
+of them counts, are chosen there), never the held-out subsets or the queries.
 
 Parts (``--parts``):
 
@@ -20,7 +20,9 @@ Parts (``--parts``):
   attention ``softmax(s)·s``), ``airrep-projector-sum`` and ``airrep-projector-signed`` (trained and scored
   with those poolings); ``airrep-topL``: the ``airrep-projector`` encoder trained further with its top L
   transformer layers and projector on cached lower-layer outputs (:mod:`airtrace.airrep.layercache`), each
-  step encoding ``--pool-sample`` pool examples, the best validation step kept; the gradient methods on the
+  step encoding ``--pool-sample`` pool examples, the best validation step kept; ``airrep-loraL``: the same
+  with LoRA adapters (:mod:`airtrace.airrep.lora`) on the top L layers instead of the layers themselves, the
+  best of ``--lora-rank`` x ``--lora-lr`` on validation, folded into the weights; the gradient methods on the
   LM trained on the full pool, additive group scores: LoGra k x k (identity, EK-FAC), unprojected EK-FAC,
   with ``--exact`` the exact inverse-Gauss-Newton solve (CG), all with ``damping="auto"``, and the unprojected
   EK-FAC at the
@@ -46,9 +48,10 @@ Parts (``--parts``):
     python benches/bench_airrep.py --quick      # smoke pass (8 subsets, few steps, no SmolLM2), writes nothing
     python benches/bench_airrep.py              # -> benches/results/<device>/airrep*.csv
 
-Targets (``--check``): top-layer training beats projector-only by >= 0.03 LDS with the paired CI above 0;
-the better AirRep is on par with the best gradient configuration (``damping="auto"`` rows; paired CI lower
-bound >= -0.02); SmolLM2-135M featurization costs >= 10x the embedding per example; on unseen categories
+Targets (``--check``): encoder training (the top-layer or LoRA row, whichever is better on validation)
+beats projector-only by >= 0.03 LDS with the paired CI above 0; AirRep as validation picks it (that row
+when its best validation step is after step 0, else projector-only) is on par with the best gradient
+configuration (``damping="auto"`` rows; paired CI lower bound >= -0.02); SmolLM2-135M featurization costs >= 10x the embedding per example; on unseen categories
 AirRep keeps >= 80% of its seen-category gain over the untrained encoder.
 """
 
@@ -71,7 +74,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from airtrace.airrep import layercache  # noqa: E402
+from airtrace.airrep import layercache, lora  # noqa: E402
 from airtrace.airrep.encoder import Encoder, pair_texts  # noqa: E402
 from airtrace.airrep.evaluate import airrep_lds  # noqa: E402
 from airtrace.airrep.labels import LabelConfig, generate  # noqa: E402
@@ -98,6 +101,12 @@ GRADIENT_METHODS = (
 EXACT = ("exact-cg", dict(curvature="exact", projection="exact", solver="cg"))
 """The exact inverse-Gauss-Newton solve (``--exact``: over 10 minutes for the tiny LM on two shared CPU cores)."""
 """Gradient configurations faced (damping "auto", the default, unless a row says otherwise)."""
+LORA_LAYERS, LORA_RANKS, LORA_ALPHA, LORA_LRS, LORA_PROJECTOR_LR, LORA_STEPS = 1, (8,), 16.0, (3e-4,), 1e-5, 20
+"""LoRA settings of the ``airrep-loraN`` row, the best of a validation grid on the tiny LM (top 1 layer, 48 pool rows
+and 16 dev x 16 subsets per step, continuing the projector run; validation LDS at step 0 = 0.297): rank 8, lr 3e-4,
+projector lr 1e-5 gave 0.299 at step 10, 0.285 at 20, 0.241 at 40; lr 1e-3 fell to 0.12-0.23 within 40 steps, with
+the projector at 1e-5 or at the adapters' rate; lr 1e-4 (32 dev pairs per step) and rank 1 at 3e-4 drifted down
+(0.291 and 0.293 at 40; 0.2975 best); every pool row per step (no sampling, 17 s a step) 0.296 at 10 and 20."""
 DAMPING_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Relative damping factors (x mean eigenvalue) of the unprojected EK-FAC oracle row."""
 
@@ -254,11 +263,12 @@ def top_embeddings(encoder, texts, frozen):
         return layercache.embed_rows(encoder, cache, torch.arange(len(texts)))
 
 
-def train_top(encoder, split, pool_texts, args, lr, progress):
-    """Continue ``encoder`` with its top ``args.top_layers`` layers + projector trained; the step count with the best
-    validation LDS (checked every ``args.top_every`` steps) is kept. (encoder, seconds, record)."""
+def train_encoder(encoder, split, pool_texts, config, every, progress):
+    """Continue ``encoder`` in ``config``'s mode ("top" or "lora": its top ``config.top_layers`` layers or their
+    adapters, and the projector); the step count with the best validation LDS (checked every ``every`` steps, step 0
+    included) is kept. (encoder, seconds, record)."""
     labels = split.labels
-    frozen = len(encoder.layers()) - args.top_layers
+    frozen = len(encoder.layers()) - config.top_layers
     val_texts = split.texts(split.val_dev)
     val_masks, val_outputs = labels.masks[split.val_subsets], labels.dev_outputs[split.val_subsets][:, split.val_dev]
     history, best = [], {}
@@ -268,25 +278,66 @@ def train_top(encoder, split, pool_texts, args, lr, progress):
         result = airrep_lds(top_embeddings(encoder, val_texts, frozen), top_embeddings(encoder, pool_texts, frozen),
                             val_masks, val_outputs, bootstrap=0)
         history.append((step, result.mean))
-        print(f"# top-layer training: step {step}, validation LDS {result.mean:.4f}", flush=True)
+        print(f"# {config.trainable} training: step {step}, validation LDS {result.mean:.4f}", flush=True)
         if not best or result.mean > best["lds"]:
-            best.update(lds=result.mean, step=step, state={k: v.clone() for k, v in encoder.state_dict().items()})
+            best.update(lds=result.mean, step=step,
+                        state={k: v.clone() for k, v in lora.merged_state_dict(encoder).items()})
         encoder.train()
 
     validate(0)
-    config = TrainConfig(steps=args.top_steps, lr=lr, trainable="top", top_layers=args.top_layers,
-                         pool_sample=args.pool_sample, dev_batch=args.top_dev_batch, subset_batch=16)
     losses, seconds = one_thread(lambda: train(
         encoder, pool_texts, split.texts(split.fit_dev), labels.masks[split.fit_subsets],
         labels.dev_outputs[split.fit_subsets][:, split.fit_dev], config, progress=progress,
-        callback=validate, every=args.top_every))
+        callback=validate, every=every))
     encoder.load_state_dict(best["state"])
     encoder.eval()
     cache_bytes = sum(layercache.load_or_compute(encoder, t, frozen).nbytes
                       for t in (pool_texts, split.texts(split.fit_dev)))
     return encoder, seconds, {"best_step": best["step"], "best_lds": best["lds"], "history": history,
-                              "cache_bytes": cache_bytes,
-                              "config": config, "losses": losses}
+                              "cache_bytes": cache_bytes, "config": config, "losses": losses}
+
+
+def describe(config) -> str:
+    """The settings of an encoder-training run that the bench varies."""
+    if config.trainable == "lora":
+        return (f"rank {config.lora_rank} alpha {config.lora_alpha:g} on {config.lora_targets}, lr {config.lr:g}, "
+                f"projector lr {config.projector_lr:g}")
+    return f"lr {config.lr:g}"
+
+
+def encoder_configs(args) -> dict[str, list[TrainConfig]]:
+    """Encoder-training runs by row name: the top layers (one per ``--top-lr``) and LoRA (per ``--lora-rank`` x
+    ``--lora-lr``), each continuing the projector run for at most its step count."""
+    shared = dict(pool_sample=args.pool_sample, dev_batch=args.top_dev_batch, subset_batch=16)
+    return {
+        f"airrep-top{args.top_layers}": [
+            TrainConfig(steps=args.top_steps, lr=lr, trainable="top", top_layers=args.top_layers, **shared)
+            for lr in args.top_lr],
+        f"airrep-lora{args.lora_layers}": [
+            TrainConfig(steps=args.lora_steps, lr=lr, trainable="lora", top_layers=args.lora_layers, lora_rank=rank,
+                        lora_alpha=args.lora_alpha, projector_lr=args.lora_projector_lr, **shared)
+            for rank in args.lora_rank for lr in args.lora_lr],
+    }
+
+
+def encoder_row(name, best, runs, pool_texts, query_texts, eval_masks, eval_outputs, per_example_ms,
+                embed_seconds) -> dict:
+    """The held-out row of the run with the best validation LDS among ``runs`` (``best``)."""
+    encoder, seconds, record = best
+    cfg = record["config"]
+    frozen = len(encoder.layers()) - cfg.top_layers
+    pool, queries = (top_embeddings(encoder, texts, frozen) for texts in (pool_texts, query_texts))
+    tried = "; ".join(f"{describe(r['config'])}: best validation LDS {r['best_lds']:.3f} at step {r['best_step']}"
+                      for _, _, r in runs)
+    what = f"{'LoRA on the ' if cfg.trainable == 'lora' else ''}top {cfg.top_layers} layer(s)"
+    return airrep_row(name, queries, pool, eval_masks, eval_outputs, "attention", per_example_ms, embed_seconds,
+                      seconds,
+                      f"projector run + {what} and projector, {describe(cfg)}, "
+                      f"{cfg.pool_sample} pool rows and {cfg.dev_batch} dev x {cfg.subset_batch} subsets per step, "
+                      f"best validation step {record['best_step']} of {cfg.steps} "
+                      f"(validation LDS {', '.join(f'{s}:{v:.3f}' for s, v in record['history'])}); "
+                      f"layer cache {record['cache_bytes'] / 2**20:.1f} MiB; train_seconds = this phase only; "
+                      f"tried {tried} ({sum(r[1] for r in runs):.0f} s in all)")
 
 
 def category_rows(labels, split, base, features, query_features, pool_embeddings, pool_texts, args, eval_masks,
@@ -502,6 +553,17 @@ def main(argv=None) -> int:
     parser.add_argument("--top-lr", type=float, nargs="+", default=[3e-6, 1e-5],
                         help="top-layer learning rates tried, the best on validation kept (default 3e-6 1e-5; "
                              "3e-5 and 1e-4 lowered the validation LDS from 0.297 to 0.23 and 0.14 in 30 steps)")
+    parser.add_argument("--lora-layers", type=int, default=LORA_LAYERS,
+                        help=f"top layers with LoRA adapters (default {LORA_LAYERS})")
+    parser.add_argument("--lora-rank", type=int, nargs="+", default=list(LORA_RANKS),
+                        help=f"adapter ranks tried, the best on validation kept (default {LORA_RANKS})")
+    parser.add_argument("--lora-alpha", type=float, default=LORA_ALPHA,
+                        help=f"adapter scale alpha (default {LORA_ALPHA:g})")
+    parser.add_argument("--lora-lr", type=float, nargs="+", default=list(LORA_LRS),
+                        help=f"LoRA learning rates tried, the best on validation kept (default {LORA_LRS})")
+    parser.add_argument("--lora-steps", type=int, default=LORA_STEPS, help=f"LoRA steps (default {LORA_STEPS})")
+    parser.add_argument("--lora-projector-lr", type=float, default=LORA_PROJECTOR_LR,
+                        help=f"projector learning rate of the LoRA runs (default {LORA_PROJECTOR_LR:g})")
     parser.add_argument("--top-dev-batch", type=int, default=16, help="dev examples per top-layer step (default 16)")
     parser.add_argument("--pool-sample", type=int, default=48,
                         help="training examples encoded per top-layer step (default 48)")
@@ -523,6 +585,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.subsets, args.holdout, args.val_subsets, args.steps, args.cost_pairs = 8, 3, 2, 20, 0
         args.top_steps, args.top_every, args.pool_sample, args.group_subsets = 2, 1, 8, 4
+        args.lora_steps, args.lora_rank, args.lora_lr = 2, args.lora_rank[:1], args.lora_lr[:1]
     if not 1 <= args.holdout <= args.subsets - args.val_subsets - 2:
         parser.error(f"--holdout must be in [1, subsets - val-subsets - 2], got {args.holdout}")
     progress = not args.quiet
@@ -574,46 +637,38 @@ def main(argv=None) -> int:
                     rows.append(airrep_row(f"{name}/{other}-inference", queries, pool, eval_masks, eval_outputs,
                                            other, per_example_ms, embed_seconds, seconds,
                                            f"airrep-projector encoder scored with {other} pooling"))
-        runs = []
-        for lr in args.top_lr:                  # the learning rate is chosen on the validation split too
-            runs.append(train_top(copy.deepcopy(trained["attention"]), split, pool_texts, args, lr, progress))
-        encoder, seconds, record = max(runs, key=lambda run: run[2]["best_lds"])
-        tried = "; ".join(f"lr {r['config'].lr:g}: best validation LDS {r['best_lds']:.3f} at step {r['best_step']}"
-                          for _, _, r in runs)
-        frozen = len(encoder.layers()) - args.top_layers
-        start = time.perf_counter()
-        pool = top_embeddings(encoder, pool_texts, frozen)
-        top_ms = 1e3 * (time.perf_counter() - start) / n + per_example_ms * frozen / len(encoder.layers())
-        queries = top_embeddings(encoder, query_texts, frozen)
-        cfg = record["config"]
-        rows.append(airrep_row(f"airrep-top{args.top_layers}", queries, pool, eval_masks, eval_outputs, "attention",
-                               per_example_ms, embed_seconds, seconds,
-                               f"projector run + top {args.top_layers} layer(s) and projector, lr {cfg.lr:g}, "
-                               f"{cfg.pool_sample} pool rows and {cfg.dev_batch} dev x {cfg.subset_batch} subsets per "
-                               f"step, best validation step {record['best_step']} of {cfg.steps} "
-                               f"(validation LDS {', '.join(f'{s}:{v:.3f}' for s, v in record['history'])}); "
-                               f"layer cache {record['cache_bytes'] / 2**20:.1f} MiB; train_seconds = top phase only; "
-                               f"tried {tried} ({sum(r[1] for r in runs):.0f} s in all)"))
+        modes = {}                              # settings are chosen on the validation split, never held out
+        for name, configs in encoder_configs(args).items():
+            runs = [train_encoder(copy.deepcopy(trained["attention"]), split, pool_texts, config, args.top_every,
+                                  progress) for config in configs]
+            modes[name] = max(runs, key=lambda run: run[2]["best_lds"])
+            rows.append(encoder_row(name, modes[name], runs, pool_texts, query_texts, eval_masks, eval_outputs,
+                                    per_example_ms, embed_seconds))
         rows += gradient_rows(labels.task, eval_masks, eval_outputs, args.k, progress, damping_grid=not args.quick,
                               exact=args.exact)
-        top = f"airrep-top{args.top_layers}"
+        # the encoder-training mode with the best validation LDS; AirRep's own choice is it when it beat the
+        # projector on validation (a best step after 0), else the projector
+        chosen = max(modes, key=lambda name: modes[name][2]["best_lds"])
+        airrep = chosen if modes[chosen][2]["best_step"] > 0 else "airrep-projector"
+        scores = ", ".join(f"{m} {r[2]['best_lds']:.4f}" for m, r in modes.items())
+        print(f"# validation picks {chosen} among the encoder-training modes (validation LDS {scores}; step 0 = the "
+              f"projector run's); AirRep's default on validation: {airrep}")
         gradient_names = [r["method"] for r in rows if r["method"].startswith(("logra", "ekfac", "exact"))]
-        diffs = paired(rows, [(top, "airrep-projector"), (top, "minilm-untrained"),
-                              ("airrep-projector", "minilm-untrained"), ("airrep-projector", "airrep-projector-sum"),
-                              ("airrep-projector", "airrep-projector/attention-signed-inference"),
-                              ("airrep-projector", "airrep-projector-signed")]
-                       + [(a, g) for a in (top, "airrep-projector") for g in gradient_names])
+        diffs = paired(rows, [(m, "airrep-projector") for m in modes] + [(m, "minilm-untrained") for m in modes]
+                       + [("airrep-projector", "minilm-untrained"), ("airrep-projector", "airrep-projector-sum"),
+                          ("airrep-projector", "airrep-projector/attention-signed-inference"),
+                          ("airrep-projector", "airrep-projector-signed")]
+                       + [(a, g) for a in (*modes, "airrep-projector") for g in gradient_names])
         best_gradient = max((r for r in rows if r["method"] in gradient_names and "damping" not in r["method"]),
                             key=lambda r: r["lds"])
-        best_airrep = max((r for r in rows if r["method"] in (top, "airrep-projector")), key=lambda r: r["lds"])
-        d = diffs[(top, "airrep-projector")]
-        targets.append(C.target(f"{top} - airrep-projector paired LDS CI lower bound (> 0 and mean >= 0.03)",
+        d = diffs[(chosen, "airrep-projector")]
+        targets.append(C.target(f"encoder training ({chosen}, chosen on validation) - airrep-projector paired LDS CI "
+                                "lower bound (> 0 and mean >= 0.03)",
                                 d[1] if d[0] >= 0.03 else min(d[1], d[0] - 0.03), 1e-12,
                                 detail=f" (mean {d[0]:+.4f}, CI {d[1]:+.4f} .. {d[2]:+.4f})"))
-        d = diffs[(best_airrep["method"], best_gradient["method"])]
-        targets.append(C.target(f"{best_airrep['method']} - best gradient ({best_gradient['method']}) paired LDS CI "
-                                "lower bound", d[1], -0.02,
-                                detail=f" (mean {d[0]:+.4f}, CI {d[1]:+.4f} .. {d[2]:+.4f})"))
+        d = diffs[(airrep, best_gradient["method"])]
+        targets.append(C.target(f"{airrep} - best gradient ({best_gradient['method']}) paired LDS CI lower bound",
+                                d[1], -0.02, detail=f" (mean {d[0]:+.4f}, CI {d[1]:+.4f} .. {d[2]:+.4f})"))
         gradient_ms = min(r["ms_per_example"] for r in rows if r["method"] in gradient_names)
         print(f"# embedding vs gradient featurization on LM {args.size}: {gradient_ms / per_example_ms:.3g}x "
               f"(gradient ms / embedding ms per example; > 1 means the embedding is cheaper)")

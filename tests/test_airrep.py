@@ -144,7 +144,7 @@ def test_ranknet_loss_by_hand():
 def test_gradient_caching_equals_plain_backward(pooling):
     encoder = tiny_encoder(dtype=torch.float64)
     train_texts, dev_texts = TEXTS[:7], TEXTS[7:]
-    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, "all", False)
+    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, TrainConfig(trainable="all"), False)
     masks = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 1, 1],
                           [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     masks[3, 4] = True

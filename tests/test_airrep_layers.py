@@ -27,6 +27,18 @@ def tiny_encoder(seed=0, layers=3) -> Encoder:
     return Encoder(BertModel(config), tokenizer, max_tokens=32, seed=seed).to(torch.float64)
 
 
+def planted_labels(encoder):
+    """(masks (12, 6) bool, outputs (12, 4)) of subsets of TEXTS[:6] and dev TEXTS[6:], labelled by a planted
+    "ideal" dev representation: sum-pooled scores of random dev vectors against a random map of the embeddings."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(12, 6, generator=g) < 0.5
+    masks[:, 0] |= ~masks.any(dim=1)
+    with torch.no_grad():
+        E = encoder.embed(TEXTS[:6])
+    target = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    return masks, subset_scores(target, E @ torch.randn(8, 8, generator=g, dtype=torch.float64), masks, "sum").T
+
+
 @pytest.mark.parametrize("top_layers", [1, 3])
 def test_top_training_gradients_equal_full_forward(top_layers, tmp_path):
     encoder = tiny_encoder()
@@ -34,8 +46,9 @@ def test_top_training_gradients_equal_full_forward(top_layers, tmp_path):
     masks = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
     dev_rows = torch.tensor([0, 2, 1])
     labels = torch.tensor([[1.0, -0.5, 0.3], [0.0, 0.2, -1.0], [-2.0, 1.5, 0.0]], dtype=torch.float64)
-    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, "top", False,
-                                                 top_layers=top_layers, cache_dir=tmp_path)
+    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts,
+                                                 TrainConfig(trainable="top", top_layers=top_layers), False,
+                                                 cache_dir=tmp_path)
     frozen = 3 - top_layers
     with torch.no_grad():                    # the cached path gives the full forward's embeddings
         assert torch.allclose(encode_train(torch.arange(7)), encoder.encode(train_texts), rtol=0, atol=1e-12)
@@ -103,13 +116,7 @@ def test_layer_cache_keying_and_refusal(tmp_path, monkeypatch):
 
 def test_top_training_lowers_the_loss_and_leaves_frozen_layers(tmp_path):
     encoder = tiny_encoder(seed=2)
-    g = torch.Generator().manual_seed(0)
-    masks = torch.rand(12, 6, generator=g) < 0.5
-    masks[:, 0] |= ~masks.any(dim=1)
-    with torch.no_grad():                    # labels of a planted "ideal" dev representation
-        E = encoder.embed(TEXTS[:6])
-    target = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    outputs = subset_scores(target, E @ torch.randn(8, 8, generator=g, dtype=torch.float64), masks, "sum").T
+    masks, outputs = planted_labels(encoder)
     frozen = {k: v.clone() for k, v in encoder.state_dict().items() if not k.startswith(("projector",
                                                                                           "backbone.encoder.layer.2"))}
     top = encoder.layers()[2].attention.self.query.weight.clone()

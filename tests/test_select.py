@@ -1,5 +1,6 @@
 """Data selection (airtrace.select, airtrace select): BIDS, LESS and top-k on a matrix worked by hand, random with a
-seed, budgets, ties, errors, and the command end to end on a matrix written by airtrace score --full-matrix."""
+seed, budgets, ties, errors, a matrix file streamed in blocks, AirRep embeddings as the scores, and the command end
+to end on a matrix written by airtrace score --full-matrix and on embedding files."""
 
 import json
 import math
@@ -11,7 +12,7 @@ import torch
 
 from airtrace import cli
 from airtrace.scoring import FullMatrixWriter
-from airtrace.select import budget_rows, load_matrix, select
+from airtrace.select import budget_rows, embedding_scores, load_matrix, select
 from test_cli import MODEL, N_TRAIN  # the tiny task: training rows t0 .. t19, queries q0 .. q2
 
 # Five training rows, three queries; queries 0 and 1 belong to task "a", query 2 to task "b".
@@ -145,6 +146,33 @@ def test_the_matrix_file_is_read_as_train_rows(tmp_path):
         select(tmp_path / "bad.safetensors", TASKS, 2)
 
 
+
+@pytest.mark.parametrize("strategy", ["bids", "less", "topk", "random"])
+def test_a_matrix_file_is_streamed_in_blocks_with_the_in_memory_result(tmp_path, monkeypatch, strategy):
+    import airtrace.select as selection
+
+    scores = torch.randn(41, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3 + 1
+    scores[:, 6] = 2.0  # a constant query: z-scores 0 in every block
+    tasks = ["a", "b", "a", "c", "b", "a", "c"]
+    path = tmp_path / "m.safetensors"
+    _write_matrix(path, scores.T.contiguous(), {})
+    read = []
+    blocks = selection.matrix_blocks
+    monkeypatch.setattr(selection, "ROWS_PER_BLOCK", 4)
+    monkeypatch.setattr(selection, "matrix_blocks", lambda *a: (read.append(b.shape[0]) or b for b in blocks(*a)))
+    streamed = select(path, tasks, 12, strategy, seed=3)
+    assert read == [4] * 10 + [1] + [4] * 10 + [1]  # two passes, never more than 4 rows at a time
+    whole = select(scores, tasks, 12, strategy, seed=3)
+    assert streamed.rows == whole.rows
+    for task, cover in whole.coverage.items():
+        assert streamed.coverage[task]["best"] == cover["best"]
+        assert streamed.coverage[task]["mean_normalized"] == pytest.approx(cover["mean_normalized"], abs=1e-12)
+    scores[37, 2] = math.inf
+    _write_matrix(path, scores.T.contiguous(), {})
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at row 37, query 2\)"):
+        select(path, tasks, 2, strategy)
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -237,3 +265,77 @@ def test_command_nan_matrix_exits_1_and_writes_nothing(tmp_path, capsys):
     tasks.write_text(json.dumps(TASKS))
     assert cli.main(["select", str(matrix), "--tasks", str(tasks), "--budget", "2", "--out", str(out)]) == 1
     assert "NaN or inf (first at row 2, query 0)" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------- AirRep embeddings as the scores
+
+
+def test_embedding_scores_are_dot_products():
+    # With the identity as the query embeddings, S[i, j] = train[i] · e_j = train[i, j]: the matrix worked by hand.
+    assert torch.equal(embedding_scores(S.float(), torch.eye(3)), S)
+    assert select(embedding_scores(S, torch.eye(3, dtype=torch.float64)), TASKS, 5, "bids").rows == [0, 4, 1, 2, 3]
+    two = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    expected = torch.tensor([[2.5], [0.5]], dtype=torch.float64)  # (1 * .5 + 2 * 1, 3 * .5 - 1 * 1)
+    assert torch.equal(embedding_scores(two, torch.tensor([[0.5, 1.0]])), expected)
+    with pytest.raises(ValueError, match="train embeddings have d = 3 but queries d = 2"):
+        embedding_scores(S, torch.eye(2))
+    with pytest.raises(ValueError, match="train embeddings must be a non-empty 2-D float tensor"):
+        embedding_scores(torch.zeros(3), torch.eye(3))
+
+
+def _write_embeddings(path, ids, embeddings):
+    """An embeddings file as airtrace airrep embed writes it."""
+    from safetensors.torch import save_file
+
+    from airtrace.airrep.cli import EMBEDDINGS, METADATA_KEY
+
+    save_file({EMBEDDINGS: embeddings.contiguous()}, str(path), metadata={METADATA_KEY: json.dumps({"ids": ids})})
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    train, queries, tasks = tmp_path / "train.safetensors", tmp_path / "val.safetensors", tmp_path / "tasks.json"
+    _write_embeddings(train, [f"z{i}" for i in range(5)], S.float())
+    _write_embeddings(queries, ["v0", "v1", "v2"], torch.eye(3))
+    tasks.write_text(json.dumps({"v0": "a", "v1": "a", "v2": "b"}))  # by query id, read from the embeddings file
+    return tmp_path, str(train), str(queries), str(tasks)
+
+
+def test_command_scores_by_airrep_embeddings(embedded):
+    root, train, queries, tasks = embedded
+    out = root / "sel.json"
+    assert cli.main(["select", "--airrep", train, queries, "--tasks", tasks, "--budget", "4", "--out", str(out),
+                     "--quiet"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [0, 4, 1, 2] and doc["selected"] == ["z0", "z4", "z1", "z2"]
+    assert doc["ids_from"] == "embeddings" and doc["metric"] == "airrep-dot" and "matrix" not in doc
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["MATRIX"], "not both or neither"),
+    (["--store", "somewhere"], "--store names the train ids of a MATRIX"),
+    (["BAD"], "not an embeddings file written by airtrace airrep embed"),
+    (["NARROW"], "train embeddings have d = 3 but queries d = 2"),
+    (["MISSING"], "no such file"),
+])
+def test_command_airrep_usage_errors_exit_2(embedded, capsys, args, message):
+    root, train, queries, tasks = embedded
+    (root / "bad.safetensors").write_bytes(b"not safetensors")
+    _write_embeddings(root / "narrow.safetensors", ["v0", "v1", "v2"], torch.eye(3)[:, :2])
+    _write_matrix(root / "m.safetensors", S.T.contiguous(), {})
+    swap = {"BAD": str(root / "bad.safetensors"), "NARROW": str(root / "narrow.safetensors"),
+            "MISSING": str(root / "gone.safetensors")}
+    second = swap.get(args[0], queries)
+    extra = [str(root / "m.safetensors")] if args == ["MATRIX"] else [] if args[0] in swap else args
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["select", *extra, "--airrep", train, second, "--tasks", tasks, "--budget", "2",
+                  "--out", str(root / "o.json")])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err and not (root / "o.json").exists()
+
+
+def test_command_without_scores_exits_2(tmp_path, capsys):
+    (tmp_path / "t.json").write_text(json.dumps(TASKS))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["select", "--tasks", str(tmp_path / "t.json"), "--budget", "2", "--out", str(tmp_path / "o.json")])
+    assert exit_.value.code == 2 and "not both or neither" in capsys.readouterr().err

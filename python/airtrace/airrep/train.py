@@ -18,13 +18,16 @@ batch, while the memory of a step holds the graph of one chunk, whatever K
 and |U| are (gradient caching). The encoder must be deterministic (its
 backbone stays in eval mode).
 
-Three trainable modes: ``"all"`` fine-tunes backbone and projector on the texts;
+Four trainable modes: ``"all"`` fine-tunes backbone and projector on the texts;
 ``"projector"`` freezes the backbone, computes its pooled features once and
 trains the projector on them (the CPU-friendly mode: 1000 steps in about 6 s
 on one core for the chatterbot pool); ``"top"`` trains the top ``top_layers``
 transformer layers and the projector, with the outputs of the frozen layers
 below computed once per example and cached on disk
-(:mod:`airtrace.airrep.layercache`), so a step runs only the trained layers.
+(:mod:`airtrace.airrep.layercache`), so a step runs only the trained layers;
+``"lora"`` is the same with the top layers frozen and low-rank adapters on
+their linear layers trained instead (:mod:`airtrace.airrep.lora`), folded into
+the weights when training ends.
 ``"all"`` re-encodes the union of a step's subsets with the whole backbone
 twice per step: with MiniLM-L6 on the 240-pair chatterbot pool that is 40-60 s
 per step on two shared CPU cores, so it is meant for an accelerator
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 
 from airtrace.util.checks import positive_int_fields
-from airtrace.airrep import layercache
+from airtrace.airrep import layercache, lora
 from airtrace.airrep.encoder import Encoder
 from airtrace.airrep.objective import T_MAX, T_MIN, normalize_labels, ranknet_loss
 from airtrace.airrep.pooling import check_pooling, masks_to_csr, padded_members, pool
@@ -52,7 +55,7 @@ from airtrace.util.progress import progress_bar
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 """rows (r,) int64 -> their embeddings (r, d), with autograd."""
 
-TRAINABLE = ("all", "projector", "top")
+TRAINABLE = ("all", "projector", "top", "lora")
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,21 @@ class TrainConfig:
     Top-layer training ("top", ``top_layers`` 1, from the projector-trained encoder, 48 pool
     examples and 16 dev pairs x 16 subsets per step) lowered the validation LDS of the tiny
     chatterbot LM at every learning rate tried: 0.297 -> 0.292 (1e-5), 0.228 (3e-5), 0.143
-    (1e-4) after 20-30 steps, and steadily to 0.277 over 100 steps at 3e-6; so "projector"
-    stays the default.
+    (1e-4) after 20-30 steps, and steadily to 0.277 over 100 steps at 3e-6. LoRA ("lora", rank 8
+    on the top layer, same batches, projector_lr 1e-5) peaked at 0.299 after 10 steps at lr 3e-4
+    and fell after (0.241 at 40); lr 1e-3 fell to 0.12-0.23, rank 1 and lr 1e-4 drifted to
+    0.29. Two causes seen with the projector alone: a fresh optimizer at the projector's
+    training rate undoes it (see ``projector_lr``), and sampled pools (``pool_sample`` 48 of 240)
+    train another objective than whole-group pooling (40 more projector steps at 1e-4: 0.297 ->
+    0.286 sampled, 0.295 unsampled), while an unsampled LoRA step costs 17 s on a loaded core
+    (0.296 after 20). So "projector" stays the default.
 
     Attributes:
         steps: optimizer steps.
         lr: peak AdamW learning rate.
+        projector_lr: the projector's peak learning rate (None: ``lr``; 0 freezes it). Continuing a
+            trained projector with a fresh optimizer at its own training rate (1e-3) undoes it: 40
+            projector-only steps at 1e-3 lowered the validation LDS 0.297 -> 0.19, at 1e-5 it stayed.
         weight_decay: AdamW weight decay.
         warmup: fraction of the steps with a linear warm-up (then linear decay to 0).
         clip: gradient-norm clipping threshold.
@@ -83,9 +95,13 @@ class TrainConfig:
         subset_batch: subsets per step (K).
         chunk: training examples re-encoded per backward chunk.
         pooling: "attention", "attention-signed" or "sum" group scores.
-        trainable: "all" (backbone + projector), "projector" (frozen backbone) or "top" (the top
-            ``top_layers`` layers + projector on cached lower-layer outputs).
-        top_layers: layers trained in "top" mode, in [1, L].
+        trainable: "all" (backbone + projector), "projector" (frozen backbone), "top" (the top
+            ``top_layers`` layers + projector on cached lower-layer outputs) or "lora" (adapters on the
+            top ``top_layers`` layers + projector, same cache).
+        top_layers: layers trained ("top") or adapted ("lora"), in [1, L].
+        lora_rank: adapter rank r ("lora").
+        lora_alpha: adapter scale α, update ``(α / r) B A`` ("lora").
+        lora_targets: adapted linear layers of each layer: "attention", "mlp" or "attention+mlp" ("lora").
         pool_sample: training examples drawn per step (None: all); each subset of the step is
             restricted to its members among them, so a step encodes at most this many (the pooled
             score of the sampled members estimates the whole subset's; for the top-layer and
@@ -97,6 +113,7 @@ class TrainConfig:
 
     steps: int = 1000
     lr: float = 1e-3
+    projector_lr: float | None = None
     weight_decay: float = 0.01
     warmup: float = 0.1
     clip: float = 1.0
@@ -106,6 +123,9 @@ class TrainConfig:
     pooling: str = "attention"
     trainable: str = "projector"
     top_layers: int = 1
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "attention+mlp"
     pool_sample: int | None = None
     t_min: float = T_MIN
     t_max: float = T_MAX
@@ -114,10 +134,15 @@ class TrainConfig:
     def __post_init__(self):
         positive_int_fields(self, ("steps", "dev_batch", "subset_batch", "chunk", "top_layers"))
         check_pooling(self.pooling)
+        lora.check_settings(self.lora_rank, self.lora_alpha, self.lora_targets)
         if self.pool_sample is not None:
             positive_int_fields(self, ("pool_sample",))
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.projector_lr is not None and not (self.projector_lr > 0 or
+                                                   (self.projector_lr == 0 and self.trainable != "projector")):
+            raise ValueError(f"TrainConfig.projector_lr must be None, > 0, or 0 outside the projector mode, got "
+                             f"{self.projector_lr} with trainable={self.trainable!r}")
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1 and self.clip > 0):
             raise ValueError(f"TrainConfig needs lr > 0, weight_decay >= 0, 0 <= warmup < 1 and clip > 0, got "
                              f"lr={self.lr}, weight_decay={self.weight_decay}, warmup={self.warmup}, clip={self.clip}")
@@ -188,20 +213,24 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def _top_encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], top_layers: int,
+def _top_encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], config: TrainConfig,
                   progress: bool, cache_dir: str | os.PathLike | None
                   ) -> tuple[EncodeFn, EncodeFn, list[nn.Parameter]]:
-    """"top" mode: the frozen lower layers' outputs read from (or written to) the layer cache."""
+    """"top" and "lora" modes: the frozen lower layers' outputs read from (or written to) the layer cache."""
     count = len(encoder.layers())
-    if top_layers > count:
+    if config.top_layers > count:
         raise ValueError(f"TrainConfig.top_layers must be in [1, {count}] for this {count}-layer backbone, "
-                         f"got {top_layers}")
-    frozen = count - top_layers
-    trained = encoder.layers()[frozen:]
+                         f"got {config.top_layers}")
+    frozen = count - config.top_layers
+    top = encoder.layers()[frozen:]
     for p in encoder.backbone.parameters():
         p.requires_grad_(False)
-    for p in trained.parameters():
-        p.requires_grad_(True)
+    if config.trainable == "lora":
+        trained = lora.apply(top, config.lora_rank, config.lora_alpha, config.lora_targets, seed=config.seed)
+    else:
+        trained = list(top.parameters())
+        for p in trained:
+            p.requires_grad_(True)
     caches = []
     for texts in (dev_texts, train_texts):
         path = None if cache_dir is None else (Path(cache_dir) / layercache.default_path(encoder, texts, frozen).name)
@@ -210,16 +239,16 @@ def _top_encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Seque
     def encode(cache: layercache.LayerCache) -> EncodeFn:
         return lambda rows: layercache.embed_rows(encoder, cache, rows)
 
-    return encode(caches[0]), encode(caches[1]), [*trained.parameters(), *encoder.projector.parameters()]
+    return encode(caches[0]), encode(caches[1]), [*trained, *encoder.projector.parameters()]
 
 
-def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], trainable: str,
-              progress: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None, top_layers: int = 1,
+def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], config: TrainConfig,
+              progress: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None,
               cache_dir: str | os.PathLike | None = None) -> tuple[EncodeFn, EncodeFn, list[nn.Parameter]]:
-    """(encode_dev, encode_train, trainable parameters) for a mode."""
-    if trainable == "top":
-        return _top_encoders(encoder, train_texts, dev_texts, top_layers, progress, cache_dir)
-    if trainable == "projector":
+    """(encode_dev, encode_train, trainable parameters) for ``config.trainable``."""
+    if config.trainable in ("top", "lora"):
+        return _top_encoders(encoder, train_texts, dev_texts, config, progress, cache_dir)
+    if config.trainable == "projector":
         for p in encoder.backbone.parameters():
             p.requires_grad_(False)
         if features is None:
@@ -240,6 +269,19 @@ def _encoders(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[
             [p for p in encoder.parameters() if p.requires_grad])
 
 
+def _param_groups(encoder: Encoder, params: list[nn.Parameter], config: TrainConfig) -> list[dict]:
+    """Optimizer groups: the projector at ``config.projector_lr`` (frozen when 0), the rest at ``config.lr``."""
+    if config.projector_lr is None:
+        return [{"params": params}]
+    projector = {id(p) for p in encoder.projector.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in projector]}]
+    if config.projector_lr > 0:
+        groups.append({"params": [p for p in params if id(p) in projector], "lr": config.projector_lr})
+    else:
+        encoder.projector.requires_grad_(False)
+    return [g for g in groups if g["params"]]
+
+
 def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str], masks: torch.Tensor,
           dev_outputs: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,
           features: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -248,7 +290,8 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
     """Train ``encoder`` in place on datamodel labels.
 
     Args:
-        encoder: the encoder (its projector, or everything, is trained).
+        encoder: the encoder (its projector, top layers, or everything is trained; in "lora" mode
+            the adapters are folded into the top layers' weights at the end).
         train_texts: n training-pool texts (columns of ``masks``).
         dev_texts: q dev texts (columns of ``dev_outputs``).
         masks: (m, n) bool subsets the target models were trained on.
@@ -258,10 +301,12 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
         progress: show a progress bar (steps/s, ETA, loss).
         features: ("projector" mode) the backbone features (n, d) and (q, d) of the training and
             dev texts from :meth:`Encoder.pooled`, when already computed.
-        cache_dir: ("top" mode) folder of the lower-layer caches (default
+        cache_dir: ("top" and "lora" modes) folder of the lower-layer caches (default
             ``$AIRTRACE_CACHE/airrep/layers``; see :mod:`airtrace.airrep.layercache`).
         callback: called with the number of steps done after every ``every`` steps (e.g. to
-            measure a validation split; it runs with the encoder in training mode).
+            measure a validation split; it runs with the encoder in training mode and, in "lora" mode,
+            the adapters not yet folded in: :func:`airtrace.airrep.lora.merged_state_dict` gives the
+            plain state).
         every: see ``callback`` (0: never).
 
     Returns:
@@ -279,9 +324,10 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
         raise ValueError(f"dev_outputs must be (m, q) = ({masks.shape[0]}, {q}), got {tuple(dev_outputs.shape)}")
     labels = normalize_labels(-dev_outputs.to(torch.float64))
     encoder.train()
-    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, config.trainable, progress,
-                                                 features, config.top_layers, cache_dir)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    encode_dev, encode_train, params = _encoders(encoder, train_texts, dev_texts, config, progress, features,
+                                                 cache_dir)
+    optimizer = torch.optim.AdamW(_param_groups(encoder, params, config), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     warmup = max(1, math.ceil(config.warmup * config.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
@@ -307,5 +353,8 @@ def train(encoder: Encoder, train_texts: Sequence[str], dev_texts: Sequence[str]
             bar.update(1)
             if callback is not None and every > 0 and len(losses) % every == 0:
                 callback(len(losses))
+    if config.trainable == "lora":
+        lora.merge(encoder.backbone)
+    encoder.projector.requires_grad_(True)
     encoder.eval()
     return losses

@@ -1,5 +1,6 @@
-"""``airtrace select``: a budget of training examples chosen from a full score matrix (random, top-k, LESS, BIDS),
-written with the per-task coverage; imports ``airtrace.select``, ``airtrace.store`` and ``airtrace.cli.args``."""
+"""``airtrace select``: a budget of training examples chosen from a full score matrix or AirRep embeddings (random,
+top-k, LESS, BIDS), written with the per-task coverage; imports ``airtrace.select``, ``airtrace.store``,
+``airtrace.airrep.cli`` (the embeddings reader) and ``airtrace.cli.args``."""
 
 from __future__ import annotations
 
@@ -68,15 +69,49 @@ def train_ids(meta: dict, n: int, store_path: str | None) -> tuple[list, str]:
     return store.ids, "store"
 
 
+def embeddings(paths: list[str]):
+    """(train ids, query ids, (n, q) float64 scores) from ``--airrep TRAIN_EMB QUERY_EMB``.
+
+    Raises:
+        UsageError: naming the file: missing, or not written by ``airtrace airrep embed``.
+    """
+    from airtrace.airrep.cli import read_embeddings
+    from airtrace.select import embedding_scores
+
+    loaded = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"--airrep {path}: no such file; write it with airtrace airrep embed")
+        try:
+            loaded.append(read_embeddings(path))
+        except Exception as exc:  # safetensors raises its own error type for a file that is not safetensors
+            raise UsageError(f"--airrep {path}: not an embeddings file written by airtrace airrep embed ({exc})") \
+                from None
+    (train_ids, train), (query_ids, queries) = loaded
+    try:
+        return train_ids, query_ids, embedding_scores(train, queries)
+    except ValueError as exc:
+        raise UsageError(f"--airrep {paths[0]} {paths[1]}: {exc}") from None
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
-    from airtrace.select import budget_rows, load_matrix, select, task_order
+    from airtrace.select import budget_rows, matrix_header, select, task_order
     from airtrace.store import atomic_write
 
     check_output(args.out, "--out")
-    if not os.path.isfile(args.matrix):
-        raise UsageError(f"MATRIX {args.matrix}: no such file; write it with airtrace score --full-matrix")
-    S, meta = load_matrix(args.matrix)
-    n, q = S.shape
+    if (args.matrix is None) == (args.airrep is None):
+        raise UsageError("give the scores either as MATRIX (airtrace score --full-matrix) or as --airrep TRAIN_EMB "
+                         "QUERY_EMB (airtrace airrep embed), not both or neither")
+    if args.airrep is not None:
+        if args.store is not None:
+            raise UsageError("--store names the train ids of a MATRIX; with --airrep they come from TRAIN_EMB")
+        ids, query_ids, scores = embeddings(args.airrep)
+        (n, q), meta, source = scores.shape, {"metric": "airrep-dot", "query_ids": query_ids}, "embeddings"
+    else:
+        if not os.path.isfile(args.matrix):
+            raise UsageError(f"MATRIX {args.matrix}: no such file; write it with airtrace score --full-matrix")
+        n, q, meta = matrix_header(args.matrix)
+        scores = args.matrix  # read block by block
     tasks = read_tasks(args.tasks, meta.get("query_ids"))
     try:
         labels = task_order(tasks, q)[0]
@@ -86,9 +121,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
         k = budget_rows(args.budget, n)
     except ValueError as exc:
         raise UsageError(f"--budget: {exc}") from None
-    ids, source = train_ids(meta, n, args.store)
-    chosen = select(S, tasks, args.budget, args.strategy, seed=args.seed)
-    document = {"strategy": args.strategy, "budget": k, "n_train": n, "matrix": os.path.abspath(args.matrix),
+    if args.airrep is None:
+        ids, source = train_ids(meta, n, args.store)
+    chosen = select(scores, tasks, args.budget, args.strategy, seed=args.seed)
+    source_files = {"matrix": os.path.abspath(args.matrix)} if args.airrep is None else \
+        {"airrep": [os.path.abspath(path) for path in args.airrep]}
+    document = {"strategy": args.strategy, "budget": k, "n_train": n, **source_files,
                 "metric": meta.get("metric"), "ids_from": source, "selected": [ids[r] for r in chosen.rows],
                 "rows": chosen.rows, "tasks": [str(t) for t in labels], "coverage": chosen.coverage}
     if args.strategy == "random":
@@ -111,9 +149,15 @@ def add_parser(sub) -> None:
     """Register ``airtrace select``."""
     from airtrace.select import STRATEGIES, STRATEGY_DEFINITIONS
 
-    p = sub.add_parser("select", help="choose a budget of training examples from a full score matrix "
-                                      "(random, top-k, LESS, BIDS) and write their ids with the per-task coverage")
-    p.add_argument("matrix", metavar="MATRIX", help="the (q, n) score matrix written by airtrace score --full-matrix")
+    p = sub.add_parser("select", help="choose a budget of training examples from a full score matrix or AirRep "
+                                      "embeddings (random, top-k, LESS, BIDS) and write their ids with the per-task "
+                                      "coverage")
+    p.add_argument("matrix", metavar="MATRIX", nargs="?",
+                   help="the (q, n) score matrix written by airtrace score --full-matrix (or give --airrep)")
+    p.add_argument("--airrep", nargs=2, metavar=("TRAIN_EMB", "QUERY_EMB"),
+                   help="score by AirRep instead: the embeddings of the training examples and of the validation "
+                        "queries written by airtrace airrep embed; a score is the dot product of two embeddings, the "
+                        "ids come from the files")
     p.add_argument("--tasks", required=True, metavar="TASKS.json",
                    help="a JSON list of one task label per query column (the matrix's query order), or an object "
                         "{query_id: label}")
