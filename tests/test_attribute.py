@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from airtrace import Attributor, StoreError, scoring
-from airtrace.attribute.config import essential, recorded_projection
+from airtrace.attribute.config import DENSE_MAX_BLOCK, essential, recorded_projection
 from airtrace.capture import GradientCapture, make_projections, per_example_loss, response_labels, select_layers
 from airtrace.curvature import damping as rules
 from airtrace.ops.project_dense import project_dense
@@ -363,10 +363,29 @@ def test_exact_budget_keeps_whole_small_layers_and_projects_the_rest():
             assert torch.equal(p_in, q_in) and torch.equal(p_out, q_out), spec.name  # the same draws
             assert at.dims[spec.name] == (2, 3)
     assert 0 < kept < len(at.layers)
-    assert attributor("lm", "identity", None).projection["exact_budget"] == 4096  # the default
+    assert attributor("lm", "identity", None).projection["exact_budget"] == 65536  # the default
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="exact_budget must be an int >= 0"):
             attributor("lm", "identity", dict(k_in=3, k_out=2, exact_budget=bad))
+
+
+def test_the_default_exact_budget_follows_the_curvatures_memory():
+    setup = lm_setup()
+    for method, budget in (("ekfac", 65536), ("kfac", 65536), ("identity", 65536), ("fisher", 4096),
+                           ("lowrank", 4096)):
+        at = Attributor(setup.model, loss_fn=lm_loss, curvature=method, projection=dict(k_in=3, k_out=2))
+        assert at.projection["exact_budget"] == budget, method
+    given = Attributor(setup.model, loss_fn=lm_loss, curvature="ekfac", projection=dict(exact_budget=7))
+    assert given.projection["exact_budget"] == 7  # an explicit budget is kept
+
+
+def test_a_dense_curvature_refuses_a_block_over_its_memory_bound():
+    setup = lm_setup()
+    wide = dict(type="dense", k=DENSE_MAX_BLOCK + 1, seed=0)
+    with pytest.raises(ValueError, match=r"block 'dense' has p = 8193 features .*exact_budget <= 4096"):
+        Attributor(setup.model, loss_fn=lm_loss, curvature="fisher", projection=wide)
+    Attributor(setup.model, loss_fn=lm_loss, curvature="identity", projection=wide)  # no dense matrix: allowed
+    Attributor(setup.model, loss_fn=lm_loss, curvature="fisher", projection={**wide, "k": DENSE_MAX_BLOCK})
 
 
 def test_a_record_without_exact_budget_reads_as_zero():

@@ -83,6 +83,28 @@ def test_ggn_is_the_hessian_for_a_linear_model_and_not_for_an_mlp():
         assert (float(gap) < 1e-12) == same
 
 
+class _Attention(nn.Module):
+    """Causal self-attention through F.scaled_dot_product_attention (a fused kernel on the CPU), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(D, 3 * D), nn.Linear(D, C)
+
+    def forward(self, x):  # (B, T, D) -> (B, C)
+        q, k, v = (t[:, None] for t in self.qkv(x).split(D, dim=-1))
+        return self.head(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[:, 0].mean(1))
+
+
+def test_ggn_products_run_through_fused_attention():
+    x, y = data()
+    x = torch.randn(N + 6, 3, D, generator=torch.Generator().manual_seed(4), dtype=F64)
+    torch.manual_seed(2)
+    model = _Attention().double()
+    prod = products(model, "ggn", x, y)
+    V = torch.randn(prod.width, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    torch.testing.assert_close(prod(V), explicit(model, prod, x, y, "ggn") @ V, rtol=1e-10, atol=1e-12)
+
+
 @functools.cache
 def _matrix(make, matrix):
     x, y = data()

@@ -33,7 +33,8 @@ its projected weight gradient:
 
 - factored (LoGra, default ``projection=dict(k_in=16, k_out=16, seed=0)``):
   one block (k_out, k_in) per layer; a layer whose whole gradient has at
-  most ``exact_budget`` entries (default 4096, d_out x d_in) is kept
+  most ``exact_budget`` entries (d_out x d_in; default 65536, 4096 for the
+  dense curvatures fisher and lowrank) is kept
   unprojected (block (d_out, d_in)), and with ``exact_small=True`` (default)
   a side of another layer whose width d is at most its k is kept exact
   (block side d, identity projection);

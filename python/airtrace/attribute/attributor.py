@@ -35,6 +35,7 @@ from airtrace.attribute.batches import (
 from airtrace.attribute.config import (
     CURVATURES,
     LossFn,
+    check_dense_blocks,
     essential,
     exact_projection,
     layer_specs,
@@ -97,7 +98,8 @@ class Attributor:
         exclude: pattern(s) removed from ``layers``, e.g. ``"lm_head"``.
         bias: also attribute through the biases of the tracked layers (default True).
         projection: see :func:`projection_config`; default factored 16 x 16, seed 0, layers with at most
-            4096 gradient entries and layer sides no wider than 16 kept exact; "exact" (the default with
+            65536 gradient entries (4096 for the dense curvatures fisher and lowrank,
+            :func:`airtrace.attribute.config.default_exact_budget`) and layer sides no wider than 16 kept exact; "exact" (the default with
             curvature "exact") keeps every layer unprojected (:func:`airtrace.attribute.config.exact_projection`).
         curvature: "ekfac", "kfac", "fisher", "lowrank", "identity" or "exact": ``(H + D)⁻¹`` of the training
             loss's Gauss-Newton matrix or Hessian over the tracked parameters, solved per query by ``solver``
@@ -161,7 +163,7 @@ class Attributor:
         self.layers = layer_specs(unwrap(model), layers, exclude, bias)
         if projection == "exact" or (projection is None and curvature == "exact"):
             projection = exact_projection(self.layers)
-        self.projection = projection_config(projection)
+        self.projection = projection_config(projection, curvature)
         if self.projection["type"] != "factored" and curvature in ("kfac", "ekfac", "exact"):
             raise ValueError(f"curvature {curvature!r} needs the factored projection (Kronecker factors per layer); "
                              f"use curvature='identity', 'fisher' or 'lowrank' with a {self.projection['type']} "
@@ -176,6 +178,7 @@ class Attributor:
         self.solver_config = SolverConfig.of(solver)
         self.featurizer = Featurizer(self.module, self.layers, loss_fn, self.projection, self.device, backend,
                                      trim_padding, autocast)
+        check_dense_blocks(curvature, self.dims)
         if curvature == "exact":
             projected = [name for name in self.dims if not all(self.featurizer.projections.exact_sides(name))]
             if projected:

@@ -8,7 +8,7 @@ The file is JSON::
      "settings": {"layers": [...], "bias": false, "projection": {"type": "factored", "k_in": 16, ...},
                   "curvature": "ekfac", "damping": 0.1 | "auto", "metric": "inner"},
      "lds": {"mean": 0.71, "ci": [0.68, 0.74], "folds": 4, "subsets": 64, "queries": 50},
-     "grid": [{"k": 16, "curvature": "ekfac", "damping": 0.1, "metric": "inner", "lds": 0.70}, ...],
+     "grid": [{"k": 16, "exact_budget": 65536, "curvature": "ekfac", "damping": 0.1, "metric": "inner", "lds": 0.70}, ...],
      "labels": "<ground-truth file>"}
 
 ``damping`` is a relative factor (``λ = factor × mean eigenvalue`` per layer) or "auto";
@@ -39,7 +39,7 @@ class Calibration:
     Attributes:
         settings: {"layers", "bias", "projection", "curvature", "damping" (factor or "auto"), "metric"}.
         lds: {"mean", "ci" [lo, hi], "folds", "subsets", "queries"}: cross-validated LDS on held-out subsets.
-        grid: one dict per candidate: k, curvature, damping, metric and its in-sample LDS.
+        grid: one dict per candidate: k, exact_budget, curvature, damping, metric and its in-sample LDS.
         labels: the ground-truth file the LDS was measured against.
     """
 

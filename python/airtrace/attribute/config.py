@@ -19,10 +19,21 @@ from airtrace.util.checks import positive_int
 
 
 CURVATURES = ("ekfac", "kfac", "fisher", "lowrank", "identity", "exact")
+DENSE_CURVATURES = ("fisher", "lowrank")
+"""Curvatures that hold a dense (p, p) matrix per layer block of p = k_out * k_in features."""
 EXACT_BUDGET = 4096
-"""Default ``exact_budget`` of the factored projection: a layer whose gradient has at most this many entries
-(d_out * d_in, bias column included) is kept unprojected."""
-FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": True, "exact_budget": EXACT_BUDGET}
+"""``exact_budget`` of the factored projection for the dense curvatures (:data:`DENSE_CURVATURES`): a layer whose
+gradient has at most this many entries (d_out * d_in, bias column included) is kept unprojected; its Fisher is a
+(4096, 4096) float64 matrix, 128 MiB."""
+KRONECKER_EXACT_BUDGET = 65536
+"""``exact_budget`` for every other curvature (the default EK-FAC, K-FAC, identity, exact): their per-layer state is
+d_in² + d_out² Kronecker factors plus d_out * d_in eigenvalues, so the bound is the store's width (65536 entries,
+256 KiB per example in float32). Chosen by leave-one-task-out LDS (``benches/bench_projection.py``); below SmolLM2's
+smallest layer (576 x 192), whose store it leaves unchanged."""
+DENSE_MAX_BLOCK = 8192
+"""Most features in one block (k_out * k_in) that a dense curvature takes: its (p, p) float64 matrix is 512 MiB."""
+FACTORED = {"type": "factored", "k_in": 16, "k_out": 16, "seed": 0, "exact_small": True,
+            "exact_budget": KRONECKER_EXACT_BUDGET}
 DENSE = {"type": "dense", "k": 1024, "seed": 0, "kind": "rademacher"}
 SPARSE = {"type": "sparse", "k": 1024, "s": 2, "seed": 0}
 PROJECTIONS = {"factored": FACTORED, "dense": DENSE, "sparse": SPARSE}
@@ -32,18 +43,45 @@ DENSE_BLOCK = "dense"
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def projection_config(projection: Mapping | str | None) -> dict:
+def default_exact_budget(curvature: str) -> int:
+    """The factored projection's default ``exact_budget`` for ``curvature``: :data:`EXACT_BUDGET` for the dense
+    curvatures (fisher, lowrank), :data:`KRONECKER_EXACT_BUDGET` for the others."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    return EXACT_BUDGET if curvature in DENSE_CURVATURES else KRONECKER_EXACT_BUDGET
+
+
+def check_dense_blocks(curvature: str, dims: Mapping[str, tuple[int, int]]) -> None:
+    """Refuse a dense curvature (fisher, lowrank) on a block wider than :data:`DENSE_MAX_BLOCK` features.
+
+    Raises:
+        ValueError: naming the block, the matrix's size and the projection that fits.
+    """
+    if curvature not in DENSE_CURVATURES:
+        return
+    wide = {name: k_out * k_in for name, (k_out, k_in) in dims.items() if k_out * k_in > DENSE_MAX_BLOCK}
+    if wide:
+        name, p = max(wide.items(), key=lambda item: item[1])
+        raise ValueError(f"curvature {curvature!r} holds a dense (p, p) matrix per block; block {name!r} has "
+                         f"p = {p} features ({p * p * 8 / 2**30:.1f} GiB in float64), the most is {DENSE_MAX_BLOCK}: "
+                         f"featurize with projection exact_budget <= {EXACT_BUDGET} (the default for {curvature!r}) "
+                         f"and k_out * k_in <= {DENSE_MAX_BLOCK}, or use curvature 'ekfac'")
+
+
+def projection_config(projection: Mapping | str | None, curvature: str = "ekfac") -> dict:
     """Normalise a projection spec to a full config dict.
 
     Args:
-        projection: None or "factored" (k_in = k_out = 16, seed 0, exact_small, exact_budget 4096); "dense"
+        projection: None or "factored" (k_in = k_out = 16, seed 0, exact_small, exact_budget by ``curvature``); "dense"
             (k = 1024, seed 0, rademacher); "sparse" (k = 1024, s = 2, seed 0); or a dict with
             ``type`` ("factored", "dense" or "sparse"; default "sparse" when it has ``s``, "dense"
             when it has ``k``, else "factored") and any of ``k_in, k_out, seed, exact_small, exact_budget``
             (factored; ``exact_small`` (default True) keeps a layer side no wider than its k unprojected,
-            ``exact_budget`` (default :data:`EXACT_BUDGET`) a layer with at most that many gradient entries, see
-            :func:`airtrace.capture.make_projections`), ``k, seed, kind`` (dense) or ``k, s, seed``
-            (sparse: s nonzeros per gradient coordinate, 1..4, see :func:`airtrace.ops.project_sparse.project_sparse`).
+            ``exact_budget`` (default :func:`default_exact_budget` of ``curvature``) a layer with at most that many
+            gradient entries, see :func:`airtrace.capture.make_projections`), ``k, seed, kind`` (dense) or
+            ``k, s, seed`` (sparse: s nonzeros per gradient coordinate, 1..4, see
+            :func:`airtrace.ops.project_sparse.project_sparse`).
+        curvature: the curvature the features are for; decides the default ``exact_budget``.
 
     Returns:
         ``{"type": "factored", "k_in", "k_out", "seed", "exact_small", "exact_budget"}``,
@@ -60,6 +98,8 @@ def projection_config(projection: Mapping | str | None) -> dict:
     if kind not in PROJECTIONS:
         raise ValueError(f"projection type must be one of {tuple(PROJECTIONS)}, got {kind!r}")
     defaults = PROJECTIONS[kind]
+    if kind == "factored":
+        defaults = {**defaults, "exact_budget": default_exact_budget(curvature)}
     unknown = sorted(set(projection) - set(defaults))
     if unknown:
         raise ValueError(f"unknown {kind} projection keys {unknown}; allowed: {sorted(defaults)}")

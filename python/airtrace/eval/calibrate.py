@@ -14,9 +14,10 @@ outputs (m, q), masks (m, n)), retrained under ``out/subsets/`` with one file pe
 (resumable), or read from ``labels=`` (e.g. a run of ``airtrace airrep label`` or of the
 eval harness on the same training set and queries).
 
-The projection of size k is the default factored rule at that size (layers within the
-exact budget unprojected, sides no wider than k exact, the rest projected to k).
-Per projection size k, one pass computes the training and query features and
+The projection of size k is the default factored rule at that size for the curvature (layers within the
+curvature's exact budget unprojected, :func:`airtrace.attribute.config.default_exact_budget`: 65536 entries
+for EK-FAC and K-FAC, 4096 for the dense Fisher; sides no wider than k exact, the rest projected to k).
+Per projection size k and exact budget, one pass computes the training and query features and
 each curvature is fitted once; every damping of the grid (relative factors and
 "auto") and every metric then costs one matrix product in the curvature's
 eigenbasis (:mod:`airtrace.eval.sweep`): with ``r = Qᵀ vec(ĝ)`` and
@@ -42,7 +43,7 @@ from torch import nn
 from airtrace.attribute import Attributor
 from airtrace.attribute.batches import pairs
 from airtrace.attribute.calibration import Calibration
-from airtrace.attribute.config import projection_config
+from airtrace.attribute.config import default_exact_budget, projection_config
 from airtrace.curvature import MomentAccumulator
 from airtrace.curvature.damping import auto_factors
 from airtrace.eval import metrics
@@ -125,8 +126,8 @@ def calibrate(model: nn.Module, loss_fn, train_batches, query_batches, train_fn:
         columns: the labels' output columns of the queries (default all; the labels of
             ``airtrace airrep label`` hold the dev pairs first: ``slice(n_dev, None)``).
         layers, bias: the tracked layers, as for :class:`Attributor`.
-        sizes: factored projection sizes k (k_in = k_out = k, seed 0, the default ``exact_small`` and
-            ``exact_budget``: layers within the budget stay unprojected at every size).
+        sizes: factored projection sizes k (k_in = k_out = k, seed 0, the default ``exact_small`` and the
+            curvature's default ``exact_budget``: layers within the budget stay unprojected at every size).
         curvatures: of "ekfac", "kfac", "fisher".
         factors: relative damping factors (λ = factor × mean eigenvalue per layer).
         auto: also try ``damping="auto"``.
@@ -190,8 +191,11 @@ def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: tor
 
     names = [spec.name for spec in base.layers]
     candidates, held = [], []  # held[c]: (folds, q) per-query Spearman of candidate c on each part
-    for k in sizes:
-        projection = projection_config({"type": "factored", "k_in": k, "k_out": k, "seed": 0})
+    budgets = {}  # exact budget -> the curvatures whose default projection has it (one feature pass each)
+    for method in curvatures:
+        budgets.setdefault(default_exact_budget(method), []).append(method)
+    for k, (budget, methods) in ((k, group) for k in sizes for group in budgets.items()):
+        projection = projection_config({"type": "factored", "k_in": k, "k_out": k, "seed": 0, "exact_budget": budget})
         at = Attributor(model, names, loss_fn=loss_fn, bias=bias, projection=projection, curvature="identity")
         train, query = _features(at, train_batches), _features(at, query_batches)
         if outputs.shape[1] != next(iter(query.values())).shape[0]:
@@ -200,7 +204,7 @@ def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: tor
         moments = MomentAccumulator()
         moments.update(train)
         moments = moments.finalize()
-        for method in curvatures:
+        for method in methods:
             fitter = Attributor(model, names, loss_fn=loss_fn, bias=bias, projection=projection, curvature=method,
                                 damping=None)
             sp = spectral(fitter.fit(train_batches, progress=False), train, query)
@@ -211,7 +215,8 @@ def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: tor
                 damping = {name: layer_factors[name] * float(e.mean()) for name, e in sp.eigenvalues.items()}
                 for metric in metrics_:
                     scores = candidate_scores(sp, damping, metric)
-                    candidates.append({"k": k, "curvature": method, "damping": label, "metric": metric,
+                    candidates.append({"k": k, "exact_budget": budget, "curvature": method, "damping": label,
+                                       "metric": metric,
                                        "lds": float(_per_query(scores, masks, outputs).mean())})
                     held.append(torch.stack([_per_query(scores, masks[part == f], outputs[part == f])
                                              for f in range(folds)]))
@@ -229,7 +234,7 @@ def choose(model: nn.Module, loss_fn, train_batches, query_batches, outputs: tor
     return Calibration(
         settings={"layers": names, "bias": bias,
                   "projection": projection_config({"type": "factored", "k_in": choice["k"], "k_out": choice["k"],
-                                                   "seed": 0}),
+                                                   "seed": 0, "exact_budget": choice["exact_budget"]}),
                   "curvature": choice["curvature"], "damping": choice["damping"], "metric": choice["metric"]},
         lds={"mean": float(held_out.mean()), "ci": [lo, hi], "folds": folds, "subsets": m,
              "queries": int(held_out.numel()), "in_sample": choice["lds"]},

@@ -20,7 +20,9 @@ training batches (the model in eval mode, its other parameters fixed):
   Hessian is exactly the GGN; positive semi-definite for a convex loss of the
   outputs (cross-entropy, squared error).
 
-Columns of a (p, r) block of directions are mapped with ``torch.func.vmap``.
+Columns of a (p, r) block of directions are mapped with ``torch.func.vmap``. The
+products run ``F.scaled_dot_product_attention`` on its math backend: the fused
+kernels (flash attention on the CPU among them) have no forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from airtrace.capture import LayerSpec
@@ -211,7 +214,8 @@ class CurvatureProducts:
         columns = V.T.to(self.device, self.dtype)
         out = torch.zeros(V.shape[1], self.width, dtype=F64, device=self.device)
         theta = self._theta()
-        with _eval(self.model), torch.no_grad():  # the transforms differentiate inside; the untracked weights not
+        # the transforms differentiate inside (the untracked weights not); attention on the backend with forward AD
+        with _eval(self.model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for batch in self.batches:
                 product = vmap(self._product_fn(batch, theta))
                 for start in range(0, columns.shape[0], self.chunk):
