@@ -146,19 +146,32 @@ def test_demo_command_line():
     assert exc.value.code == 2
 
 
-def test_demo_threads_are_the_cores_the_load_leaves_free(monkeypatch):
+def test_demo_threads_are_the_cores_other_processes_leave_idle(monkeypatch):
     from airtrace.demo import run
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    for load, threads in ((0.3, 4), (1.4, 3), (2.6, 1), (9.0, 1)):
-        monkeypatch.setattr(run.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+    for busy, threads in ((0.3, 4), (1.4, 3), (2.6, 1), (9.0, 1), (None, 4)):
+        monkeypatch.setattr(run, "busy_cores", lambda interval, busy=busy: busy)
         assert run.free_cores() == threads
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
     assert run.free_cores() == torch.get_num_threads()
     from airtrace.cli import build_parser
 
     assert build_parser().parse_args(["demo", "--threads", "2"]).threads == 2
+
+
+def test_busy_cores_reads_the_change_of_proc_stat(tmp_path, monkeypatch):
+    """Two CPUs; between the samples 300 ticks pass per CPU, of which 150 busy, 390 idle and 60 iowait."""
+    from airtrace.demo import run
+
+    stat = tmp_path / "stat"
+    cpus = "cpu0 0 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n"
+    stat.write_text("cpu  100 0 50 1000 10 0 0 0 0 0\n" + cpus)
+    monkeypatch.setattr(run.time, "sleep",
+                        lambda s: stat.write_text("cpu  200 0 100 1390 70 0 0 0 0 0\n" + cpus))
+    assert run.busy_cores(0.5, str(stat)) == pytest.approx(150 / 600 * 2)
+    assert run.busy_cores(0.5, str(tmp_path / "missing")) is None
 
 
 @pytest.mark.slow

@@ -43,6 +43,6 @@ def add_parser(sub) -> None:
                    help="model cache (default $AIRTRACE_CACHE/smollm2 or ~/.cache/airtrace/smollm2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: the cores the load average leaves free, at least 1; "
+                   help="torch intra-op threads (default: the cores other processes leave idle, at least 1; "
                         "torch's own count when OMP_NUM_THREADS is set)")
     p.set_defaults(run=_cmd_demo, parser=p)

@@ -1,8 +1,8 @@
 """``airtrace demo``: which chatterbot training pairs make SmolLM2 answer a question the way it does; imports the
 pipeline, the data layer and the other demo modules.
 
-Pipeline (about three and a half minutes on 2 busy CPU cores once the model is cached; torch runs on the cores
-the load average leaves free, :func:`free_cores`):
+Pipeline (about a minute on 2 idle CPU cores once the model is cached, three and a half on busy ones; torch runs on the cores
+other processes leave idle, :func:`free_cores`):
 
 1. Load SmolLM2-135M-Instruct (:mod:`airtrace.demo.models`) and the chatterbot
    corpus without repeated pairs (:mod:`airtrace.data`); hold out one
@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,18 +229,45 @@ def run(
         torch.set_num_threads(before)
 
 
-def free_cores() -> int:
-    """The CPU cores this process may use that the 1-minute load average leaves free, at least 1; torch's own
-    thread count when ``OMP_NUM_THREADS`` is set.
+def free_cores(interval: float = 0.5) -> int:
+    """The CPU cores this process may use that other processes leave idle over ``interval`` seconds, at least 1;
+    torch's own thread count when ``OMP_NUM_THREADS`` is set.
 
     A thread of a parallel region whose core is busy with another process stalls the region until it is
     scheduled again: on 2 cores with a load of 6, one SmolLM2 batch of the demo took 4.7 s on 1 thread and
-    16.5 s on 2.
+    16.5 s on 2. The idle time is sampled now (:func:`busy_cores`), not read from the 1-minute load average,
+    which still counts a build that has just finished.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    busy = busy_cores(interval)
+    return cores if busy is None else max(1, min(cores, round(cores - busy)))
+
+
+def busy_cores(interval: float, stat: str = "/proc/stat") -> float | None:
+    """Cores' worth of CPU time all processes used over the next ``interval`` seconds (``stat``'s first line:
+    busy = Δ(total − idle − iowait) / Δtotal × CPUs); None where ``stat`` cannot be read (not Linux)."""
+
+    def sample() -> tuple[list[int], int] | None:
+        try:
+            with open(stat) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        cpus = sum(1 for line in lines if re.match(r"cpu\d+ ", line))
+        return [int(v) for v in lines[0].split()[1:]], cpus
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = sample()
+    if second is None:
+        return None
+    delta = [b - a for a, b in zip(first[0], second[0])]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return 0.0 if total <= 0 else (total - delta[3] - delta[4]) / total * second[1]
 
 
 def _run(out: Path, n_train: int | None, metric: str, cache_dir, progress: bool,
