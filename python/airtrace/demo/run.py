@@ -1,8 +1,8 @@
 """``airtrace demo``: which chatterbot training pairs make SmolLM2 answer a question the way it does; imports the
 pipeline, the data layer and the other demo modules.
 
-Pipeline (about a minute on 2 idle CPU cores once the model is cached, three and a half on busy ones; torch runs on the cores
-other processes leave idle, :func:`free_cores`):
+Pipeline (about a minute on 2 idle CPU cores once the model is cached, three and a half on busy ones; torch
+runs on the cores other processes leave idle, :func:`free_cores`):
 
 1. Load SmolLM2-135M-Instruct (:mod:`airtrace.demo.models`) and the chatterbot
    corpus without repeated pairs (:mod:`airtrace.data`); hold out one
