@@ -593,6 +593,14 @@ def main(argv=None) -> int:
     C.print_header(head, "airtrace bench_airrep" + (" --quick" if args.quick else ""))
     out = None if args.quick and args.out is None else (args.out or C.RESULTS / C.device_slug(head))
 
+    def finish(rows: list[dict], columns, title: str, name: str) -> None:
+        """Print one part's table and write it to ``out / name`` with the load at its end."""
+        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        C.print_table(rows, columns, title=title)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"wrote {C.write_csv(out / name, rows, columns, head)}")
+
     label_config = LabelConfig(size=args.size, n_subsets=args.subsets, n_dev=args.dev)
     labels = generate(label_config, progress=progress)
     m_train = args.subsets - args.holdout
@@ -677,48 +685,31 @@ def main(argv=None) -> int:
             rows += cost
             ratio = cost[0]["ms_per_example"] / cost[1]["ms_per_example"]
             targets.append(C.target("SmolLM2-135M LoGra featurization / MiniLM embedding, ms per example", ratio, 10.0))
-        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        C.print_table(rows, COLUMNS, title="LDS on held-out subsets x held-out queries; cost per example")
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"wrote {C.write_csv(out / 'airrep.csv', rows, COLUMNS, head)}")
+        finish(rows, COLUMNS, "LDS on held-out subsets x held-out queries; cost per example", "airrep.csv")
 
     if "categories" in args.parts:
         rows = category_rows(labels, split, base, features, query_features, pool_embeddings, pool_texts, args,
                              eval_masks, eval_outputs, progress, targets)
-        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        C.print_table(rows, CATEGORY_COLUMNS, title="unseen categories: projector trained on half of the categories")
-        if out is not None:
-            print(f"wrote {C.write_csv(out / 'airrep_categories.csv', rows, CATEGORY_COLUMNS, head)}")
+        finish(rows, CATEGORY_COLUMNS, "unseen categories: projector trained on half of the categories",
+               "airrep_categories.csv")
 
     if "budget" in args.parts:
         rows = budget_rows(labels, label_config.directory(), split, features, query_features, pool_texts, args,
                            eval_masks, eval_outputs,
                            progress)
-        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        C.print_table(rows, BUDGET_COLUMNS, title="label budget: projector-only AirRep vs labelled subsets")
-        if out is not None:
-            print(f"wrote {C.write_csv(out / 'airrep_budget.csv', rows, BUDGET_COLUMNS, head)}")
+        finish(rows, BUDGET_COLUMNS, "label budget: projector-only AirRep vs labelled subsets", "airrep_budget.csv")
     if "groups" in args.parts:
         rows = group_rows(labels, split, features, query_features, pool_texts, args, eval_masks, eval_outputs,
                           progress)
-        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        C.print_table(rows, GROUP_COLUMNS, title="group sizes: attention vs sum pooling")
-        if out is not None:
-            print(f"wrote {C.write_csv(out / 'airrep_groups.csv', rows, GROUP_COLUMNS, head)}")
+        finish(rows, GROUP_COLUMNS, "group sizes: attention vs sum pooling", "airrep_groups.csv")
 
     if "transfer" in args.parts:
         rows = transfer_rows(labels, split, features, pool_texts, args, progress)
-        head["load_avg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        C.print_table(rows, COLUMNS, title="another target: tiny-LM labels, default-LM ground truth")
-        if out is not None:
-            print(f"wrote {C.write_csv(out / 'airrep_transfer.csv', rows, COLUMNS, head)}")
+        finish(rows, COLUMNS, "another target: tiny-LM labels, default-LM ground truth", "airrep_transfer.csv")
 
     if "cost" in args.parts:
         rows = cost_rows(labels, base, progress)
-        C.print_table(rows, COST_COLUMNS, title="FLOPs per token: embedding vs gradient featurization")
-        if out is not None:
-            print(f"wrote {C.write_csv(out / 'airrep_cost.csv', rows, COST_COLUMNS, head)}")
+        finish(rows, COST_COLUMNS, "FLOPs per token: embedding vs gradient featurization", "airrep_cost.csv")
     return C.report_targets(targets, args.check)
 
 
