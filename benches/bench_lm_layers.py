@@ -28,7 +28,7 @@ import torch
 BENCHES = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHES))
 import _common as C  # noqa: E402
-from bench_quality_suite import _attributed  # noqa: E402
+from bench_quality_suite import LINEAR_SETTING, _attributed  # noqa: E402
 
 from airtrace.eval import metrics, suite  # noqa: E402
 
@@ -36,9 +36,9 @@ COLUMNS = ("modules", "damping", "lds", "lds_ci_lo", "lds_ci_hi", "pearson_kron"
            "seconds", "status")
 MODULES = {
     "*": ("*",),
-    "linear": ("blocks.*", "lm_head"),
-    "linear + wte": ("blocks.*", "lm_head", "wte"),
-    "linear + wpe": ("blocks.*", "lm_head", "wpe"),
+    "linear": LINEAR_SETTING["layers"],
+    "linear + wte": (*LINEAR_SETTING["layers"], "wte"),
+    "linear + wpe": (*LINEAR_SETTING["layers"], "wpe"),
 }
 """Module set name -> layer patterns (``wte``: token embedding, ``wpe``: position embedding)."""
 DAMPINGS = {"fixed": None, "auto": "auto"}

@@ -19,8 +19,10 @@ split in two halves: ``calibrate`` chooses on the first (cross-validated inside 
 - ``loo`` (logistic regressions, convex): the exact solver's scores against the explicit dense inverse at the
   same damping, and against real leave-one-out retraining (Newton to the optimum) of
   ``--loo`` examples: Pearson over (query, removed example) pairs, per query, averaged;
-- ``ensemble-5`` (MLP tasks and the GPT): the default setting on 5 models trained from initial weights 0..4, scores
-  averaged;
+- ``ensemble-5`` (MLP tasks and the GPT): the default setting on 5 models trained from initial weights 0..4
+  (:func:`airtrace.eval.suite.reinitialised`; the GPT's example order too), scores averaged;
+- ``linear`` and ``ensemble-5 linear`` (the GPT): every nn.Linear unprojected, EK-FAC, damping auto (kronfluence's
+  modules, :data:`LINEAR_SETTING`) on one model and on the same 5;
 - ``kronfluence ekfac`` (the GPT, when kronfluence imports: run the bench with the peers' interpreter): its EK-FAC
   in the full layer space (``benches/peers/lm_task.py``) on the same truth.
 
@@ -63,6 +65,9 @@ COLUMNS = ("task", "method", "lds", "lds_ci_lo", "lds_ci_hi", "loo_pearson", "se
            "status")
 PROJECTION = dict(k_in=16, k_out=16, seed=0)
 ENSEMBLE = 5
+LINEAR_SETTING = dict(layers=("blocks.*", "lm_head"), bias=True, projection="exact", curvature="ekfac",
+                      damping="auto")
+"""The GPT's like-for-like setting with kronfluence: its modules (every nn.Linear), unprojected EK-FAC."""
 QUICK_TASKS = ("wine-logreg", "wine-mlp")
 
 
@@ -192,21 +197,31 @@ def run_task(name: str, subsets: int, n_removed: int, skip: set[str]) -> list[di
             row("kronfluence ekfac", None, 0.0, status=f"not run: kronfluence {reason}")
 
         if (getattr(task.config, "model", None) == "mlp" or suite.is_lm(task)) and "ensemble" not in skip:
-            start = time.perf_counter()
-            members = []
-            for init in range(ENSEMBLE):
-                member_task = suite.reinitialised(task, init)
-                member_model = suite.full_model(member_task)
-                at = Attributor(member_model, loss_fn=task.loss_fn, damping="auto", **common)
-                store = at.featurize(train, os.path.join(tmp, f"member-{init}"), dtype="float32", progress=False)
-                at.fit(train, store=store, progress=False)
-                members.append((at, store))
-            path = os.path.join(tmp, "ensemble.safetensors")
-            result = score_ensemble(members, queries, topk=1, full_matrix_path=path, progress=False)
-            scores = load_file(path)["scores"][torch.tensor(result.query_ids).argsort()]
-            scores = scores[:, torch.tensor(members[0][1].ids).argsort()]
-            row(f"ensemble-{ENSEMBLE}", scores, time.perf_counter() - start,
-                f"default setting on models from initial weights 0..{ENSEMBLE - 1}, mean of the scores")
+            settings = {"": ("default setting", dict(damping="auto", **common))}
+            if suite.is_lm(task):
+                settings[" linear"] = ("every nn.Linear unprojected, EK-FAC, damping auto", LINEAR_SETTING)
+            for suffix, (what, kwargs) in settings.items():
+                start, seconds = time.perf_counter(), 0.0
+                members, alone = [], []
+                for k in range(ENSEMBLE):
+                    at = Attributor(suite.full_model(suite.reinitialised(task, k)), loss_fn=task.loss_fn, **kwargs)
+                    store = at.featurize(train, os.path.join(tmp, f"member{suffix}-{k}"), dtype="float32",
+                                         progress=False)
+                    at.fit(train, store=store, progress=False)
+                    members.append((at, store))
+                    seconds += time.perf_counter() - start
+                    single = _matrix(at, task, store, "inner", tmp)  # not timed: each member's own LDS
+                    alone.append(metrics.lds(single, masks, truth, bootstrap=0).mean)
+                    start = time.perf_counter()
+                    if k == 0 and suffix:
+                        row(suffix.strip(), single, seconds, f"{what} (kronfluence's modules), one model")
+                path = os.path.join(tmp, "ensemble.safetensors")
+                result = score_ensemble(members, queries, topk=1, full_matrix_path=path, progress=False)
+                scores = load_file(path)["scores"][torch.tensor(result.query_ids).argsort()]
+                scores = scores[:, torch.tensor(members[0][1].ids).argsort()]
+                row(f"ensemble-{ENSEMBLE}{suffix}", scores, seconds + time.perf_counter() - start,
+                    f"{what} on models from initial weights 0..{ENSEMBLE - 1}, mean of the scores; each model "
+                    f"alone {' / '.join(f'{v:.3f}' for v in alone)}")
     return rows
 
 
