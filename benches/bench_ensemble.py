@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     head = C.header(gpu=False)
     C.print_header(head, "airtrace bench_ensemble" + (" --quick" if args.quick else ""))
     rows = [r for name in names for r in run_task(name, args.subsets)]
-    C.print_table(rows, COLUMNS, title="ensembles of independently initialised models and of checkpoints (default setting)")
+    C.print_table(rows, COLUMNS, title="ensembles of independently initialised models and of checkpoints "
+                                       "(default setting)")
     out = C.results_dir(args.out, args.quick, head)
     if out is not None:
         print(f"wrote {C.write_csv(out / 'bench_ensemble.csv', rows, COLUMNS, head)}")

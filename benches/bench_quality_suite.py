@@ -84,12 +84,18 @@ def _matrix(at: Attributor, task, store, metric: str, tmp: str) -> torch.Tensor:
     return scores[torch.tensor(result.query_ids).argsort()][:, torch.tensor(store.ids).argsort()]
 
 
-def _attributed(model, task, tmp: str, name: str, metric: str = "inner", **settings) -> tuple[torch.Tensor, object]:
-    """Featurize, fit and score one setting; (scores (q, n), the Attributor)."""
+def _fitted(model, task, tmp: str, name: str, **settings) -> tuple[Attributor, object]:
+    """Featurize and fit one setting; (the Attributor, its store)."""
     train = task.train_batches(256)
     at = Attributor(model, loss_fn=task.loss_fn, **settings)
     store = at.featurize(train, os.path.join(tmp, name), dtype="float32", progress=False)
     at.fit(train, store=store, progress=False)
+    return at, store
+
+
+def _attributed(model, task, tmp: str, name: str, metric: str = "inner", **settings) -> tuple[torch.Tensor, object]:
+    """Featurize, fit and score one setting; (scores (q, n), the Attributor)."""
+    at, store = _fitted(model, task, tmp, name, **settings)
     return _matrix(at, task, store, metric, tmp), at
 
 
@@ -201,20 +207,18 @@ def run_task(name: str, subsets: int, n_removed: int, skip: set[str]) -> list[di
             if suite.is_lm(task):
                 settings[" linear"] = ("every nn.Linear unprojected, EK-FAC, damping auto", LINEAR_SETTING)
             for suffix, (what, kwargs) in settings.items():
-                start, seconds = time.perf_counter(), 0.0
-                members, alone = [], []
+                seconds, members, alone = 0.0, [], []
                 for k in range(ENSEMBLE):
-                    at = Attributor(suite.full_model(suite.reinitialised(task, k)), loss_fn=task.loss_fn, **kwargs)
-                    store = at.featurize(train, os.path.join(tmp, f"member{suffix}-{k}"), dtype="float32",
-                                         progress=False)
-                    at.fit(train, store=store, progress=False)
-                    members.append((at, store))
+                    start = time.perf_counter()
+                    at, store = _fitted(suite.full_model(suite.reinitialised(task, k)), task, tmp,
+                                        f"member{suffix}-{k}", **kwargs)
                     seconds += time.perf_counter() - start
+                    members.append((at, store))
                     single = _matrix(at, task, store, "inner", tmp)  # not timed: each member's own LDS
                     alone.append(metrics.lds(single, masks, truth, bootstrap=0).mean)
-                    start = time.perf_counter()
                     if k == 0 and suffix:
                         row(suffix.strip(), single, seconds, f"{what} (kronfluence's modules), one model")
+                start = time.perf_counter()
                 path = os.path.join(tmp, "ensemble.safetensors")
                 result = score_ensemble(members, queries, topk=1, full_matrix_path=path, progress=False)
                 scores = load_file(path)["scores"][torch.tensor(result.query_ids).argsort()]
